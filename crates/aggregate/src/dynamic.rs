@@ -1,0 +1,220 @@
+//! The type-erased face of an [`Aggregate`], so one runtime can serve many
+//! aggregate types chosen at start-up by name.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::{Aggregate, DomainError};
+
+/// An aggregate's state behind a cheap, shareable handle. Only the
+/// [`DynAggregate`] that made it can look inside.
+pub type State = Arc<dyn Any + Send + Sync>;
+
+/// An event decided by the domain, ready to be stored: its type name and its
+/// data as JSON bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub data: Vec<u8>,
+}
+
+/// What [`DynAggregate::decide`] returns: the events to append and the state
+/// after them, so the caller need not fold its own events back in.
+#[derive(Debug)]
+pub struct Decision {
+    pub events: Vec<NewEvent>,
+    pub state: State,
+}
+
+/// Why a command could not be decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    /// Unknown command type or data that does not fit the command's shape.
+    #[error("malformed command: {0}")]
+    Malformed(String),
+    /// The domain refused it.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+}
+
+/// A stored event that this aggregate cannot read back: unknown type or data
+/// of the wrong shape. Loading stops rather than skip a fact.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode event {event_type:?}: {message}")]
+pub struct DecodeError {
+    pub event_type: String,
+    pub message: String,
+}
+
+/// Object-safe view of an [`Aggregate`], used by the runtime.
+pub trait DynAggregate: Send + Sync + std::fmt::Debug {
+    fn aggregate_type(&self) -> &'static str;
+    fn event_schema_version(&self) -> u32;
+    fn initial(&self) -> State;
+    /// Folds stored events, given as (event type, JSON data), into a copy of
+    /// `state`.
+    fn fold(
+        &self,
+        state: &State,
+        events: &mut dyn Iterator<Item = (&str, &[u8])>,
+    ) -> Result<State, DecodeError>;
+    /// Decodes `{"type": command_type, "data": data}` and lets the domain decide.
+    fn decide(
+        &self,
+        state: &State,
+        command_type: &str,
+        data: Value,
+    ) -> Result<Decision, DecideError>;
+    /// The state as JSON, for `jetsource state` and for snapshots.
+    fn state_to_json(&self, state: &State) -> Value;
+}
+
+struct Erased<A>(PhantomData<fn() -> A>);
+
+impl<A> std::fmt::Debug for Erased<A>
+where
+    A: Aggregate,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Aggregate({})", A::TYPE)
+    }
+}
+
+fn downcast<A: Aggregate>(state: &State) -> &A::State {
+    state
+        .downcast_ref::<A::State>()
+        .unwrap_or_else(|| panic!("state handed to {} belongs to another aggregate", A::TYPE))
+}
+
+/// Splits a serialized adjacently tagged enum into its type name and data.
+fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, String> {
+    let value = serde_json::to_value(event).map_err(|e| e.to_string())?;
+    let Value::Object(mut map) = value else {
+        return Err("events must serialize as {\"type\", \"data\"} objects".into());
+    };
+    let Some(Value::String(event_type)) = map.remove("type") else {
+        return Err("event has no string \"type\"".into());
+    };
+    let data = map.remove("data").unwrap_or(Value::Null);
+    let data = serde_json::to_vec(&data).map_err(|e| e.to_string())?;
+    Ok(NewEvent { event_type, data })
+}
+
+/// Decodes one stored event, reusing `buf` so folding long histories does not
+/// allocate a JSON tree per event.
+fn decode_event<E: serde::de::DeserializeOwned>(
+    buf: &mut Vec<u8>,
+    event_type: &str,
+    data: &[u8],
+) -> Result<E, DecodeError> {
+    let err = |message: String| DecodeError {
+        event_type: event_type.to_owned(),
+        message,
+    };
+    buf.clear();
+    buf.extend_from_slice(b"{\"type\":");
+    serde_json::to_writer(&mut *buf, event_type).map_err(|e| err(e.to_string()))?;
+    buf.extend_from_slice(b",\"data\":");
+    buf.extend_from_slice(if data.is_empty() { b"null" } else { data });
+    buf.push(b'}');
+    serde_json::from_slice(buf).map_err(|e| err(e.to_string()))
+}
+
+impl<A: Aggregate> DynAggregate for Erased<A> {
+    fn aggregate_type(&self) -> &'static str {
+        A::TYPE
+    }
+
+    fn event_schema_version(&self) -> u32 {
+        A::EVENT_SCHEMA_VERSION
+    }
+
+    fn initial(&self) -> State {
+        Arc::new(A::State::default())
+    }
+
+    fn fold(
+        &self,
+        state: &State,
+        events: &mut dyn Iterator<Item = (&str, &[u8])>,
+    ) -> Result<State, DecodeError> {
+        let mut current = downcast::<A>(state).clone();
+        let mut buf = Vec::with_capacity(256);
+        for (event_type, data) in events {
+            let event: A::Event = decode_event(&mut buf, event_type, data)?;
+            current = A::apply(current, &event);
+        }
+        Ok(Arc::new(current))
+    }
+
+    fn decide(
+        &self,
+        state: &State,
+        command_type: &str,
+        data: Value,
+    ) -> Result<Decision, DecideError> {
+        let data = if data.is_null() {
+            Value::Object(Default::default())
+        } else {
+            data
+        };
+        let envelope = serde_json::json!({ "type": command_type, "data": data });
+        let command: A::Command = serde_json::from_value(envelope)
+            .map_err(|e| DecideError::Malformed(format!("{command_type}: {e}")))?;
+        let current = downcast::<A>(state);
+        let events = A::handle(current, command)?;
+        let mut next = current.clone();
+        let mut new_events = Vec::with_capacity(events.len());
+        for event in &events {
+            next = A::apply(next, event);
+            new_events.push(split_event(event).map_err(DecideError::Malformed)?);
+        }
+        Ok(Decision {
+            events: new_events,
+            state: Arc::new(next),
+        })
+    }
+
+    fn state_to_json(&self, state: &State) -> Value {
+        serde_json::to_value(downcast::<A>(state)).unwrap_or(Value::Null)
+    }
+}
+
+/// The aggregate types a process serves, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    aggregates: BTreeMap<&'static str, Arc<dyn DynAggregate>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `A`. Panics on a duplicate or malformed type name: both are
+    /// programming errors that must not reach production.
+    pub fn register<A: Aggregate>(mut self) -> Self {
+        assert!(
+            crate::is_valid_token(A::TYPE),
+            "aggregate type {:?} is not a valid subject token",
+            A::TYPE
+        );
+        let previous = self
+            .aggregates
+            .insert(A::TYPE, Arc::new(Erased::<A>(PhantomData)));
+        assert!(previous.is_none(), "aggregate type {} registered twice", A::TYPE);
+        self
+    }
+
+    pub fn get(&self, aggregate_type: &str) -> Option<&Arc<dyn DynAggregate>> {
+        self.aggregates.get(aggregate_type)
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.aggregates.keys().copied()
+    }
+}

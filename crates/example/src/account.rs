@@ -1,0 +1,326 @@
+//! A bank account. Amounts are positive integers in minor units (cents);
+//! the balance never goes negative and never overflows.
+
+use jetsource_aggregate::{Aggregate, DomainError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug)]
+pub struct Account;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    /// No `AccountOpened` yet.
+    #[default]
+    New,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountState {
+    pub status: AccountStatus,
+    pub owner: String,
+    pub balance: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum AccountCommand {
+    OpenAccount(OpenAccount),
+    Deposit(Deposit),
+    Withdraw(Withdraw),
+    CloseAccount(CloseAccount),
+}
+
+/// Opens the account. A positive `initial_deposit` also deposits it, in the
+/// same atomic append: the domain's one multi-event command.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccount {
+    pub owner: String,
+    #[serde(default)]
+    pub initial_deposit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deposit {
+    pub amount: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Withdraw {
+    pub amount: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseAccount {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum AccountEvent {
+    AccountOpened { owner: String },
+    Deposited { amount: u64 },
+    Withdrawn { amount: u64 },
+    AccountClosed {},
+}
+
+fn positive(amount: u64) -> Result<u64, DomainError> {
+    if amount == 0 {
+        return Err(DomainError::invalid("amount must be a positive integer"));
+    }
+    Ok(amount)
+}
+
+fn must_be_open(state: &AccountState) -> Result<(), DomainError> {
+    match state.status {
+        AccountStatus::Open => Ok(()),
+        AccountStatus::New => Err(DomainError::rejected("account is not open")),
+        AccountStatus::Closed => Err(DomainError::rejected("account is closed")),
+    }
+}
+
+impl Aggregate for Account {
+    const TYPE: &'static str = "account";
+    type State = AccountState;
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+
+    fn handle(state: &AccountState, command: AccountCommand) -> Result<Vec<AccountEvent>, DomainError> {
+        use AccountEvent::*;
+        match command {
+            AccountCommand::OpenAccount(open) => {
+                let owner = crate::clean_name("owner", &open.owner)?;
+                match state.status {
+                    AccountStatus::New => {}
+                    AccountStatus::Open => return Err(DomainError::rejected("account already exists")),
+                    AccountStatus::Closed => {
+                        return Err(DomainError::rejected("account is closed and cannot be reopened"))
+                    }
+                }
+                let mut events = vec![AccountOpened { owner }];
+                if open.initial_deposit > 0 {
+                    events.push(Deposited {
+                        amount: open.initial_deposit,
+                    });
+                }
+                Ok(events)
+            }
+            AccountCommand::Deposit(Deposit { amount }) => {
+                let amount = positive(amount)?;
+                must_be_open(state)?;
+                state
+                    .balance
+                    .checked_add(amount)
+                    .ok_or_else(|| DomainError::rejected("deposit would overflow the balance"))?;
+                Ok(vec![Deposited { amount }])
+            }
+            AccountCommand::Withdraw(Withdraw { amount }) => {
+                let amount = positive(amount)?;
+                must_be_open(state)?;
+                if amount > state.balance {
+                    return Err(DomainError::rejected(format!(
+                        "insufficient funds: balance is {}, withdrawal is {amount}",
+                        state.balance
+                    )));
+                }
+                Ok(vec![Withdrawn { amount }])
+            }
+            AccountCommand::CloseAccount(CloseAccount {}) => {
+                must_be_open(state)?;
+                if state.balance != 0 {
+                    return Err(DomainError::rejected(format!(
+                        "balance must be zero to close the account, it is {}",
+                        state.balance
+                    )));
+                }
+                Ok(vec![AccountClosed {}])
+            }
+        }
+    }
+
+    fn apply(mut state: AccountState, event: &AccountEvent) -> AccountState {
+        // `handle` guarantees these never saturate; saturating keeps `apply`
+        // total for any history, even one written by a buggy older version.
+        match event {
+            AccountEvent::AccountOpened { owner } => {
+                state.status = AccountStatus::Open;
+                state.owner.clone_from(owner);
+            }
+            AccountEvent::Deposited { amount } => state.balance = state.balance.saturating_add(*amount),
+            AccountEvent::Withdrawn { amount } => state.balance = state.balance.saturating_sub(*amount),
+            AccountEvent::AccountClosed {} => state.status = AccountStatus::Closed,
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccountCommand as C;
+    use super::AccountEvent::*;
+    use super::*;
+    use jetsource_aggregate::testing::given;
+
+    fn opened() -> AccountEvent {
+        AccountOpened { owner: "ada".into() }
+    }
+
+    #[test]
+    fn open_then_deposit_then_withdraw() {
+        given::<Account>([])
+            .when(C::OpenAccount(OpenAccount {
+                owner: "  ada ".into(),
+                initial_deposit: 0,
+            }))
+            .then_events([opened()]);
+        given::<Account>([opened()])
+            .when(C::Deposit(Deposit { amount: 100 }))
+            .then_events([Deposited { amount: 100 }]);
+        let state = given::<Account>([opened(), Deposited { amount: 100 }])
+            .when(C::Withdraw(Withdraw { amount: 100 }))
+            .then_events([Withdrawn { amount: 100 }]);
+        assert_eq!(state.balance, 0);
+    }
+
+    #[test]
+    fn open_with_initial_deposit_is_two_events() {
+        let state = given::<Account>([])
+            .when(C::OpenAccount(OpenAccount {
+                owner: "ada".into(),
+                initial_deposit: 50,
+            }))
+            .then_events([opened(), Deposited { amount: 50 }]);
+        assert_eq!(state.balance, 50);
+        assert_eq!(state.status, AccountStatus::Open);
+    }
+
+    #[test]
+    fn opening_twice_or_reopening_is_rejected() {
+        let open = || {
+            C::OpenAccount(OpenAccount {
+                owner: "bob".into(),
+                initial_deposit: 0,
+            })
+        };
+        given::<Account>([opened()]).when(open()).then_rejected("already exists");
+        given::<Account>([opened(), AccountClosed {}])
+            .when(open())
+            .then_rejected("cannot be reopened");
+    }
+
+    #[test]
+    fn bad_owner_is_invalid() {
+        for owner in ["", "   ", "a\u{7}b"] {
+            given::<Account>([])
+                .when(C::OpenAccount(OpenAccount {
+                    owner: owner.into(),
+                    initial_deposit: 0,
+                }))
+                .then_invalid("owner");
+        }
+        given::<Account>([])
+            .when(C::OpenAccount(OpenAccount {
+                owner: "x".repeat(crate::MAX_NAME_CHARS + 1),
+                initial_deposit: 0,
+            }))
+            .then_invalid("at most");
+    }
+
+    #[test]
+    fn zero_amounts_are_invalid() {
+        given::<Account>([opened()])
+            .when(C::Deposit(Deposit { amount: 0 }))
+            .then_invalid("positive");
+        given::<Account>([opened()])
+            .when(C::Withdraw(Withdraw { amount: 0 }))
+            .then_invalid("positive");
+    }
+
+    #[test]
+    fn balance_never_goes_negative() {
+        given::<Account>([opened(), Deposited { amount: 10 }])
+            .when(C::Withdraw(Withdraw { amount: 11 }))
+            .then_rejected("insufficient funds: balance is 10");
+    }
+
+    #[test]
+    fn deposit_overflow_is_rejected() {
+        given::<Account>([opened(), Deposited { amount: u64::MAX }])
+            .when(C::Deposit(Deposit { amount: 1 }))
+            .then_rejected("overflow");
+    }
+
+    #[test]
+    fn commands_on_an_account_that_is_not_open_are_rejected() {
+        for past in [vec![], vec![opened(), AccountClosed {}]] {
+            let not_open = if past.is_empty() { "not open" } else { "closed" };
+            given::<Account>(past.clone())
+                .when(C::Deposit(Deposit { amount: 1 }))
+                .then_rejected(not_open);
+            given::<Account>(past.clone())
+                .when(C::Withdraw(Withdraw { amount: 1 }))
+                .then_rejected(not_open);
+            given::<Account>(past)
+                .when(C::CloseAccount(CloseAccount {}))
+                .then_rejected(not_open);
+        }
+    }
+
+    #[test]
+    fn closing_requires_zero_balance() {
+        given::<Account>([opened(), Deposited { amount: 1 }])
+            .when(C::CloseAccount(CloseAccount {}))
+            .then_rejected("balance must be zero");
+        let state = given::<Account>([opened(), Deposited { amount: 1 }, Withdrawn { amount: 1 }])
+            .when(C::CloseAccount(CloseAccount {}))
+            .then_events([AccountClosed {}]);
+        assert_eq!(state.status, AccountStatus::Closed);
+    }
+
+    #[test]
+    fn wire_shapes() {
+        let registry = crate::registry();
+        let account = registry.get("account").expect("registered");
+        let state = account.initial();
+        let err = account
+            .decide(&state, "Deposit", serde_json::json!({"amount": 1, "extra": true}))
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = account
+            .decide(&state, "Teleport", serde_json::json!({}))
+            .expect_err("unknown command");
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+        let err = account
+            .decide(&state, "Deposit", serde_json::json!({"amount": -5}))
+            .expect_err("negative");
+        assert!(err.to_string().contains("Deposit"), "{err}");
+        let decision = account
+            .decide(&state, "OpenAccount", serde_json::json!({"owner": "ada", "initial_deposit": 7}))
+            .expect("opens");
+        let types: Vec<_> = decision.events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["AccountOpened", "Deposited"]);
+        assert_eq!(decision.events[1].data, br#"{"amount":7}"#);
+        let closed = account
+            .decide(&decision.state, "Withdraw", serde_json::json!({"amount": 7}))
+            .expect("withdraw");
+        let closed = account
+            .decide(&closed.state, "CloseAccount", serde_json::Value::Null)
+            .expect("close with no data");
+        assert_eq!(closed.events[0].data, b"{}");
+        // Stored events fold back into the same state.
+        let replayed = account
+            .fold(
+                &account.initial(),
+                &mut decision.events.iter().map(|e| (e.event_type.as_str(), e.data.as_slice())),
+            )
+            .expect("fold");
+        assert_eq!(
+            account.state_to_json(&replayed),
+            account.state_to_json(&decision.state)
+        );
+    }
+}
