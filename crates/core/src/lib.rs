@@ -1,0 +1,64 @@
+//! The jetsource runtime shared by every worker and the CLI.
+//!
+//! - [`config`]: layered configuration (defaults < file < environment).
+//! - [`telemetry`]: `tracing` set-up, text or JSON.
+//! - [`envelope`]: what a stored event looks like and which headers carry what.
+//! - [`store`]: the event store on JetStream. The only module that talks to
+//!   JetStream streams.
+//! - [`loader`]: rebuilding an aggregate's state from the store.
+//! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
+
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod loader;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+
+pub use error::ErrorClass;
+pub use jetsource_aggregate as aggregate;
+
+/// Connects to NATS with the settings every jetsource process shares.
+pub async fn connect(
+    config: &config::NatsConfig,
+    client_name: &str,
+) -> Result<async_nats::Client, store::StoreError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(client_name)
+        .request_timeout(Some(config.request_timeout()))
+        .retry_on_initial_connect()
+        .max_reconnects(None);
+    if let Some(path) = &config.credentials {
+        options = options.credentials_file(path).await.map_err(|e| {
+            store::StoreError::new(
+                store::StoreErrorKind::Unavailable,
+                format!("cannot read NATS credentials {}: {e}", path.display()),
+            )
+        })?;
+    }
+    // `retry_on_initial_connect` returns at once and connects in the
+    // background, so a worker may start before NATS; wait a bounded time for
+    // the first connection so a wrong URL fails fast with a clear message.
+    let client = options.connect(&config.url).await.map_err(|e| {
+        store::StoreError::new(
+            store::StoreErrorKind::Unavailable,
+            format!("cannot connect to NATS at {}: {e}", config.url),
+        )
+    })?;
+    let deadline = std::time::Instant::now() + config.connect_timeout();
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if std::time::Instant::now() > deadline {
+            return Err(store::StoreError::new(
+                store::StoreErrorKind::Unavailable,
+                format!(
+                    "NATS at {} not reachable within {:?}; is nats-server running (try `make run`)?",
+                    config.url,
+                    config.connect_timeout()
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}

@@ -1,0 +1,280 @@
+//! Real servers for tests, one set per test.
+//!
+//! [`NatsServer::start`] and [`RedisServer::start`] spawn the actual server
+//! binaries on a free loopback port with a private temp directory; dropping
+//! the handle kills that process (by the PID we spawned) and removes the
+//! directory. Nothing here is a mock, and nothing assumes a server is already
+//! running.
+//!
+//! Binaries are found in this order: `$JETSOURCE_NATS_SERVER` /
+//! `$JETSOURCE_REDIS_SERVER`, the repository's `tools/bin/` (filled by
+//! `make setup`), then `PATH`. nats-server must be 2.12 or newer.
+
+#![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Some(PathBuf::from(path));
+    }
+    let local = repo_root().join("tools/bin").join(name);
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A loopback port nobody listens on right now. Another process may still
+/// take it before the server binds, so callers retry on a failed start.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Spawns `command` and waits until `port` accepts connections. `None` when
+/// the process exited first (typically: the port was taken meanwhile).
+fn spawn_and_wait(mut command: Command, port: u16, what: &str) -> Option<Child> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(_status)) = child.try_wait() {
+            return None;
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Some(child);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {addr} within {START_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Durability setting of a test nats-server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sync {
+    /// The server default (fsync every 2 minutes): fast, what most tests need.
+    #[default]
+    Default,
+    /// `sync_interval: always`, as `nats/dev.conf` ships.
+    Always,
+}
+
+/// A nats-server with JetStream, listening on 127.0.0.1.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    sync: Sync,
+}
+
+/// Path of a nats-server binary, 2.12 or newer, or a panic that says how to
+/// get one.
+pub fn nats_server_binary() -> PathBuf {
+    let path = find_binary("JETSOURCE_NATS_SERVER", "nats-server").unwrap_or_else(|| {
+        panic!("nats-server not found: run `make setup` (installs nats-server 2.15.1 into tools/bin) or set JETSOURCE_NATS_SERVER")
+    });
+    let output = Command::new(&path)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let numbers: Vec<u32> = version
+        .rsplit('v')
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.as_slice() >= [2, 12].as_slice(),
+        "{} is {version:?}; jetsource needs nats-server 2.12 or newer: run `make setup`",
+        path.display()
+    );
+    path
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_with(Sync::Default)
+    }
+
+    pub fn start_with(sync: Sync) -> Self {
+        let binary = nats_server_binary();
+        let dir = tempfile::tempdir().unwrap();
+        for _attempt in 0..5 {
+            let port = free_port();
+            if let Some(child) = Self::spawn(&binary, dir.path(), port, sync) {
+                return Self {
+                    child,
+                    port,
+                    dir,
+                    sync,
+                };
+            }
+        }
+        panic!("nats-server would not start on any free port (see its output above)");
+    }
+
+    fn spawn(binary: &Path, dir: &Path, port: u16, sync: Sync) -> Option<Child> {
+        let config = dir.join("nats.conf");
+        let sync_line = match sync {
+            Sync::Default => "",
+            Sync::Always => "sync_interval: always",
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nserver_name: test-{port}\nlogfile: {:?}\njetstream {{\n  store_dir: {:?}\n  {sync_line}\n}}\n",
+                dir.join("nats-server.log"),
+                dir.join("js")
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(&config);
+        spawn_and_wait(command, port, "nats-server")
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server abruptly (SIGKILL) and starts it again on the same
+    /// port and store directory: a crash and recovery.
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        let binary = nats_server_binary();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port, self.sync) {
+                self.child = child;
+                return;
+            }
+            assert!(Instant::now() < deadline, "nats-server did not restart");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A client that is connected and sees JetStream ready.
+    pub async fn client(&self) -> async_nats::Client {
+        let client = async_nats::connect(self.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = Instant::now() + START_TIMEOUT;
+        while js.query_account().await.is_err() {
+            assert!(Instant::now() < deadline, "JetStream did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A redis-server without persistence, listening on 127.0.0.1.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let binary = find_binary("JETSOURCE_REDIS_SERVER", "redis-server").unwrap_or_else(|| {
+            panic!("redis-server not found: run `make setup` (installs it with apt) or set JETSOURCE_REDIS_SERVER")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut command = Command::new(&binary);
+            command
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(dir.path());
+            if let Some(child) = spawn_and_wait(command, port, "redis-server") {
+                return Self {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+        }
+        panic!("redis-server would not start on any free port (see its output above)");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// Path of a binary of this workspace (`jetsource-command`, `jetsource`),
+/// built by `cargo build` into the same target directory as the running test.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}

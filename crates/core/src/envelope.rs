@@ -1,0 +1,122 @@
+//! The event envelope: what a stored event carries and where.
+//!
+//! The message **body is the event's data**, plain JSON, exactly what the
+//! domain serialized. Everything else is metadata in **headers**, so any NATS
+//! client can route, filter and audit events without parsing bodies, and the
+//! body stays the domain's own:
+//!
+//! | field | where |
+//! |---|---|
+//! | aggregate type and id | subject `events.<type>.<id>` |
+//! | stream sequence, timestamp | assigned by JetStream (message metadata) |
+//! | event id (UUIDv7) | `Jetsource-Event-Id` |
+//! | event type | `Jetsource-Event-Type` |
+//! | event schema version | `Jetsource-Schema-Version` |
+//! | aggregate version (1 for the first event) | `Jetsource-Aggregate-Version` |
+//! | command id (if the client sent one) | `Jetsource-Command-Id` |
+//! | correlation id | `Jetsource-Correlation-Id` |
+//! | causation id | `Jetsource-Causation-Id` |
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+pub const EVENT_ID: &str = "Jetsource-Event-Id";
+pub const EVENT_TYPE: &str = "Jetsource-Event-Type";
+pub const SCHEMA_VERSION: &str = "Jetsource-Schema-Version";
+pub const AGGREGATE_VERSION: &str = "Jetsource-Aggregate-Version";
+pub const COMMAND_ID: &str = "Jetsource-Command-Id";
+pub const CORRELATION_ID: &str = "Jetsource-Correlation-Id";
+pub const CAUSATION_ID: &str = "Jetsource-Causation-Id";
+
+/// First token of every event subject.
+pub const EVENT_SUBJECT_PREFIX: &str = "events";
+
+/// `events.<type>.<id>`: one subject per aggregate, so JetStream's per-subject
+/// sequence is the aggregate's optimistic-concurrency token.
+pub fn event_subject(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!("{EVENT_SUBJECT_PREFIX}.{aggregate_type}.{aggregate_id}")
+}
+
+/// An event as read back from the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedEvent {
+    pub sequence: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub aggregate_version: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub command_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    #[serde(serialize_with = "raw_json")]
+    pub data: Bytes,
+}
+
+fn raw_json<S: serde::Serializer>(data: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_slice::<&serde_json::value::RawValue>(data) {
+        Ok(raw) => raw.serialize(s),
+        Err(_) => String::from_utf8_lossy(data).serialize(s),
+    }
+}
+
+/// Why a stored message is not a jetsource event.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("message {sequence} on {subject} is not a jetsource event: {reason}")]
+pub struct EnvelopeError {
+    pub sequence: u64,
+    pub subject: String,
+    pub reason: String,
+}
+
+impl RecordedEvent {
+    /// Builds an event from a stored message's subject, sequence, time,
+    /// headers and body.
+    pub fn from_parts(
+        subject: &str,
+        sequence: u64,
+        timestamp: OffsetDateTime,
+        headers: Option<&HeaderMap>,
+        data: Bytes,
+    ) -> Result<Self, EnvelopeError> {
+        let fail = |reason: String| EnvelopeError {
+            sequence,
+            subject: subject.to_owned(),
+            reason,
+        };
+        let mut tokens = subject.splitn(3, '.');
+        let (Some(EVENT_SUBJECT_PREFIX), Some(aggregate_type), Some(aggregate_id)) =
+            (tokens.next(), tokens.next(), tokens.next())
+        else {
+            return Err(fail("subject is not events.<type>.<id>".into()));
+        };
+        let headers = headers.ok_or_else(|| fail("no headers".into()))?;
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        let required = |name: &str| get(name).ok_or_else(|| fail(format!("missing header {name}")));
+        let number = |name: &str| -> Result<u64, EnvelopeError> {
+            required(name)?
+                .parse()
+                .map_err(|_| fail(format!("header {name} is not a number")))
+        };
+        Ok(Self {
+            sequence,
+            timestamp,
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate_version: number(AGGREGATE_VERSION)?,
+            event_id: required(EVENT_ID)?,
+            event_type: required(EVENT_TYPE)?,
+            schema_version: u32::try_from(number(SCHEMA_VERSION)?)
+                .map_err(|_| fail("schema version out of range".into()))?,
+            command_id: get(COMMAND_ID),
+            correlation_id: get(CORRELATION_ID),
+            causation_id: get(CAUSATION_ID),
+            data,
+        })
+    }
+}

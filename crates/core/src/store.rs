@@ -1,0 +1,707 @@
+//! The event store on JetStream: one stream, one subject per aggregate.
+//!
+//! This is the only module that talks to JetStream streams. Invariants it
+//! keeps:
+//! - history is append-only: the stream is created with `deny_delete`,
+//!   `deny_purge`, no rollups, no TTLs and no limits, and start-up refuses a
+//!   stream whose settings would let the server drop events;
+//! - every append carries `Nats-Expected-Last-Subject-Sequence`, so two
+//!   writers deciding on the same state cannot both win;
+//! - the events of one append land together or not at all: one event is one
+//!   plain publish; several are one JetStream atomic batch (ADR-50);
+//! - an append carrying a command id also carries `Nats-Msg-Id`, so a resend
+//!   within the duplicate window is acknowledged as a duplicate, not stored.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+    NATS_MESSAGE_ID,
+};
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, PublishError, PublishErrorKind,
+};
+use async_nats::jetstream::stream::{self, PersistenceMode, RetentionPolicy, StorageType};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use jetsource_aggregate::NewEvent;
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::config::{NatsConfig, StoreConfig};
+use crate::envelope::{self, event_subject, RecordedEvent};
+use crate::ErrorClass;
+
+/// Most events one command may produce: the server's atomic batch limit.
+pub const MAX_EVENTS_PER_APPEND: usize = 1000;
+
+/// What went wrong talking to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The aggregate has events after the expected sequence: someone else
+    /// appended first.
+    WrongLastSequence,
+    /// NATS or the stream did not answer in time, or is not there right now.
+    Unavailable,
+    /// The append is larger than the server or jetsource accepts.
+    TooLarge,
+    /// The stream exists with settings jetsource cannot work with.
+    IncompatibleStream,
+    /// A stored message is not a jetsource event.
+    Corrupt,
+    /// The command id was already stored (a multi-event command resent within
+    /// the duplicate window); the server stored nothing and did not say where
+    /// the original is. Find it with [`EventStore::find_command`].
+    DuplicateCommand,
+    /// The server refused the request for another reason.
+    Rejected,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+}
+
+impl StoreError {
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self.kind {
+            StoreErrorKind::WrongLastSequence => ErrorClass::Conflict,
+            StoreErrorKind::Unavailable => ErrorClass::Transient,
+            StoreErrorKind::TooLarge
+            | StoreErrorKind::IncompatibleStream
+            | StoreErrorKind::Corrupt
+            | StoreErrorKind::DuplicateCommand
+            | StoreErrorKind::Rejected => ErrorClass::Permanent,
+        }
+    }
+
+    fn unavailable(what: &str, e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StoreErrorKind::Unavailable,
+            format!("{what}: {e}; check that nats-server is up and JetStream is enabled, then retry"),
+        )
+    }
+}
+
+impl From<envelope::EnvelopeError> for StoreError {
+    fn from(e: envelope::EnvelopeError) -> Self {
+        Self::new(StoreErrorKind::Corrupt, e.to_string())
+    }
+}
+
+/// One append: the events of one command for one aggregate.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+    /// Stream sequence of the aggregate's last event, 0 for a new aggregate.
+    pub expected_last_sequence: u64,
+    /// The aggregate's version before these events (its event count).
+    pub version: u64,
+    pub events: &'a [NewEvent],
+    pub schema_version: u32,
+    pub command_id: Option<&'a str>,
+    pub correlation_id: &'a str,
+    pub causation_id: &'a str,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// The server had already stored this command (same `Nats-Msg-Id` within
+    /// the duplicate window) and stored nothing now. The sequences are those
+    /// of the original append's first message.
+    pub duplicate: bool,
+}
+
+/// The `Nats-Msg-Id` of a command's first event. Scoped to the aggregate, so
+/// command ids need only be unique per aggregate.
+pub fn message_id(aggregate_type: &str, aggregate_id: &str, command_id: &str) -> String {
+    format!("{aggregate_type}.{aggregate_id}.{command_id}")
+}
+
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    client: Client,
+    js: jetstream::Context,
+    stream_name: String,
+    read_batch: usize,
+    timeout: Duration,
+}
+
+/// The stream jetsource needs, from configuration.
+pub fn desired_stream(config: &StoreConfig) -> stream::Config {
+    stream::Config {
+        name: config.stream.clone(),
+        description: Some("jetsource event store: append-only, one subject per aggregate".into()),
+        subjects: vec![format!("{}.>", envelope::EVENT_SUBJECT_PREFIX)],
+        storage: StorageType::File,
+        num_replicas: config.replicas,
+        retention: RetentionPolicy::Limits,
+        max_messages: -1,
+        max_bytes: -1,
+        max_messages_per_subject: -1,
+        max_age: Duration::ZERO,
+        duplicate_window: config.duplicate_window(),
+        deny_delete: true,
+        deny_purge: true,
+        allow_rollup: false,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        allow_message_ttl: false,
+        ..Default::default()
+    }
+}
+
+/// Differences that matter between an existing stream and the one jetsource
+/// needs, one line each, empty when compatible.
+pub fn incompatibilities(actual: &stream::Config, desired: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |name: &str, ok: bool, have: String, want: String| {
+        if !ok {
+            out.push(format!("{name} is {have}, jetsource needs {want}"));
+        }
+    };
+    check(
+        "subjects",
+        actual.subjects == desired.subjects,
+        format!("{:?}", actual.subjects),
+        format!("{:?}", desired.subjects),
+    );
+    check(
+        "storage",
+        actual.storage == desired.storage,
+        format!("{:?}", actual.storage),
+        "File".into(),
+    );
+    check(
+        "replicas",
+        actual.num_replicas == desired.num_replicas,
+        actual.num_replicas.to_string(),
+        format!("{} (store.replicas)", desired.num_replicas),
+    );
+    check(
+        "retention",
+        actual.retention == RetentionPolicy::Limits,
+        format!("{:?}", actual.retention),
+        "Limits".into(),
+    );
+    let unlimited = |v: i64| v <= 0;
+    check(
+        "max_msgs",
+        unlimited(actual.max_messages),
+        actual.max_messages.to_string(),
+        "unlimited (-1): limits would drop history".into(),
+    );
+    check(
+        "max_bytes",
+        unlimited(actual.max_bytes),
+        actual.max_bytes.to_string(),
+        "unlimited (-1): limits would drop history".into(),
+    );
+    check(
+        "max_msgs_per_subject",
+        unlimited(actual.max_messages_per_subject),
+        actual.max_messages_per_subject.to_string(),
+        "unlimited (-1): limits would drop history".into(),
+    );
+    check(
+        "max_age",
+        actual.max_age.is_zero(),
+        format!("{:?}", actual.max_age),
+        "0 (keep forever)".into(),
+    );
+    check(
+        "duplicate_window",
+        actual.duplicate_window == desired.duplicate_window,
+        format!("{:?}", actual.duplicate_window),
+        format!("{:?} (store.duplicate_window_secs)", desired.duplicate_window),
+    );
+    for (name, have, want) in [
+        ("deny_delete", actual.deny_delete, true),
+        ("deny_purge", actual.deny_purge, true),
+        ("allow_rollup_hdrs", actual.allow_rollup, false),
+        ("allow_direct", actual.allow_direct, true),
+        ("allow_atomic", actual.allow_atomic_publish, true),
+        ("allow_msg_ttl", actual.allow_message_ttl, false),
+        ("sealed", actual.sealed, false),
+    ] {
+        check(name, have == want, have.to_string(), want.to_string());
+    }
+    check(
+        "persist_mode",
+        !matches!(actual.persist_mode, Some(PersistenceMode::Async)),
+        "async".into(),
+        "default (atomic batches need it)".into(),
+    );
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiErrorResponse {
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+impl EventStore {
+    /// Connects to the event stream, creating it when missing. An existing
+    /// stream is never changed: if its settings differ in a way that matters,
+    /// this fails and names each difference.
+    pub async fn open(
+        client: Client,
+        nats: &NatsConfig,
+        config: &StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(nats.request_timeout())
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let desired = desired_stream(config);
+        match js.create_stream(desired.clone()).await {
+            Ok(_) => {}
+            Err(e) => match e.kind() {
+                CreateStreamErrorKind::JetStream(api)
+                    if api.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+                {
+                    let mut existing = js
+                        .get_stream(&config.stream)
+                        .await
+                        .map_err(|e| StoreError::unavailable("cannot read the event stream", e))?;
+                    let info = existing
+                        .info()
+                        .await
+                        .map_err(|e| StoreError::unavailable("cannot read the event stream", e))?;
+                    let problems = incompatibilities(&info.config, &desired);
+                    if !problems.is_empty() {
+                        return Err(StoreError::new(
+                            StoreErrorKind::IncompatibleStream,
+                            format!(
+                                "stream {} exists with settings jetsource cannot use: {}. jetsource never rewrites an existing stream; fix the configuration or migrate the stream by hand",
+                                config.stream,
+                                problems.join("; ")
+                            ),
+                        ));
+                    }
+                }
+                CreateStreamErrorKind::JetStream(api) => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Rejected,
+                        format!("cannot create stream {}: {api}", config.stream),
+                    ))
+                }
+                _ => return Err(StoreError::unavailable("cannot create the event stream", e)),
+            },
+        }
+        Ok(Self {
+            client,
+            js,
+            stream_name: config.stream.clone(),
+            read_batch: config.read_batch,
+            timeout: nats.request_timeout(),
+        })
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.stream_name
+    }
+
+    /// The JetStream context, for workers that own other JetStream objects
+    /// (consumers, key-value buckets).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub async fn info(&self) -> Result<stream::Info, StoreError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot read the event stream", e))?;
+        stream
+            .info()
+            .await
+            .cloned()
+            .map_err(|e| StoreError::unavailable("cannot read the event stream", e))
+    }
+
+    fn event_headers(&self, append: &Append<'_>, index: usize, event: &NewEvent) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(envelope::EVENT_ID, uuid::Uuid::now_v7().to_string().as_str());
+        headers.insert(envelope::EVENT_TYPE, event.event_type.as_str());
+        headers.insert(
+            envelope::SCHEMA_VERSION,
+            append.schema_version.to_string().as_str(),
+        );
+        headers.insert(
+            envelope::AGGREGATE_VERSION,
+            (append.version + index as u64 + 1).to_string().as_str(),
+        );
+        if let Some(command_id) = append.command_id {
+            headers.insert(envelope::COMMAND_ID, command_id);
+        }
+        headers.insert(envelope::CORRELATION_ID, append.correlation_id);
+        headers.insert(envelope::CAUSATION_ID, append.causation_id);
+        if index == 0 {
+            // Only the first message of a batch may carry these: the server
+            // checks the expected sequence per message at commit time, and a
+            // later message of the same aggregate would see the first one.
+            headers.insert(
+                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                append.expected_last_sequence.to_string().as_str(),
+            );
+            if let Some(command_id) = append.command_id {
+                headers.insert(
+                    NATS_MESSAGE_ID,
+                    message_id(append.aggregate_type, append.aggregate_id, command_id).as_str(),
+                );
+            }
+        }
+        headers
+    }
+
+    /// Appends the events of one command atomically, guarded by the expected
+    /// last sequence of the aggregate's subject.
+    pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
+        let subject = event_subject(append.aggregate_type, append.aggregate_id);
+        match append.events {
+            [] => Err(StoreError::new(
+                StoreErrorKind::Rejected,
+                "an append needs at least one event",
+            )),
+            [event] => {
+                let headers = self.event_headers(append, 0, event);
+                let publish = PublishMessage::build()
+                    .payload(Bytes::copy_from_slice(&event.data))
+                    .headers(headers);
+                let ack = self
+                    .js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(publish_error)?
+                    .await
+                    .map_err(publish_error)?;
+                Ok(Appended {
+                    first_sequence: ack.sequence,
+                    last_sequence: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+            }
+            events if events.len() > MAX_EVENTS_PER_APPEND => Err(StoreError::new(
+                StoreErrorKind::TooLarge,
+                format!(
+                    "a command may produce at most {MAX_EVENTS_PER_APPEND} events, this one produced {}",
+                    events.len()
+                ),
+            )),
+            events => self.append_batch(append, subject, events).await,
+        }
+    }
+
+    /// JetStream atomic batch (ADR-50): the first message is a request the
+    /// server answers with an empty reply once the batch is open, the middle
+    /// ones are plain publishes (a gap makes the server reject the batch), the
+    /// last carries `Nats-Batch-Commit` and gets the pub ack. Nothing is
+    /// visible until the commit, and a failed check at commit stores nothing.
+    async fn append_batch(
+        &self,
+        append: &Append<'_>,
+        subject: String,
+        events: &[NewEvent],
+    ) -> Result<Appended, StoreError> {
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let last = events.len() - 1;
+        for (index, event) in events.iter().enumerate() {
+            let mut headers = self.event_headers(append, index, event);
+            headers.insert(NATS_BATCH_ID, batch_id.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, (index + 1).to_string().as_str());
+            let payload = Bytes::copy_from_slice(&event.data);
+            if index == 0 {
+                let reply = tokio::time::timeout(
+                    self.timeout,
+                    self.client
+                        .request_with_headers(subject.clone(), headers, payload),
+                )
+                .await
+                .map_err(|_| StoreError::unavailable("atomic batch start", "timed out"))?
+                .map_err(|e| StoreError::unavailable("atomic batch start", e))?;
+                if !reply.payload.is_empty() {
+                    return Err(batch_reply_error(&reply.payload));
+                }
+            } else if index < last {
+                self.client
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await
+                    .map_err(|e| StoreError::unavailable("atomic batch publish", e))?;
+            } else {
+                headers.insert(NATS_BATCH_COMMIT, "1");
+                let publish = PublishMessage::build().payload(payload).headers(headers);
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), publish)
+                    .await
+                    .map_err(publish_error)?
+                    .await
+                    .map_err(publish_error)?;
+                let count = events.len() as u64;
+                return Ok(Appended {
+                    first_sequence: ack.sequence + 1 - count,
+                    last_sequence: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+        }
+        unreachable!("the loop returns at the last event")
+    }
+
+    /// Reads an aggregate's events in order, starting at stream sequence
+    /// `from` (inclusive), handing them to `visit` a chunk at a time until it
+    /// breaks or the history ends. Uses batched direct gets (server 2.11+),
+    /// which any replica may answer: a lagging replica can return a slightly
+    /// stale tail, which the expected-sequence check on append catches.
+    pub async fn read(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        from: u64,
+        mut visit: impl FnMut(Vec<RecordedEvent>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let subject = event_subject(aggregate_type, aggregate_id);
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| StoreError::unavailable("direct get", e))?;
+        let api = format!("$JS.API.DIRECT.GET.{}", self.stream_name);
+        let mut next = from.max(1);
+        loop {
+            let request = serde_json::json!({
+                "seq": next,
+                "next_by_subj": subject,
+                "batch": self.read_batch,
+            });
+            self.client
+                .publish_with_reply(api.clone(), inbox.clone(), request.to_string().into())
+                .await
+                .map_err(|e| StoreError::unavailable("direct get", e))?;
+            let mut chunk = Vec::new();
+            let more = loop {
+                let message = tokio::time::timeout(self.timeout, replies.next())
+                    .await
+                    .map_err(|_| {
+                        StoreError::unavailable(
+                            &format!("reading {subject}"),
+                            format!("no answer within {:?}", self.timeout),
+                        )
+                    })?
+                    .ok_or_else(|| StoreError::unavailable("direct get", "subscription closed"))?;
+                match message.status.map(|s| s.as_u16()) {
+                    None => chunk.push(direct_get_event(&message)?),
+                    Some(204) => {
+                        // End of batch: `Nats-Num-Pending` counts what is left.
+                        let pending = header_u64(message.headers.as_ref(), "Nats-Num-Pending");
+                        break pending.unwrap_or(0) > 0;
+                    }
+                    Some(404) => break false,
+                    Some(503) => {
+                        return Err(StoreError::unavailable(
+                            &format!("reading {subject}"),
+                            format!("stream {} has no responders", self.stream_name),
+                        ))
+                    }
+                    Some(status) => {
+                        return Err(StoreError::new(
+                            StoreErrorKind::Rejected,
+                            format!(
+                                "direct get on {} answered {status} {}",
+                                self.stream_name,
+                                message.description.unwrap_or_default()
+                            ),
+                        ))
+                    }
+                }
+            };
+            let last_seen = chunk.last().map(|e| e.sequence);
+            if !chunk.is_empty() && visit(chunk).is_break() {
+                break;
+            }
+            match (more, last_seen) {
+                (true, Some(seq)) => next = seq + 1,
+                _ => break,
+            }
+        }
+        // Dropping the subscriber unsubscribes.
+        Ok(())
+    }
+
+    /// Scans an aggregate's history for the events of `command_id`. Slow on
+    /// long histories; only for resends too old for the caller's cache.
+    pub async fn find_command(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: &str,
+    ) -> Result<Option<Vec<RecordedEvent>>, StoreError> {
+        let mut found: Vec<RecordedEvent> = Vec::new();
+        self.read(aggregate_type, aggregate_id, 1, |chunk| {
+            for event in chunk {
+                if event.command_id.as_deref() == Some(command_id) {
+                    found.push(event);
+                } else if !found.is_empty() {
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok((!found.is_empty()).then_some(found))
+    }
+
+    /// The events an earlier command appended, starting at the sequence of
+    /// its first event: used to answer a resent command with its original
+    /// outcome.
+    pub async fn read_command(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        first_sequence: u64,
+        command_id: &str,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::new();
+        self.read(aggregate_type, aggregate_id, first_sequence, |chunk| {
+            for event in chunk {
+                if event.command_id.as_deref() != Some(command_id) {
+                    return ControlFlow::Break(());
+                }
+                events.push(event);
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        if events.is_empty() {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!(
+                    "command {command_id} was stored at sequence {first_sequence} but that event cannot be read yet; retry"
+                ),
+            ));
+        }
+        Ok(events)
+    }
+}
+
+fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    headers?.get(name)?.as_str().parse().ok()
+}
+
+fn direct_get_event(message: &async_nats::Message) -> Result<RecordedEvent, StoreError> {
+    let headers = message.headers.as_ref();
+    let corrupt = |what: &str| StoreError::new(StoreErrorKind::Corrupt, format!("direct get reply without {what}"));
+    let subject = headers
+        .and_then(|h| h.get("Nats-Subject"))
+        .ok_or_else(|| corrupt("Nats-Subject"))?
+        .as_str();
+    let sequence = header_u64(headers, "Nats-Sequence").ok_or_else(|| corrupt("Nats-Sequence"))?;
+    let timestamp = headers
+        .and_then(|h| h.get("Nats-Time-Stamp"))
+        .and_then(|v| OffsetDateTime::parse(v.as_str(), &Rfc3339).ok())
+        .ok_or_else(|| corrupt("a valid Nats-Time-Stamp"))?;
+    Ok(RecordedEvent::from_parts(
+        subject,
+        sequence,
+        timestamp,
+        headers,
+        message.payload.clone(),
+    )?)
+}
+
+/// JetStream API error code behind a publish error, if any.
+fn api_error_code(e: &PublishError) -> Option<u64> {
+    let source = std::error::Error::source(e)?;
+    let api = source.downcast_ref::<async_nats::jetstream::Error>()?;
+    Some(api.error_code().0)
+}
+
+/// "atomic publish batch contains duplicate message id": for a batch whose
+/// first message carries an already stored `Nats-Msg-Id`.
+const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+
+fn publish_error(e: PublishError) -> StoreError {
+    if api_error_code(&e) == Some(BATCH_DUPLICATE_MSG_ID) {
+        return StoreError::new(
+            StoreErrorKind::DuplicateCommand,
+            format!("command already stored: {e}"),
+        );
+    }
+    let kind = match e.kind() {
+        PublishErrorKind::WrongLastSequence => StoreErrorKind::WrongLastSequence,
+        PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => StoreErrorKind::Rejected,
+    };
+    let message = match kind {
+        StoreErrorKind::WrongLastSequence => {
+            "the aggregate changed since it was loaded (wrong last sequence)".to_owned()
+        }
+        StoreErrorKind::Unavailable => format!("append failed: {e}; the event store is not reachable, retry"),
+        _ => format!("append refused by the server: {e}"),
+    };
+    StoreError::new(kind, message)
+}
+
+fn batch_reply_error(payload: &[u8]) -> StoreError {
+    match serde_json::from_slice::<ApiErrorResponse>(payload) {
+        Ok(ApiErrorResponse {
+            error: Some(error),
+        }) if error.err_code == 10071 => StoreError::new(
+            StoreErrorKind::WrongLastSequence,
+            "the aggregate changed since it was loaded (wrong last sequence)",
+        ),
+        Ok(ApiErrorResponse {
+            error: Some(error),
+        }) => StoreError::new(
+            StoreErrorKind::Rejected,
+            format!(
+                "atomic batch refused: {} (error {})",
+                error.description, error.err_code
+            ),
+        ),
+        _ => StoreError::new(
+            StoreErrorKind::Rejected,
+            format!(
+                "atomic batch start got an unexpected reply: {}",
+                String::from_utf8_lossy(payload)
+            ),
+        ),
+    }
+}

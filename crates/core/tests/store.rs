@@ -1,0 +1,288 @@
+//! The event store against a real nats-server.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ops::ControlFlow;
+
+use jetsource_aggregate::{DynAggregate, NewEvent};
+use jetsource_core::config::{NatsConfig, StoreConfig};
+use jetsource_core::loader::{Loaded, Until};
+use jetsource_core::store::{Append, EventStore, StoreErrorKind};
+use jetsource_core::ErrorClass;
+use jetsource_test_support::NatsServer;
+
+async fn store_with(server: &NatsServer, config: StoreConfig) -> EventStore {
+    let nats = NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    EventStore::open(server.client().await, &nats, &config).await.unwrap()
+}
+
+async fn store(server: &NatsServer) -> EventStore {
+    store_with(server, StoreConfig::default()).await
+}
+
+fn ev(event_type: &str, data: &str) -> NewEvent {
+    NewEvent {
+        event_type: event_type.into(),
+        data: data.as_bytes().to_vec(),
+    }
+}
+
+fn append<'a>(id: &'a str, expected: u64, version: u64, events: &'a [NewEvent]) -> Append<'a> {
+    Append {
+        aggregate_type: "account",
+        aggregate_id: id,
+        expected_last_sequence: expected,
+        version,
+        events,
+        schema_version: 1,
+        command_id: None,
+        correlation_id: "corr",
+        causation_id: "cause",
+    }
+}
+
+fn account() -> std::sync::Arc<dyn DynAggregate> {
+    jetsource_example::registry().get("account").unwrap().clone()
+}
+
+async fn balance(store: &EventStore, id: &str) -> (u64, u64, serde_json::Value) {
+    let account = account();
+    let loaded = Loaded::load(store, account.as_ref(), id, Until::End).await.unwrap();
+    (
+        loaded.version,
+        loaded.last_sequence,
+        account.state_to_json(&loaded.state),
+    )
+}
+
+async fn stream_messages(store: &EventStore) -> u64 {
+    store.info().await.unwrap().state.messages
+}
+
+#[tokio::test]
+async fn append_then_load_with_envelope() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
+    let mut first = append("a1", 0, 0, &opened);
+    first.command_id = Some("c-1");
+    let appended = store.append(&first).await.unwrap();
+    assert_eq!(appended.first_sequence, 1);
+    assert!(!appended.duplicate);
+    let deposit = [ev("Deposited", r#"{"amount":40}"#)];
+    store.append(&append("a1", 1, 1, &deposit)).await.unwrap();
+    // Another aggregate in between must not disturb a1's sequence checks.
+    store.append(&append("other", 0, 0, &opened)).await.unwrap();
+
+    let (version, last, state) = balance(&store, "a1").await;
+    assert_eq!((version, last), (2, 2));
+    assert_eq!(state["balance"], 40);
+    assert_eq!(state["owner"], "ada");
+
+    let mut events = Vec::new();
+    store
+        .read("account", "a1", 1, |chunk| {
+            events.extend(chunk);
+            ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    let e = &events[0];
+    assert_eq!(e.event_type, "AccountOpened");
+    assert_eq!(e.aggregate_type, "account");
+    assert_eq!(e.aggregate_id, "a1");
+    assert_eq!(e.aggregate_version, 1);
+    assert_eq!(e.schema_version, 1);
+    assert_eq!(e.command_id.as_deref(), Some("c-1"));
+    assert_eq!(e.correlation_id.as_deref(), Some("corr"));
+    assert_eq!(e.causation_id.as_deref(), Some("cause"));
+    assert_eq!(e.event_id.len(), 36, "a UUID");
+    assert_ne!(e.event_id, events[1].event_id);
+    assert_eq!(events[1].aggregate_version, 2);
+    assert!(events[1].timestamp >= e.timestamp);
+}
+
+#[tokio::test]
+async fn a_stale_expected_sequence_is_a_conflict() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
+    store.append(&append("a1", 0, 0, &opened)).await.unwrap();
+    let err = store.append(&append("a1", 0, 0, &opened)).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence);
+    assert_eq!(err.class(), ErrorClass::Conflict);
+    assert_eq!(stream_messages(&store).await, 1, "the loser stored nothing");
+}
+
+#[tokio::test]
+async fn a_multi_event_append_is_atomic() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let events = [
+        ev("AccountOpened", r#"{"owner":"ada"}"#),
+        ev("Deposited", r#"{"amount":5}"#),
+        ev("Deposited", r#"{"amount":6}"#),
+    ];
+    let appended = store.append(&append("a1", 0, 0, &events)).await.unwrap();
+    assert_eq!((appended.first_sequence, appended.last_sequence), (1, 3));
+    let (version, last, state) = balance(&store, "a1").await;
+    assert_eq!((version, last), (3, 3));
+    assert_eq!(state["balance"], 11);
+
+    // A batch whose check fails at commit leaves nothing behind, not even
+    // the messages before the failing check.
+    let more = [ev("Deposited", r#"{"amount":1}"#), ev("Deposited", r#"{"amount":2}"#)];
+    let err = store.append(&append("a1", 1, 1, &more)).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence, "{err}");
+    assert_eq!(stream_messages(&store).await, 3);
+    let (version, _, state) = balance(&store, "a1").await;
+    assert_eq!(version, 3);
+    assert_eq!(state["balance"], 11);
+
+    // The same batch with the right sequence goes through.
+    let appended = store.append(&append("a1", 3, 3, &more)).await.unwrap();
+    assert_eq!((appended.first_sequence, appended.last_sequence), (4, 5));
+}
+
+#[tokio::test]
+async fn a_resent_command_id_is_not_stored_twice() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let one = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
+    let mut first = append("a1", 0, 0, &one);
+    first.command_id = Some("open-1");
+    let original = store.append(&first).await.unwrap();
+    // The resend is decided against newer state, but dedup comes first.
+    let mut again = first;
+    again.expected_last_sequence = 1;
+    again.version = 1;
+    let resent = store.append(&again).await.unwrap();
+    assert!(resent.duplicate);
+    assert_eq!(resent.first_sequence, original.first_sequence);
+    assert_eq!(stream_messages(&store).await, 1);
+
+    // Same for a batch.
+    let two = [ev("Deposited", r#"{"amount":1}"#), ev("Deposited", r#"{"amount":2}"#)];
+    let mut batch = append("a1", 1, 1, &two);
+    batch.command_id = Some("twice");
+    let original = store.append(&batch).await.unwrap();
+    assert!(!original.duplicate);
+    let mut again = batch;
+    again.expected_last_sequence = 3;
+    again.version = 3;
+    let err = store.append(&again).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::DuplicateCommand, "{err}");
+    assert_eq!(stream_messages(&store).await, 3, "resent batch stored nothing");
+    let found = store.find_command("account", "a1", "twice").await.unwrap().unwrap();
+    assert_eq!(found.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
+    assert!(store.find_command("account", "a1", "never").await.unwrap().is_none());
+
+    let events = store.read_command("account", "a1", original.first_sequence, "twice").await.unwrap();
+    assert_eq!(events.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
+
+    // The same command id on another aggregate is another command.
+    let mut elsewhere = append("a2", 0, 0, &one);
+    elsewhere.command_id = Some("open-1");
+    assert!(!store.append(&elsewhere).await.unwrap().duplicate);
+}
+
+#[tokio::test]
+async fn the_server_refuses_to_delete_or_purge_history() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let one = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
+    store.append(&append("a1", 0, 0, &one)).await.unwrap();
+    let stream = store.jetstream().get_stream("EVENTS").await.unwrap();
+    assert!(stream.delete_message(1).await.is_err(), "delete must be refused");
+    assert!(stream.purge().await.is_err(), "purge must be refused");
+    assert!(stream.purge().filter("events.account.a1").await.is_err());
+    assert_eq!(stream_messages(&store).await, 1);
+}
+
+#[tokio::test]
+async fn an_incompatible_existing_stream_is_named_not_rewritten() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut loose = jetsource_core::store::desired_stream(&StoreConfig::default());
+    loose.deny_delete = false;
+    loose.max_age = std::time::Duration::from_secs(3600);
+    js.create_stream(loose).await.unwrap();
+    let nats = NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let err = EventStore::open(client, &nats, &StoreConfig::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::IncompatibleStream);
+    let message = err.to_string();
+    assert!(message.contains("deny_delete"), "{message}");
+    assert!(message.contains("max_age"), "{message}");
+    let info = js.get_stream("EVENTS").await.unwrap().info().await.unwrap().clone();
+    assert!(!info.config.deny_delete, "the stream was left as it was");
+
+    // Opening twice with the same settings is fine.
+    let other = NatsServer::start();
+    store(&other).await;
+    store(&other).await;
+}
+
+#[tokio::test]
+async fn long_histories_are_read_in_batches_and_up_to_a_point() {
+    let server = NatsServer::start();
+    let store = store_with(
+        &server,
+        StoreConfig {
+            read_batch: 7,
+            ..Default::default()
+        },
+    )
+    .await;
+    let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
+    store.append(&append("a1", 0, 0, &opened)).await.unwrap();
+    let deposit = [ev("Deposited", r#"{"amount":1}"#)];
+    let mut last = 1;
+    for version in 1..50 {
+        // Interleave another aggregate so a1's sequences have gaps.
+        store.append(&append("noise", if version == 1 { 0 } else { last + 1 - 2 }, 0, &opened)).await.ok();
+        last = store.append(&append("a1", last, version, &deposit)).await.unwrap().last_sequence;
+    }
+    let (version, seq, state) = balance(&store, "a1").await;
+    assert_eq!((version, seq), (50, last));
+    assert_eq!(state["balance"], 49);
+
+    let account = account();
+    let at = Loaded::load(&store, account.as_ref(), "a1", Until::Sequence(20)).await.unwrap();
+    assert!(at.last_sequence <= 20);
+    let mut count = 0;
+    store
+        .read("account", "a1", 1, |chunk| {
+            count += chunk.iter().filter(|e| e.sequence <= 20).count() as u64;
+            ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(at.version, count);
+    assert_eq!(account.state_to_json(&at.state)["balance"], count - 1);
+
+    let before_all = Loaded::load(
+        &store,
+        account.as_ref(),
+        "a1",
+        Until::Time(time::OffsetDateTime::UNIX_EPOCH),
+    )
+    .await
+    .unwrap();
+    assert_eq!(before_all.version, 0);
+
+    // Catching up a loaded aggregate reads only the tail.
+    let mut partial = at.clone();
+    let applied = partial.catch_up(&store, account.as_ref(), "a1", Until::End).await.unwrap();
+    assert_eq!(applied, 50 - at.version);
+    assert_eq!(partial.version, 50);
+}
