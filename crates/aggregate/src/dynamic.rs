@@ -163,7 +163,7 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
             data
         };
         let envelope = serde_json::json!({ "type": command_type, "data": data });
-        let command: A::Command = serde_json::from_value(envelope)
+        let command: A::Command = serde_path_to_error::deserialize(envelope)
             .map_err(|e| DecideError::Malformed(format!("{command_type}: {e}")))?;
         let current = downcast::<A>(state);
         let events = A::handle(current, command)?;

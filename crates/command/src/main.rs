@@ -1,0 +1,30 @@
+//! `jetsource-command`: parse configuration, start logging, serve commands
+//! until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// jetsource command worker. Run several copies to scale out: they share the
+/// load through a NATS queue group.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML); see jetsource.example.toml.
+    #[arg(long, env = "JETSOURCE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = jetsource_core::config::Config::load(args.config.as_deref())?;
+    jetsource_core::telemetry::init(&config.log);
+    jetsource_command::run(
+        config,
+        jetsource_example::registry(),
+        jetsource_core::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}

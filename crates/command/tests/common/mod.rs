@@ -1,0 +1,125 @@
+//! Shared set-up for worker tests: a real nats-server and in-process workers.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jetsource_core::config::{Config, NatsConfig};
+use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody};
+use jetsource_test_support::NatsServer;
+use serde_json::Value;
+use tokio::sync::watch;
+
+pub struct Fleet {
+    pub server: NatsServer,
+    pub client: async_nats::Client,
+    stop: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<Result<(), jetsource_command::RunError>>>,
+}
+
+pub fn config(server: &NatsServer) -> Config {
+    let mut config = Config {
+        nats: NatsConfig {
+            url: server.url(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    config.command.max_request_bytes = 4096;
+    config
+}
+
+impl Fleet {
+    /// A server and `workers` in-process copies of the command worker, each
+    /// with its own NATS connection, ready to serve.
+    pub async fn start(workers: usize) -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        let (stop, _) = watch::channel(false);
+        let mut fleet = Self {
+            server,
+            client,
+            stop,
+            workers: Vec::new(),
+        };
+        for _ in 0..workers {
+            fleet.add_worker(config(&fleet.server));
+        }
+        fleet.wait_for_workers(workers).await;
+        fleet
+    }
+
+    pub fn add_worker(&mut self, config: Config) {
+        let mut stop = self.stop.subscribe();
+        self.workers.push(tokio::spawn(jetsource_command::run(
+            config,
+            jetsource_example::registry(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
+    }
+
+    /// Waits until `n` copies answer `$SRV.INFO.jetsource-command` with their
+    /// endpoint registered (PING answers before the endpoint subscribes).
+    pub async fn wait_for_workers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let inbox = self.client.new_inbox();
+            let mut replies = self.client.subscribe(inbox.clone()).await.unwrap();
+            self.client
+                .publish_with_reply("$SRV.INFO.jetsource-command", inbox, "".into())
+                .await
+                .unwrap();
+            let mut seen = 0;
+            while let Ok(Some(info)) =
+                tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+            {
+                // A 503 status means no copy is up yet.
+                let Ok(info) = serde_json::from_slice::<Value>(&info.payload) else {
+                    continue;
+                };
+                if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
+                    seen += 1;
+                }
+                if seen >= n {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "only {seen} of {n} workers came up");
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        for worker in self.workers.drain(..) {
+            worker.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn raw(&self, subject: &str, body: impl Into<bytes::Bytes>) -> Value {
+        let reply = self.client.request(subject.to_owned(), body.into()).await.unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    pub async fn send(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+        body: Value,
+    ) -> Result<CommandOutcome, ErrorBody> {
+        let reply = self
+            .client
+            .request(format!("cmd.{aggregate_type}.{id}"), body.to_string().into())
+            .await
+            .unwrap();
+        decode_reply(&reply.payload).unwrap()
+    }
+
+    pub async fn stream_messages(&self) -> u64 {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut stream = js.get_stream("EVENTS").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
