@@ -1,0 +1,43 @@
+# jetsource developer tasks. `make` alone lists them.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+NATS_SERVER_VERSION := 2.15.1
+TOOLS := $(CURDIR)/tools
+NATS_SERVER := $(TOOLS)/bin/nats-server
+export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: help setup build run test lint fmt clean-data
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install what is missing: pinned nats-server into tools/, redis-server via apt
+	@scripts/install-nats-server.sh $(NATS_SERVER_VERSION) $(TOOLS)
+	@scripts/install-redis.sh
+
+build: ## Build every binary (debug)
+	cargo build --workspace --bins
+
+run: setup build ## Start nats-server and the workers in the foreground; Ctrl-C stops all
+	scripts/run-dev.sh
+
+test: setup build ## Run every test against real servers (needs nothing running)
+	@if cargo nextest --version >/dev/null 2>&1; then \
+	  cargo nextest run --workspace --no-fail-fast; \
+	else \
+	  cargo test --workspace --no-fail-fast; \
+	fi
+	cargo test --workspace --doc
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	cargo fmt --all
+
+clean-data: ## Delete the dev server's data (.run/)
+	rm -rf .run

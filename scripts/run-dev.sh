@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make run`: a single-node nats-server and the jetsource workers in the
+# foreground. Ctrl-C stops everything this script started (by PID).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .run
+bin="target/debug"
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping (${pids[*]:-})" >&2
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1 after 10 s" >&2
+  return 1
+}
+
+if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+  echo "port 4222 is already in use: stop the other nats-server first" >&2
+  exit 1
+fi
+# Process substitution, not a pipe, so that $! is nats-server's own PID.
+tools/bin/nats-server -c nats/dev.conf > >(sed -u 's/^/[nats] /' >&2) 2>&1 &
+pids+=($!)
+wait_port 4222
+
+export JETSOURCE__NATS__URL="nats://127.0.0.1:4222"
+"$bin/jetsource-command" &
+pids+=($!)
+
+cat >&2 <<'MSG'
+
+jetsource is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222).
+Try, in another terminal:
+  target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
+  target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
+  target/debug/jetsource history account acc-1
+Ctrl-C stops everything.
+
+MSG
+# Exit (and stop the rest) as soon as any process ends.
+wait -n "${pids[@]}"
