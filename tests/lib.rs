@@ -1,0 +1,120 @@
+//! Helpers for fleet tests: worker binaries as child processes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jetsource_test_support::{workspace_binary, NatsServer};
+
+/// A worker binary running as its own process, killed on drop if still up.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    /// Starts `binary` pointed at `server`, with extra `JETSOURCE__...`
+    /// environment.
+    pub fn start(binary: &str, server: &NatsServer, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(workspace_binary(binary));
+        command
+            .env("JETSOURCE__NATS__URL", server.url())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Self {
+            child: command.spawn().unwrap(),
+            name: binary.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM") to this process only, by its PID.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `n` copies of service `name` answer `$SRV.INFO` with an
+/// endpoint registered.
+pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+        client
+            .publish_with_reply(format!("$SRV.INFO.{name}"), inbox, "".into())
+            .await
+            .unwrap();
+        let mut seen = 0;
+        while let Ok(Some(info)) =
+            tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+        {
+            let Ok(info) = serde_json::from_slice::<serde_json::Value>(&info.payload) else {
+                continue;
+            };
+            if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
+                seen += 1;
+            }
+            if seen >= n {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} of {n} {name} came up"
+        );
+    }
+}
+
+/// Runs the `jetsource` CLI; returns (exit code, stdout, stderr).
+pub fn cli(server: &NatsServer, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(workspace_binary("jetsource"))
+        .args(["--url", &server.url()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

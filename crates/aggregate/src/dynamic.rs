@@ -206,7 +206,11 @@ impl Registry {
         let previous = self
             .aggregates
             .insert(A::TYPE, Arc::new(Erased::<A>(PhantomData)));
-        assert!(previous.is_none(), "aggregate type {} registered twice", A::TYPE);
+        assert!(
+            previous.is_none(),
+            "aggregate type {} registered twice",
+            A::TYPE
+        );
         self
     }
 

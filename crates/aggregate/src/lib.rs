@@ -16,9 +16,7 @@ pub mod testing;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use dynamic::{
-    Decision, DecodeError, DecideError, DynAggregate, NewEvent, Registry, State,
-};
+pub use dynamic::{DecideError, Decision, DecodeError, DynAggregate, NewEvent, Registry, State};
 
 /// A consistency boundary of the domain, written in decide/evolve style.
 ///
@@ -44,7 +42,8 @@ pub trait Aggregate: Send + Sync + 'static {
 
     /// Decides what happens. An empty vector means "nothing to do" (for example
     /// renaming a user to the name it already has) and appends nothing.
-    fn handle(state: &Self::State, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
+    fn handle(state: &Self::State, command: Self::Command)
+        -> Result<Vec<Self::Event>, DomainError>;
 
     /// Folds one event into the state. Events are facts that already happened,
     /// so this cannot fail: it must accept every event `handle` can produce.

@@ -21,7 +21,11 @@ use time::OffsetDateTime;
 use table::Table;
 
 #[derive(Debug, Parser)]
-#[command(name = "jetsource", version, about = "Send commands to and read the history of a jetsource event store")]
+#[command(
+    name = "jetsource",
+    version,
+    about = "Send commands to and read the history of a jetsource event store"
+)]
 struct Cli {
     /// Configuration file (TOML); see jetsource.example.toml.
     #[arg(long, global = true, env = "JETSOURCE_CONFIG")]
@@ -127,8 +131,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.request(subject.clone(), serde_json::to_vec(&request)?.into()),
             )
             .await
-            .map_err(|_| anyhow!("no reply on {subject} within {timeout_ms} ms; is jetsource-command running?"))?
-            .map_err(|e| anyhow!("request on {subject} failed: {e}; is jetsource-command running?"))?;
+            .map_err(|_| {
+                anyhow!(
+                    "no reply on {subject} within {timeout_ms} ms; is jetsource-command running?"
+                )
+            })?
+            .map_err(|e| {
+                anyhow!("request on {subject} failed: {e}; is jetsource-command running?")
+            })?;
             let outcome = decode_reply::<CommandOutcome>(&reply.payload)
                 .context("the reply is not a jetsource reply")?;
             if cli.json {
@@ -197,10 +207,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             let until = match (at_seq, at_time) {
                 (Some(seq), _) => Until::Sequence(seq),
-                (None, Some(t)) => Until::Time(
-                    OffsetDateTime::parse(&t, &Rfc3339)
-                        .with_context(|| format!("--at-time {t:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z"))?,
-                ),
+                (None, Some(t)) => {
+                    Until::Time(OffsetDateTime::parse(&t, &Rfc3339).with_context(|| {
+                        format!("--at-time {t:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z")
+                    })?)
+                }
                 (None, None) => Until::End,
             };
             let store = EventStore::open(client, &config.nats, &config.store).await?;
@@ -281,7 +292,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ("first sequence", s.first_sequence.to_string()),
                     ("last sequence", s.last_sequence.to_string()),
                     ("last event at", rfc3339(s.last_timestamp)),
-                    ("deny delete / purge", format!("{} / {}", c.deny_delete, c.deny_purge)),
+                    (
+                        "deny delete / purge",
+                        format!("{} / {}", c.deny_delete, c.deny_purge),
+                    ),
                     ("atomic batches", c.allow_atomic_publish.to_string()),
                     ("duplicate window", format!("{:?}", c.duplicate_window)),
                 ] {

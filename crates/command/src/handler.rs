@@ -149,9 +149,7 @@ impl Worker {
         aggregate: &dyn DynAggregate,
         aggregate_id: &str,
     ) -> Result<u64, ErrorBody> {
-        let loaded = slot
-            .loaded
-            .get_or_insert_with(|| Loaded::empty(aggregate));
+        let loaded = slot.loaded.get_or_insert_with(|| Loaded::empty(aggregate));
         let applied = loaded
             .catch_up(&self.store, aggregate, aggregate_id, Until::End)
             .await
@@ -198,9 +196,7 @@ impl Worker {
     ) -> Reply {
         let aggregate = aggregate.as_ref();
         let aggregate_type = aggregate.aggregate_type();
-        let slot = self
-            .cache
-            .slot(&format!("{aggregate_type}.{aggregate_id}"));
+        let slot = self.cache.slot(&format!("{aggregate_type}.{aggregate_id}"));
         let mut slot = slot.lock().await;
         let command_id = request.command_id.as_deref();
         // Causation: the command that caused these events. Correlation: the
@@ -341,7 +337,10 @@ impl Worker {
                             ),
                         ));
                     }
-                    tracing::debug!(attempt = conflicts, "conflict, deciding again on fresh state");
+                    tracing::debug!(
+                        attempt = conflicts,
+                        "conflict, deciding again on fresh state"
+                    );
                 }
                 Err(e) if e.kind() == StoreErrorKind::DuplicateCommand => {
                     slot.stale = true;

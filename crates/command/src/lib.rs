@@ -9,12 +9,12 @@ mod handler;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
+use jetsource_core::micro::{Endpoint, MicroService};
 use jetsource_core::protocol::{encode_reply, COMMAND_SUBJECT_PREFIX};
 use jetsource_core::store::{EventStore, StoreError};
 use tokio::sync::Semaphore;
@@ -23,6 +23,9 @@ pub use handler::Worker;
 
 /// Name under which copies of the worker appear in `$SRV.PING/INFO/STATS`.
 pub const SERVICE_NAME: &str = "jetsource-command";
+
+/// The one endpoint, as named in `$SRV.INFO` and `$SRV.STATS`.
+pub const ENDPOINT: &str = "commands";
 
 /// How long shutdown waits for requests already taken to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,37 +49,54 @@ pub async fn run(
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
     let worker = Arc::new(Worker::new(store, registry, config.command.clone()));
 
-    let service = client
-        .service_builder()
-        .description("jetsource command worker: decides commands and appends their events")
-        .queue_group(&config.command.queue_group)
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+    let subject = format!("{COMMAND_SUBJECT_PREFIX}.>");
+    let queue_group = config.command.queue_group.clone();
+    let mut requests = client
+        .queue_subscribe(subject.clone(), queue_group.clone())
         .await
         .map_err(|e| RunError::Service(e.to_string()))?;
-    let mut endpoint = service
-        .endpoint_builder()
-        .name("commands")
-        .add(format!("{COMMAND_SUBJECT_PREFIX}.>"))
-        .await
-        .map_err(|e| RunError::Service(e.to_string()))?;
+    let service = MicroService::start(
+        &client,
+        SERVICE_NAME,
+        env!("CARGO_PKG_VERSION"),
+        "jetsource command worker: decides commands and appends their events",
+        vec![Endpoint {
+            name: ENDPOINT.into(),
+            subject,
+            queue_group: queue_group.clone(),
+        }],
+    )
+    .await
+    .map_err(|e| RunError::Service(e.to_string()))?;
     tracing::info!(
-        queue_group = %config.command.queue_group,
+        queue_group = %queue_group,
         stream = %config.store.stream,
         types = ?worker.aggregate_types(),
+        id = service.id(),
         "command worker serving cmd.>"
     );
 
     let max_in_flight = config.command.max_in_flight;
     let permits = Arc::new(Semaphore::new(max_in_flight));
-    let serve = |request: async_nats::service::Request, permit| {
+    let serve = |message: async_nats::Message, permit| {
         let worker = worker.clone();
+        let client = client.clone();
+        let service = service.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let reply = worker
-                .handle(request.message.subject.as_str(), &request.message.payload)
+                .handle(message.subject.as_str(), &message.payload)
                 .await;
-            if let Err(e) = request.respond(Ok(encode_reply(&reply))).await {
-                tracing::warn!(error = %e, "could not send a reply");
+            let error = reply
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", e.code, e.message));
+            if let Some(to) = message.reply {
+                if let Err(e) = client.publish(to, encode_reply(&reply)).await {
+                    tracing::warn!(error = %e, "could not send a reply");
+                }
             }
+            service.record(ENDPOINT, started.elapsed(), error.as_deref());
             drop(permit);
         });
     };
@@ -94,27 +114,27 @@ pub async fn run(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            request = endpoint.next() => match request {
-                Some(request) => serve(request, permit),
+            message = requests.next() => match message {
+                Some(message) => serve(message, permit),
                 None => break,
             },
         }
     }
 
     tracing::info!("stopping: no new requests, finishing those in flight");
-    if let Err(e) = endpoint.stop().await {
-        tracing::warn!(error = %e, "could not unsubscribe cleanly");
+    // Drain, not unsubscribe: requests the server routed to this copy before
+    // it saw the unsubscribe are still delivered, and served.
+    if let Err(e) = requests.drain().await {
+        tracing::warn!(error = %e, "could not drain the request subscription");
     }
-    // Requests already delivered to this copy before the unsubscribe took
-    // effect are served, not dropped.
     let drain = async {
-        while let Some(request) = endpoint.next().await {
+        while let Some(message) = requests.next().await {
             let permit = permits
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
-            serve(request, permit);
+            serve(message, permit);
         }
         let _all = permits
             .acquire_many(max_in_flight as u32)
@@ -124,7 +144,7 @@ pub async fn run(
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; exiting anyway");
     }
-    let _ = service.stop().await;
+    service.stop();
     let _ = client.flush().await;
     tracing::info!("command worker stopped");
     Ok(())

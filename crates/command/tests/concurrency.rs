@@ -44,7 +44,11 @@ async fn concurrent_clients_on_two_workers_lose_no_update() {
     let fleet = Fleet::start(2).await;
     for a in 0..ACCOUNTS {
         fleet
-            .send("account", &format!("hot-{a}"), json!({"type": "OpenAccount", "data": {"owner": "o"}}))
+            .send(
+                "account",
+                &format!("hot-{a}"),
+                json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+            )
             .await
             .unwrap();
     }
@@ -93,8 +97,14 @@ async fn concurrent_clients_on_two_workers_lose_no_update() {
         acked.extend(a);
         conflicts += c;
     }
-    println!("{} acknowledged, {conflicts} gave up on conflicts", acked.len());
-    assert!(acked.len() > CLIENTS * OPS_PER_CLIENT / 2, "most operations must succeed");
+    println!(
+        "{} acknowledged, {conflicts} gave up on conflicts",
+        acked.len()
+    );
+    assert!(
+        acked.len() > CLIENTS * OPS_PER_CLIENT / 2,
+        "most operations must succeed"
+    );
 
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
     let mut versions: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
@@ -102,10 +112,16 @@ async fn concurrent_clients_on_two_workers_lose_no_update() {
     for (account, signed, version, sequence) in &acked {
         *expected.entry(account.clone()).or_default() += signed;
         assert!(
-            versions.entry(account.clone()).or_default().insert(*version),
+            versions
+                .entry(account.clone())
+                .or_default()
+                .insert(*version),
             "two acknowledged commands on {account} claim version {version}"
         );
-        assert!(sequences.insert(*sequence), "sequence {sequence} acknowledged twice");
+        assert!(
+            sequences.insert(*sequence),
+            "sequence {sequence} acknowledged twice"
+        );
     }
 
     // Every acknowledged command is in the stream exactly once, nothing else
@@ -124,12 +140,18 @@ async fn concurrent_clients_on_two_workers_lose_no_update() {
     let aggregate = registry.get("account").unwrap();
     for a in 0..ACCOUNTS {
         let id = format!("hot-{a}");
-        let loaded = Loaded::load(&store, aggregate.as_ref(), &id, Until::End).await.unwrap();
+        let loaded = Loaded::load(&store, aggregate.as_ref(), &id, Until::End)
+            .await
+            .unwrap();
         let state = aggregate.state_to_json(&loaded.state);
         let want = expected.get(&id).copied().unwrap_or(0);
         assert_eq!(state["balance"].as_i64().unwrap(), want, "balance of {id}");
         let ops = versions.get(&id).map_or(0, BTreeSet::len) as u64;
-        assert_eq!(loaded.version, ops + 1, "{id}: opened plus one event per acknowledged op");
+        assert_eq!(
+            loaded.version,
+            ops + 1,
+            "{id}: opened plus one event per acknowledged op"
+        );
         // Versions of acknowledged ops are exactly 2..=version: gap-free order.
         let got: Vec<u64> = versions[&id].iter().copied().collect();
         assert_eq!(got, (2..=loaded.version).collect::<Vec<_>>());

@@ -13,7 +13,11 @@ use serde_json::json;
 async fn commands_end_to_end() {
     let fleet = Fleet::start(1).await;
     let open = fleet
-        .send("account", "a1", json!({"type": "OpenAccount", "data": {"owner": "ada"}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        )
         .await
         .unwrap();
     assert_eq!((open.version, open.sequence), (1, 1));
@@ -21,17 +25,29 @@ async fn commands_end_to_end() {
     assert_eq!(open.events[0].data, json!({"owner": "ada"}));
 
     let deposit = fleet
-        .send("account", "a1", json!({"type": "Deposit", "data": {"amount": 100}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Deposit", "data": {"amount": 100}}),
+        )
         .await
         .unwrap();
     assert_eq!((deposit.version, deposit.sequence), (2, 2));
 
     let err = fleet
-        .send("account", "a1", json!({"type": "Withdraw", "data": {"amount": 101}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Withdraw", "data": {"amount": 101}}),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Rejected);
-    assert!(err.message.contains("insufficient funds"), "{}", err.message);
+    assert!(
+        err.message.contains("insufficient funds"),
+        "{}",
+        err.message
+    );
 
     let err = fleet
         .send("account", "a1", json!({"type": "CloseAccount"}))
@@ -40,7 +56,11 @@ async fn commands_end_to_end() {
     assert_eq!(err.code, ErrorCode::Rejected);
 
     fleet
-        .send("account", "a1", json!({"type": "Withdraw", "data": {"amount": 100}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Withdraw", "data": {"amount": 100}}),
+        )
         .await
         .unwrap();
     let closed = fleet
@@ -51,7 +71,10 @@ async fn commands_end_to_end() {
 
     // The raw wire shape.
     let raw = fleet
-        .raw("cmd.user.u1", r#"{"type":"CreateUser","data":{"name":"Ada"}}"#)
+        .raw(
+            "cmd.user.u1",
+            r#"{"type":"CreateUser","data":{"name":"Ada"}}"#,
+        )
         .await;
     assert_eq!(
         raw,
@@ -60,7 +83,11 @@ async fn commands_end_to_end() {
     );
     // Renaming to the same name decides nothing and appends nothing.
     let same = fleet
-        .send("user", "u1", json!({"type": "RenameUser", "data": {"name": "Ada"}}))
+        .send(
+            "user",
+            "u1",
+            json!({"type": "RenameUser", "data": {"name": "Ada"}}),
+        )
         .await
         .unwrap();
     assert_eq!((same.version, same.sequence, same.events.len()), (1, 5, 0));
@@ -83,7 +110,11 @@ async fn a_multi_event_command_is_one_atomic_append() {
     let types: Vec<_> = open.events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["AccountOpened", "Deposited"]);
     let withdraw = fleet
-        .send("account", "a1", json!({"type": "Withdraw", "data": {"amount": 250}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Withdraw", "data": {"amount": 250}}),
+        )
         .await
         .unwrap();
     assert_eq!(withdraw.version, 3);
@@ -94,11 +125,19 @@ async fn a_multi_event_command_is_one_atomic_append() {
 async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
     let mut fleet = Fleet::start(1).await;
     fleet
-        .send("account", "a1", json!({"type": "OpenAccount", "data": {"owner": "ada"}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        )
         .await
         .unwrap();
     fleet
-        .send("account", "a1", json!({"type": "Deposit", "data": {"amount": 30}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Deposit", "data": {"amount": 30}}),
+        )
         .await
         .unwrap();
     // Withdrawing everything succeeds once; deciding it again would be
@@ -112,20 +151,33 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
     // A multi-event command resent.
     let open = json!({"type": "OpenAccount", "data": {"owner": "bo", "initial_deposit": 5}, "command_id": "o-2"});
     let first_open = fleet.send("account", "a2", open.clone()).await.unwrap();
-    assert_eq!(fleet.send("account", "a2", open.clone()).await.unwrap(), first_open);
+    assert_eq!(
+        fleet.send("account", "a2", open.clone()).await.unwrap(),
+        first_open
+    );
     assert_eq!(fleet.stream_messages().await, 5);
 
     // A second copy with a cold cache, and a resend after newer commands.
     fleet.add_worker(common::config(&fleet.server));
     fleet.wait_for_workers(2).await;
     fleet
-        .send("account", "a2", json!({"type": "Deposit", "data": {"amount": 1}}))
+        .send(
+            "account",
+            "a2",
+            json!({"type": "Deposit", "data": {"amount": 1}}),
+        )
         .await
         .unwrap();
     for _ in 0..6 {
         // Queue groups spread these over both copies.
-        assert_eq!(fleet.send("account", "a1", withdraw.clone()).await.unwrap(), first);
-        assert_eq!(fleet.send("account", "a2", open.clone()).await.unwrap(), first_open);
+        assert_eq!(
+            fleet.send("account", "a1", withdraw.clone()).await.unwrap(),
+            first
+        );
+        assert_eq!(
+            fleet.send("account", "a2", open.clone()).await.unwrap(),
+            first_open
+        );
     }
     assert_eq!(fleet.stream_messages().await, 6);
     fleet.shutdown().await;
@@ -135,17 +187,29 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
 async fn expected_version_is_enforced() {
     let fleet = Fleet::start(1).await;
     fleet
-        .send("user", "u1", json!({"type": "CreateUser", "data": {"name": "A"}, "expected_version": 0}))
+        .send(
+            "user",
+            "u1",
+            json!({"type": "CreateUser", "data": {"name": "A"}, "expected_version": 0}),
+        )
         .await
         .unwrap();
     let err = fleet
-        .send("user", "u1", json!({"type": "RenameUser", "data": {"name": "B"}, "expected_version": 0}))
+        .send(
+            "user",
+            "u1",
+            json!({"type": "RenameUser", "data": {"name": "B"}, "expected_version": 0}),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Conflict);
     assert!(err.message.contains("version 1"), "{}", err.message);
     let ok = fleet
-        .send("user", "u1", json!({"type": "RenameUser", "data": {"name": "B"}, "expected_version": 1}))
+        .send(
+            "user",
+            "u1",
+            json!({"type": "RenameUser", "data": {"name": "B"}, "expected_version": 1}),
+        )
         .await
         .unwrap();
     assert_eq!(ok.version, 2);
@@ -157,37 +221,167 @@ async fn expected_version_is_enforced() {
 async fn bad_requests_get_clear_errors_and_append_nothing() {
     let fleet = Fleet::start(1).await;
     fleet
-        .send("account", "a1", json!({"type": "OpenAccount", "data": {"owner": "ada"}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        )
         .await
         .unwrap();
     let deep = format!("{}{}", "[".repeat(2_000), "]".repeat(2_000));
-    let huge = json!({"type": "Deposit", "data": {"amount": 1, "pad": "x".repeat(5000)}}).to_string();
+    let huge =
+        json!({"type": "Deposit", "data": {"amount": 1, "pad": "x".repeat(5000)}}).to_string();
     let table: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
-        ("cmd.account.a1", b"{".to_vec(), ErrorCode::Invalid, "not a valid command"),
-        ("cmd.account.a1", b"".to_vec(), ErrorCode::Invalid, "not a valid command"),
-        ("cmd.account.a1", b"[]".to_vec(), ErrorCode::Invalid, "not a valid command"),
-        ("cmd.account.a1", vec![0xff, 0xfe, 0x00], ErrorCode::Invalid, "not a valid command"),
-        ("cmd.account.a1", deep.into_bytes(), ErrorCode::Invalid, "not a valid command"),
-        ("cmd.account.a1", huge.into_bytes(), ErrorCode::Invalid, "limit is 4096"),
-        ("cmd.account.a1", br#"{"data":{"amount":1}}"#.to_vec(), ErrorCode::Invalid, "missing field `type`"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1},"extra":1}"#.to_vec(), ErrorCode::Invalid, "unknown field `extra`"),
-        ("cmd.account.a1", br#"{"type":"Teleport","data":{}}"#.to_vec(), ErrorCode::Invalid, "unknown variant `Teleport`"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":"ten"}}"#.to_vec(), ErrorCode::Invalid, "invalid type"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":-5}}"#.to_vec(), ErrorCode::Invalid, "Deposit"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1.5}}"#.to_vec(), ErrorCode::Invalid, "Deposit"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":18446744073709551616}}"#.to_vec(), ErrorCode::Invalid, "Deposit"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":0}}"#.to_vec(), ErrorCode::Invalid, "positive"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1,"currency":"EUR"}}"#.to_vec(), ErrorCode::Invalid, "unknown field `currency`"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":[1]}"#.to_vec(), ErrorCode::Invalid, "JSON object"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1},"command_id":"has space"}"#.to_vec(), ErrorCode::Invalid, "command_id"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1},"command_id":""}"#.to_vec(), ErrorCode::Invalid, "command_id"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1},"expected_version":"1"}"#.to_vec(), ErrorCode::Invalid, "expected_version"),
-        ("cmd.account.a1", br#"{"type":"Deposit","data":{"amount":1},"correlation_id":"a\nb"}"#.to_vec(), ErrorCode::Invalid, "correlation_id"),
-        ("cmd.account.a1", br#"{"type":"OpenAccount","data":{"owner":"again"}}"#.to_vec(), ErrorCode::Rejected, "already exists"),
-        ("cmd.account.nobody", br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(), ErrorCode::Rejected, "not open"),
-        ("cmd.widget.w1", br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(), ErrorCode::Invalid, "unknown aggregate type \"widget\""),
-        ("cmd.account.a1.extra", br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(), ErrorCode::Invalid, "cmd.<aggregate_type>.<aggregate_id>"),
-        ("cmd.account.a=1", br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(), ErrorCode::Invalid, "aggregate id"),
+        (
+            "cmd.account.a1",
+            b"{".to_vec(),
+            ErrorCode::Invalid,
+            "not a valid command",
+        ),
+        (
+            "cmd.account.a1",
+            b"".to_vec(),
+            ErrorCode::Invalid,
+            "not a valid command",
+        ),
+        (
+            "cmd.account.a1",
+            b"[]".to_vec(),
+            ErrorCode::Invalid,
+            "not a valid command",
+        ),
+        (
+            "cmd.account.a1",
+            vec![0xff, 0xfe, 0x00],
+            ErrorCode::Invalid,
+            "not a valid command",
+        ),
+        (
+            "cmd.account.a1",
+            deep.into_bytes(),
+            ErrorCode::Invalid,
+            "not a valid command",
+        ),
+        (
+            "cmd.account.a1",
+            huge.into_bytes(),
+            ErrorCode::Invalid,
+            "limit is 4096",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"data":{"amount":1}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "missing field `type`",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1},"extra":1}"#.to_vec(),
+            ErrorCode::Invalid,
+            "unknown field `extra`",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Teleport","data":{}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "unknown variant `Teleport`",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":"ten"}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "invalid type",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":-5}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "Deposit",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1.5}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "Deposit",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":18446744073709551616}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "Deposit",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":0}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "positive",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1,"currency":"EUR"}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "unknown field `currency`",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":[1]}"#.to_vec(),
+            ErrorCode::Invalid,
+            "JSON object",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1},"command_id":"has space"}"#.to_vec(),
+            ErrorCode::Invalid,
+            "command_id",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1},"command_id":""}"#.to_vec(),
+            ErrorCode::Invalid,
+            "command_id",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1},"expected_version":"1"}"#.to_vec(),
+            ErrorCode::Invalid,
+            "expected_version",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"Deposit","data":{"amount":1},"correlation_id":"a\nb"}"#.to_vec(),
+            ErrorCode::Invalid,
+            "correlation_id",
+        ),
+        (
+            "cmd.account.a1",
+            br#"{"type":"OpenAccount","data":{"owner":"again"}}"#.to_vec(),
+            ErrorCode::Rejected,
+            "already exists",
+        ),
+        (
+            "cmd.account.nobody",
+            br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(),
+            ErrorCode::Rejected,
+            "not open",
+        ),
+        (
+            "cmd.widget.w1",
+            br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "unknown aggregate type \"widget\"",
+        ),
+        (
+            "cmd.account.a1.extra",
+            br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "cmd.<aggregate_type>.<aggregate_id>",
+        ),
+        (
+            "cmd.account.a=1",
+            br#"{"type":"Deposit","data":{"amount":1}}"#.to_vec(),
+            ErrorCode::Invalid,
+            "aggregate id",
+        ),
         (
             "cmd.account.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
             br#"{"type":"OpenAccount","data":{"owner":"x"}}"#.to_vec(),
@@ -197,7 +391,12 @@ async fn bad_requests_get_clear_errors_and_append_nothing() {
     ];
     for (subject, body, code, fragment) in table {
         let reply = fleet.raw(subject, body.clone()).await;
-        assert_eq!(reply["ok"], false, "{subject} {:?}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            reply["ok"],
+            false,
+            "{subject} {:?}",
+            String::from_utf8_lossy(&body)
+        );
         assert_eq!(
             reply["error"]["code"],
             code.as_str(),
@@ -205,12 +404,19 @@ async fn bad_requests_get_clear_errors_and_append_nothing() {
             String::from_utf8_lossy(&body)
         );
         let message = reply["error"]["message"].as_str().unwrap();
-        assert!(message.contains(fragment), "{message:?} should mention {fragment:?}");
+        assert!(
+            message.contains(fragment),
+            "{message:?} should mention {fragment:?}"
+        );
     }
     assert_eq!(fleet.stream_messages().await, 1, "nothing was appended");
     // Still serving.
     let ok = fleet
-        .send("account", "a1", json!({"type": "Deposit", "data": {"amount": 1}}))
+        .send(
+            "account",
+            "a1",
+            json!({"type": "Deposit", "data": {"amount": 1}}),
+        )
         .await
         .unwrap();
     assert_eq!(ok.version, 2);

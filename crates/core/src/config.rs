@@ -235,6 +235,9 @@ mod tests {
         let config = Config::load(Some(Path::new(example))).expect("example config loads");
         assert_eq!(config.nats.url, NatsConfig::default().url);
         assert_eq!(config.store.stream, StoreConfig::default().stream);
-        assert_eq!(config.command.cache_capacity, CommandConfig::default().cache_capacity);
+        assert_eq!(
+            config.command.cache_capacity,
+            CommandConfig::default().cache_capacity
+        );
     }
 }

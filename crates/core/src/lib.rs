@@ -12,6 +12,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod loader;
+pub mod micro;
 pub mod protocol;
 pub mod store;
 pub mod telemetry;

@@ -107,43 +107,48 @@ impl Loaded {
         let mut applied = 0;
         let mut failure = None;
         store
-            .read(aggregate_type, aggregate_id, self.last_sequence + 1, |chunk| {
-                let within = chunk
-                    .iter()
-                    .take_while(|e| match until {
-                        Until::End => true,
-                        Until::Sequence(seq) => e.sequence <= seq,
-                        Until::Time(t) => e.timestamp <= t,
-                    })
-                    .count();
-                let mut events = chunk[..within]
-                    .iter()
-                    .map(|e| (e.event_type.as_str(), e.data.as_ref()));
-                match aggregate.fold(&self.state, &mut events) {
-                    Ok(state) => self.state = state,
-                    Err(source) => {
-                        failure = Some(LoadError::Decode {
-                            aggregate: format!("{aggregate_type}.{aggregate_id}"),
-                            source,
-                        });
-                        return ControlFlow::Break(());
+            .read(
+                aggregate_type,
+                aggregate_id,
+                self.last_sequence + 1,
+                |chunk| {
+                    let within = chunk
+                        .iter()
+                        .take_while(|e| match until {
+                            Until::End => true,
+                            Until::Sequence(seq) => e.sequence <= seq,
+                            Until::Time(t) => e.timestamp <= t,
+                        })
+                        .count();
+                    let mut events = chunk[..within]
+                        .iter()
+                        .map(|e| (e.event_type.as_str(), e.data.as_ref()));
+                    match aggregate.fold(&self.state, &mut events) {
+                        Ok(state) => self.state = state,
+                        Err(source) => {
+                            failure = Some(LoadError::Decode {
+                                aggregate: format!("{aggregate_type}.{aggregate_id}"),
+                                source,
+                            });
+                            return ControlFlow::Break(());
+                        }
                     }
-                }
-                for event in &chunk[..within] {
-                    if let Some(command_id) = &event.command_id {
-                        self.remember_command(command_id, event.sequence);
+                    for event in &chunk[..within] {
+                        if let Some(command_id) = &event.command_id {
+                            self.remember_command(command_id, event.sequence);
+                        }
+                        self.last_sequence = event.sequence;
+                        self.last_timestamp = Some(event.timestamp);
                     }
-                    self.last_sequence = event.sequence;
-                    self.last_timestamp = Some(event.timestamp);
-                }
-                self.version += within as u64;
-                applied += within as u64;
-                if within < chunk.len() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            })
+                    self.version += within as u64;
+                    applied += within as u64;
+                    if within < chunk.len() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
             .await?;
         match failure {
             Some(e) => Err(e),
@@ -159,7 +164,9 @@ impl Loaded {
         until: Until,
     ) -> Result<Self, LoadError> {
         let mut loaded = Self::empty(aggregate);
-        loaded.catch_up(store, aggregate, aggregate_id, until).await?;
+        loaded
+            .catch_up(store, aggregate, aggregate_id, until)
+            .await?;
         Ok(loaded)
     }
 }

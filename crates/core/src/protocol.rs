@@ -158,7 +158,10 @@ pub fn decode_reply<T: DeserializeOwned>(
         }
         Ok(Ok(serde_json::from_value(value)?))
     } else {
-        let error = value.get_mut("error").map(Value::take).unwrap_or(Value::Null);
+        let error = value
+            .get_mut("error")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
         Ok(Err(serde_json::from_value(error)?))
     }
 }
@@ -225,13 +228,24 @@ mod tests {
             std::str::from_utf8(&bytes).expect("utf8"),
             r#"{"ok":false,"error":{"code":"not_found","message":"nope"}}"#
         );
-        assert_eq!(decode_reply::<CommandOutcome>(&bytes).expect("decodes"), err);
+        assert_eq!(
+            decode_reply::<CommandOutcome>(&bytes).expect("decodes"),
+            err
+        );
     }
 
     #[test]
     fn subjects_and_ids() {
-        assert_eq!(parse_command_subject("cmd.account.a-1"), Ok(("account", "a-1")));
-        for bad in ["cmd.account", "cmd.account.a.b", "query.account.a", "cmd.account.a%b"] {
+        assert_eq!(
+            parse_command_subject("cmd.account.a-1"),
+            Ok(("account", "a-1"))
+        );
+        for bad in [
+            "cmd.account",
+            "cmd.account.a.b",
+            "query.account.a",
+            "cmd.account.a%b",
+        ] {
             let err = parse_command_subject(bad).expect_err(bad);
             assert_eq!(err.code, ErrorCode::Invalid);
         }

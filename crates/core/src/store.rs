@@ -19,11 +19,9 @@ use async_nats::header::{
     NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
     NATS_MESSAGE_ID,
 };
-use async_nats::jetstream::context::{
-    CreateStreamErrorKind, PublishError, PublishErrorKind,
-};
-use async_nats::jetstream::stream::{self, PersistenceMode, RetentionPolicy, StorageType};
+use async_nats::jetstream::context::{CreateStreamErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, PersistenceMode, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
@@ -96,7 +94,9 @@ impl StoreError {
     fn unavailable(what: &str, e: impl std::fmt::Display) -> Self {
         Self::new(
             StoreErrorKind::Unavailable,
-            format!("{what}: {e}; check that nats-server is up and JetStream is enabled, then retry"),
+            format!(
+                "{what}: {e}; check that nats-server is up and JetStream is enabled, then retry"
+            ),
         )
     }
 }
@@ -235,7 +235,10 @@ pub fn incompatibilities(actual: &stream::Config, desired: &stream::Config) -> V
         "duplicate_window",
         actual.duplicate_window == desired.duplicate_window,
         format!("{:?}", actual.duplicate_window),
-        format!("{:?} (store.duplicate_window_secs)", desired.duplicate_window),
+        format!(
+            "{:?} (store.duplicate_window_secs)",
+            desired.duplicate_window
+        ),
     );
     for (name, have, want) in [
         ("deny_delete", actual.deny_delete, true),
@@ -286,21 +289,20 @@ impl EventStore {
         let desired = desired_stream(config);
         match js.create_stream(desired.clone()).await {
             Ok(_) => {}
-            Err(e) => match e.kind() {
-                CreateStreamErrorKind::JetStream(api)
-                    if api.error_code() == ErrorCode::STREAM_NAME_EXIST =>
-                {
-                    let mut existing = js
-                        .get_stream(&config.stream)
-                        .await
-                        .map_err(|e| StoreError::unavailable("cannot read the event stream", e))?;
-                    let info = existing
-                        .info()
-                        .await
-                        .map_err(|e| StoreError::unavailable("cannot read the event stream", e))?;
-                    let problems = incompatibilities(&info.config, &desired);
-                    if !problems.is_empty() {
-                        return Err(StoreError::new(
+            Err(e) => {
+                match e.kind() {
+                    CreateStreamErrorKind::JetStream(api)
+                        if api.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+                    {
+                        let mut existing = js.get_stream(&config.stream).await.map_err(|e| {
+                            StoreError::unavailable("cannot read the event stream", e)
+                        })?;
+                        let info = existing.info().await.map_err(|e| {
+                            StoreError::unavailable("cannot read the event stream", e)
+                        })?;
+                        let problems = incompatibilities(&info.config, &desired);
+                        if !problems.is_empty() {
+                            return Err(StoreError::new(
                             StoreErrorKind::IncompatibleStream,
                             format!(
                                 "stream {} exists with settings jetsource cannot use: {}. jetsource never rewrites an existing stream; fix the configuration or migrate the stream by hand",
@@ -308,16 +310,17 @@ impl EventStore {
                                 problems.join("; ")
                             ),
                         ));
+                        }
                     }
+                    CreateStreamErrorKind::JetStream(api) => {
+                        return Err(StoreError::new(
+                            StoreErrorKind::Rejected,
+                            format!("cannot create stream {}: {api}", config.stream),
+                        ))
+                    }
+                    _ => return Err(StoreError::unavailable("cannot create the event stream", e)),
                 }
-                CreateStreamErrorKind::JetStream(api) => {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Rejected,
-                        format!("cannot create stream {}: {api}", config.stream),
-                    ))
-                }
-                _ => return Err(StoreError::unavailable("cannot create the event stream", e)),
-            },
+            }
         }
         Ok(Self {
             client,
@@ -353,7 +356,10 @@ impl EventStore {
 
     fn event_headers(&self, append: &Append<'_>, index: usize, event: &NewEvent) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(envelope::EVENT_ID, uuid::Uuid::now_v7().to_string().as_str());
+        headers.insert(
+            envelope::EVENT_ID,
+            uuid::Uuid::now_v7().to_string().as_str(),
+        );
         headers.insert(envelope::EVENT_TYPE, event.event_type.as_str());
         headers.insert(
             envelope::SCHEMA_VERSION,
@@ -623,7 +629,12 @@ fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
 
 fn direct_get_event(message: &async_nats::Message) -> Result<RecordedEvent, StoreError> {
     let headers = message.headers.as_ref();
-    let corrupt = |what: &str| StoreError::new(StoreErrorKind::Corrupt, format!("direct get reply without {what}"));
+    let corrupt = |what: &str| {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("direct get reply without {what}"),
+        )
+    };
     let subject = headers
         .and_then(|h| h.get("Nats-Subject"))
         .ok_or_else(|| corrupt("Nats-Subject"))?
@@ -673,7 +684,9 @@ fn publish_error(e: PublishError) -> StoreError {
         StoreErrorKind::WrongLastSequence => {
             "the aggregate changed since it was loaded (wrong last sequence)".to_owned()
         }
-        StoreErrorKind::Unavailable => format!("append failed: {e}; the event store is not reachable, retry"),
+        StoreErrorKind::Unavailable => {
+            format!("append failed: {e}; the event store is not reachable, retry")
+        }
         _ => format!("append refused by the server: {e}"),
     };
     StoreError::new(kind, message)
@@ -681,15 +694,11 @@ fn publish_error(e: PublishError) -> StoreError {
 
 fn batch_reply_error(payload: &[u8]) -> StoreError {
     match serde_json::from_slice::<ApiErrorResponse>(payload) {
-        Ok(ApiErrorResponse {
-            error: Some(error),
-        }) if error.err_code == 10071 => StoreError::new(
+        Ok(ApiErrorResponse { error: Some(error) }) if error.err_code == 10071 => StoreError::new(
             StoreErrorKind::WrongLastSequence,
             "the aggregate changed since it was loaded (wrong last sequence)",
         ),
-        Ok(ApiErrorResponse {
-            error: Some(error),
-        }) => StoreError::new(
+        Ok(ApiErrorResponse { error: Some(error) }) => StoreError::new(
             StoreErrorKind::Rejected,
             format!(
                 "atomic batch refused: {} (error {})",

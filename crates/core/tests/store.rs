@@ -16,7 +16,9 @@ async fn store_with(server: &NatsServer, config: StoreConfig) -> EventStore {
         url: server.url(),
         ..Default::default()
     };
-    EventStore::open(server.client().await, &nats, &config).await.unwrap()
+    EventStore::open(server.client().await, &nats, &config)
+        .await
+        .unwrap()
 }
 
 async fn store(server: &NatsServer) -> EventStore {
@@ -45,12 +47,17 @@ fn append<'a>(id: &'a str, expected: u64, version: u64, events: &'a [NewEvent]) 
 }
 
 fn account() -> std::sync::Arc<dyn DynAggregate> {
-    jetsource_example::registry().get("account").unwrap().clone()
+    jetsource_example::registry()
+        .get("account")
+        .unwrap()
+        .clone()
 }
 
 async fn balance(store: &EventStore, id: &str) -> (u64, u64, serde_json::Value) {
     let account = account();
-    let loaded = Loaded::load(store, account.as_ref(), id, Until::End).await.unwrap();
+    let loaded = Loaded::load(store, account.as_ref(), id, Until::End)
+        .await
+        .unwrap();
     (
         loaded.version,
         loaded.last_sequence,
@@ -112,7 +119,10 @@ async fn a_stale_expected_sequence_is_a_conflict() {
     let store = store(&server).await;
     let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
     store.append(&append("a1", 0, 0, &opened)).await.unwrap();
-    let err = store.append(&append("a1", 0, 0, &opened)).await.unwrap_err();
+    let err = store
+        .append(&append("a1", 0, 0, &opened))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence);
     assert_eq!(err.class(), ErrorClass::Conflict);
     assert_eq!(stream_messages(&store).await, 1, "the loser stored nothing");
@@ -135,7 +145,10 @@ async fn a_multi_event_append_is_atomic() {
 
     // A batch whose check fails at commit leaves nothing behind, not even
     // the messages before the failing check.
-    let more = [ev("Deposited", r#"{"amount":1}"#), ev("Deposited", r#"{"amount":2}"#)];
+    let more = [
+        ev("Deposited", r#"{"amount":1}"#),
+        ev("Deposited", r#"{"amount":2}"#),
+    ];
     let err = store.append(&append("a1", 1, 1, &more)).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence, "{err}");
     assert_eq!(stream_messages(&store).await, 3);
@@ -166,7 +179,10 @@ async fn a_resent_command_id_is_not_stored_twice() {
     assert_eq!(stream_messages(&store).await, 1);
 
     // Same for a batch.
-    let two = [ev("Deposited", r#"{"amount":1}"#), ev("Deposited", r#"{"amount":2}"#)];
+    let two = [
+        ev("Deposited", r#"{"amount":1}"#),
+        ev("Deposited", r#"{"amount":2}"#),
+    ];
     let mut batch = append("a1", 1, 1, &two);
     batch.command_id = Some("twice");
     let original = store.append(&batch).await.unwrap();
@@ -176,13 +192,31 @@ async fn a_resent_command_id_is_not_stored_twice() {
     again.version = 3;
     let err = store.append(&again).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::DuplicateCommand, "{err}");
-    assert_eq!(stream_messages(&store).await, 3, "resent batch stored nothing");
-    let found = store.find_command("account", "a1", "twice").await.unwrap().unwrap();
+    assert_eq!(
+        stream_messages(&store).await,
+        3,
+        "resent batch stored nothing"
+    );
+    let found = store
+        .find_command("account", "a1", "twice")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(found.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
-    assert!(store.find_command("account", "a1", "never").await.unwrap().is_none());
+    assert!(store
+        .find_command("account", "a1", "never")
+        .await
+        .unwrap()
+        .is_none());
 
-    let events = store.read_command("account", "a1", original.first_sequence, "twice").await.unwrap();
-    assert_eq!(events.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
+    let events = store
+        .read_command("account", "a1", original.first_sequence, "twice")
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [2, 3]
+    );
 
     // The same command id on another aggregate is another command.
     let mut elsewhere = append("a2", 0, 0, &one);
@@ -197,7 +231,10 @@ async fn the_server_refuses_to_delete_or_purge_history() {
     let one = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
     store.append(&append("a1", 0, 0, &one)).await.unwrap();
     let stream = store.jetstream().get_stream("EVENTS").await.unwrap();
-    assert!(stream.delete_message(1).await.is_err(), "delete must be refused");
+    assert!(
+        stream.delete_message(1).await.is_err(),
+        "delete must be refused"
+    );
     assert!(stream.purge().await.is_err(), "purge must be refused");
     assert!(stream.purge().filter("events.account.a1").await.is_err());
     assert_eq!(stream_messages(&store).await, 1);
@@ -223,7 +260,14 @@ async fn an_incompatible_existing_stream_is_named_not_rewritten() {
     let message = err.to_string();
     assert!(message.contains("deny_delete"), "{message}");
     assert!(message.contains("max_age"), "{message}");
-    let info = js.get_stream("EVENTS").await.unwrap().info().await.unwrap().clone();
+    let info = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     assert!(!info.config.deny_delete, "the stream was left as it was");
 
     // Opening twice with the same settings is fine.
@@ -249,15 +293,29 @@ async fn long_histories_are_read_in_batches_and_up_to_a_point() {
     let mut last = 1;
     for version in 1..50 {
         // Interleave another aggregate so a1's sequences have gaps.
-        store.append(&append("noise", if version == 1 { 0 } else { last + 1 - 2 }, 0, &opened)).await.ok();
-        last = store.append(&append("a1", last, version, &deposit)).await.unwrap().last_sequence;
+        store
+            .append(&append(
+                "noise",
+                if version == 1 { 0 } else { last + 1 - 2 },
+                0,
+                &opened,
+            ))
+            .await
+            .ok();
+        last = store
+            .append(&append("a1", last, version, &deposit))
+            .await
+            .unwrap()
+            .last_sequence;
     }
     let (version, seq, state) = balance(&store, "a1").await;
     assert_eq!((version, seq), (50, last));
     assert_eq!(state["balance"], 49);
 
     let account = account();
-    let at = Loaded::load(&store, account.as_ref(), "a1", Until::Sequence(20)).await.unwrap();
+    let at = Loaded::load(&store, account.as_ref(), "a1", Until::Sequence(20))
+        .await
+        .unwrap();
     assert!(at.last_sequence <= 20);
     let mut count = 0;
     store
@@ -282,7 +340,10 @@ async fn long_histories_are_read_in_batches_and_up_to_a_point() {
 
     // Catching up a loaded aggregate reads only the tail.
     let mut partial = at.clone();
-    let applied = partial.catch_up(&store, account.as_ref(), "a1", Until::End).await.unwrap();
+    let applied = partial
+        .catch_up(&store, account.as_ref(), "a1", Until::End)
+        .await
+        .unwrap();
     assert_eq!(applied, 50 - at.version);
     assert_eq!(partial.version, 50);
 }

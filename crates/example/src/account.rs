@@ -89,16 +89,23 @@ impl Aggregate for Account {
     type Command = AccountCommand;
     type Event = AccountEvent;
 
-    fn handle(state: &AccountState, command: AccountCommand) -> Result<Vec<AccountEvent>, DomainError> {
+    fn handle(
+        state: &AccountState,
+        command: AccountCommand,
+    ) -> Result<Vec<AccountEvent>, DomainError> {
         use AccountEvent::*;
         match command {
             AccountCommand::OpenAccount(open) => {
                 let owner = crate::clean_name("owner", &open.owner)?;
                 match state.status {
                     AccountStatus::New => {}
-                    AccountStatus::Open => return Err(DomainError::rejected("account already exists")),
+                    AccountStatus::Open => {
+                        return Err(DomainError::rejected("account already exists"))
+                    }
                     AccountStatus::Closed => {
-                        return Err(DomainError::rejected("account is closed and cannot be reopened"))
+                        return Err(DomainError::rejected(
+                            "account is closed and cannot be reopened",
+                        ))
                     }
                 }
                 let mut events = vec![AccountOpened { owner }];
@@ -150,8 +157,12 @@ impl Aggregate for Account {
                 state.status = AccountStatus::Open;
                 state.owner.clone_from(owner);
             }
-            AccountEvent::Deposited { amount } => state.balance = state.balance.saturating_add(*amount),
-            AccountEvent::Withdrawn { amount } => state.balance = state.balance.saturating_sub(*amount),
+            AccountEvent::Deposited { amount } => {
+                state.balance = state.balance.saturating_add(*amount)
+            }
+            AccountEvent::Withdrawn { amount } => {
+                state.balance = state.balance.saturating_sub(*amount)
+            }
             AccountEvent::AccountClosed {} => state.status = AccountStatus::Closed,
         }
         state
@@ -166,7 +177,9 @@ mod tests {
     use jetsource_aggregate::testing::given;
 
     fn opened() -> AccountEvent {
-        AccountOpened { owner: "ada".into() }
+        AccountOpened {
+            owner: "ada".into(),
+        }
     }
 
     #[test]
@@ -206,7 +219,9 @@ mod tests {
                 initial_deposit: 0,
             })
         };
-        given::<Account>([opened()]).when(open()).then_rejected("already exists");
+        given::<Account>([opened()])
+            .when(open())
+            .then_rejected("already exists");
         given::<Account>([opened(), AccountClosed {}])
             .when(open())
             .then_rejected("cannot be reopened");
@@ -257,7 +272,11 @@ mod tests {
     #[test]
     fn commands_on_an_account_that_is_not_open_are_rejected() {
         for past in [vec![], vec![opened(), AccountClosed {}]] {
-            let not_open = if past.is_empty() { "not open" } else { "closed" };
+            let not_open = if past.is_empty() {
+                "not open"
+            } else {
+                "closed"
+            };
             given::<Account>(past.clone())
                 .when(C::Deposit(Deposit { amount: 1 }))
                 .then_rejected(not_open);
@@ -287,7 +306,11 @@ mod tests {
         let account = registry.get("account").expect("registered");
         let state = account.initial();
         let err = account
-            .decide(&state, "Deposit", serde_json::json!({"amount": 1, "extra": true}))
+            .decide(
+                &state,
+                "Deposit",
+                serde_json::json!({"amount": 1, "extra": true}),
+            )
             .expect_err("unknown field");
         assert!(err.to_string().contains("unknown field"), "{err}");
         let err = account
@@ -299,13 +322,25 @@ mod tests {
             .expect_err("negative");
         assert!(err.to_string().contains("Deposit"), "{err}");
         let decision = account
-            .decide(&state, "OpenAccount", serde_json::json!({"owner": "ada", "initial_deposit": 7}))
+            .decide(
+                &state,
+                "OpenAccount",
+                serde_json::json!({"owner": "ada", "initial_deposit": 7}),
+            )
             .expect("opens");
-        let types: Vec<_> = decision.events.iter().map(|e| e.event_type.as_str()).collect();
+        let types: Vec<_> = decision
+            .events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect();
         assert_eq!(types, ["AccountOpened", "Deposited"]);
         assert_eq!(decision.events[1].data, br#"{"amount":7}"#);
         let closed = account
-            .decide(&decision.state, "Withdraw", serde_json::json!({"amount": 7}))
+            .decide(
+                &decision.state,
+                "Withdraw",
+                serde_json::json!({"amount": 7}),
+            )
             .expect("withdraw");
         let closed = account
             .decide(&closed.state, "CloseAccount", serde_json::Value::Null)
@@ -315,7 +350,10 @@ mod tests {
         let replayed = account
             .fold(
                 &account.initial(),
-                &mut decision.events.iter().map(|e| (e.event_type.as_str(), e.data.as_slice())),
+                &mut decision
+                    .events
+                    .iter()
+                    .map(|e| (e.event_type.as_str(), e.data.as_slice())),
             )
             .expect("fold");
         assert_eq!(

@@ -150,7 +150,9 @@ mod tests {
     #[test]
     fn renaming_to_the_same_name_decides_nothing() {
         given::<User>([created()])
-            .when(C::RenameUser(RenameUser { name: " Ada ".into() }))
+            .when(C::RenameUser(RenameUser {
+                name: " Ada ".into(),
+            }))
             .then_events([]);
     }
 

@@ -87,7 +87,10 @@ impl Fleet {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "only {seen} of {n} workers came up");
+            assert!(
+                Instant::now() < deadline,
+                "only {seen} of {n} workers came up"
+            );
         }
     }
 
@@ -99,7 +102,11 @@ impl Fleet {
     }
 
     pub async fn raw(&self, subject: &str, body: impl Into<bytes::Bytes>) -> Value {
-        let reply = self.client.request(subject.to_owned(), body.into()).await.unwrap();
+        let reply = self
+            .client
+            .request(subject.to_owned(), body.into())
+            .await
+            .unwrap();
         serde_json::from_slice(&reply.payload).unwrap()
     }
 
@@ -111,7 +118,10 @@ impl Fleet {
     ) -> Result<CommandOutcome, ErrorBody> {
         let reply = self
             .client
-            .request(format!("cmd.{aggregate_type}.{id}"), body.to_string().into())
+            .request(
+                format!("cmd.{aggregate_type}.{id}"),
+                body.to_string().into(),
+            )
             .await
             .unwrap();
         decode_reply(&reply.payload).unwrap()

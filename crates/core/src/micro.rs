@@ -1,0 +1,252 @@
+//! A NATS micro service (ADR-32: `$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`)
+//! whose request subscriptions the worker owns.
+//!
+//! async-nats has a service API, but its endpoints can only be stopped with
+//! a plain unsubscribe, which drops requests the server had already routed to
+//! this copy. A worker that shuts down must instead *drain* its subscription
+//! (unsubscribe, then keep receiving until the server confirms) so that
+//! every request it was handed is answered. So workers subscribe themselves
+//! and use this module only to answer the discovery verbs and keep the
+//! per-endpoint statistics, errors included.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::Client;
+use futures::StreamExt;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// One endpoint as announced in `$SRV.INFO`.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub subject: String,
+    pub queue_group: String,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    requests: u64,
+    errors: u64,
+    last_error: String,
+    processing: Duration,
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    id: String,
+    version: String,
+    description: String,
+    started: OffsetDateTime,
+    endpoints: Vec<Endpoint>,
+    counters: Mutex<BTreeMap<String, Counters>>,
+}
+
+/// A running micro service. Cheap to clone; the verb responder stops when
+/// [`MicroService::stop`] is called.
+#[derive(Debug, Clone)]
+pub struct MicroService {
+    shared: Arc<Shared>,
+    responder: Arc<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Serialize)]
+struct Ping<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    version: &'a str,
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct EndpointInfo<'a> {
+    name: &'a str,
+    subject: &'a str,
+    queue_group: &'a str,
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Info<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    version: &'a str,
+    description: &'a str,
+    metadata: BTreeMap<String, String>,
+    endpoints: Vec<EndpointInfo<'a>>,
+}
+
+#[derive(Serialize)]
+struct EndpointStats<'a> {
+    name: &'a str,
+    subject: &'a str,
+    queue_group: &'a str,
+    num_requests: u64,
+    num_errors: u64,
+    last_error: String,
+    processing_time: u128,
+    average_processing_time: u128,
+}
+
+#[derive(Serialize)]
+struct Stats<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'a str,
+    id: &'a str,
+    version: &'a str,
+    metadata: BTreeMap<String, String>,
+    #[serde(with = "time::serde::rfc3339")]
+    started: OffsetDateTime,
+    endpoints: Vec<EndpointStats<'a>>,
+}
+
+impl Shared {
+    fn answer(&self, verb: &str) -> Vec<u8> {
+        let encoded = match verb {
+            "PING" => serde_json::to_vec(&Ping {
+                kind: "io.nats.micro.v1.ping_response",
+                name: &self.name,
+                id: &self.id,
+                version: &self.version,
+                metadata: BTreeMap::new(),
+            }),
+            "INFO" => serde_json::to_vec(&Info {
+                kind: "io.nats.micro.v1.info_response",
+                name: &self.name,
+                id: &self.id,
+                version: &self.version,
+                description: &self.description,
+                metadata: BTreeMap::new(),
+                endpoints: self
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointInfo {
+                        name: &e.name,
+                        subject: &e.subject,
+                        queue_group: &e.queue_group,
+                        metadata: BTreeMap::new(),
+                    })
+                    .collect(),
+            }),
+            _ => {
+                let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::to_vec(&Stats {
+                    kind: "io.nats.micro.v1.stats_response",
+                    name: &self.name,
+                    id: &self.id,
+                    version: &self.version,
+                    metadata: BTreeMap::new(),
+                    started: self.started,
+                    endpoints: self
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            let c = counters.get(&e.name).cloned().unwrap_or_default();
+                            EndpointStats {
+                                name: &e.name,
+                                subject: &e.subject,
+                                queue_group: &e.queue_group,
+                                num_requests: c.requests,
+                                num_errors: c.errors,
+                                last_error: c.last_error,
+                                processing_time: c.processing.as_nanos(),
+                                average_processing_time: c
+                                    .processing
+                                    .as_nanos()
+                                    .checked_div(u128::from(c.requests))
+                                    .unwrap_or(0),
+                            }
+                        })
+                        .collect(),
+                })
+            }
+        };
+        encoded.unwrap_or_default()
+    }
+}
+
+impl MicroService {
+    /// Subscribes to the nine discovery subjects (`$SRV.<VERB>`,
+    /// `$SRV.<VERB>.<name>`, `$SRV.<VERB>.<name>.<id>`) and answers them until
+    /// stopped. The caller subscribes to the endpoints' subjects itself.
+    pub async fn start(
+        client: &Client,
+        name: &str,
+        version: &str,
+        description: &str,
+        endpoints: Vec<Endpoint>,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            version: version.to_owned(),
+            description: description.to_owned(),
+            started: OffsetDateTime::now_utc(),
+            endpoints,
+            counters: Mutex::new(BTreeMap::new()),
+        });
+        let mut subscriptions = Vec::new();
+        for verb in ["PING", "INFO", "STATS"] {
+            for subject in [
+                format!("$SRV.{verb}"),
+                format!("$SRV.{verb}.{name}"),
+                format!("$SRV.{verb}.{name}.{}", shared.id),
+            ] {
+                let sub = client.subscribe(subject).await?;
+                subscriptions.push(sub.map(move |m| (verb, m)).boxed());
+            }
+        }
+        // Make sure the server has every subscription before callers are
+        // told the service is up.
+        let _ = client.flush().await;
+        let mut verbs = futures::stream::select_all(subscriptions);
+        let responder = {
+            let shared = shared.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                while let Some((verb, message)) = verbs.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = client.publish(reply, shared.answer(verb).into()).await;
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            shared,
+            responder: Arc::new(responder),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// Counts one handled request on `endpoint`, with its error if it failed.
+    pub fn record(&self, endpoint: &str, elapsed: Duration, error: Option<&str>) {
+        let mut counters = self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let c = counters.entry(endpoint.to_owned()).or_default();
+        c.requests += 1;
+        c.processing += elapsed;
+        if let Some(error) = error {
+            c.errors += 1;
+            error.clone_into(&mut c.last_error);
+        }
+    }
+
+    /// Stops answering discovery requests.
+    pub fn stop(&self) {
+        self.responder.abort();
+    }
+}
