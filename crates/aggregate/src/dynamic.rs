@@ -30,6 +30,16 @@ pub struct Decision {
     pub state: State,
 }
 
+/// A command decoded by [`DynAggregate::parse`], ready to be decided (again,
+/// after a conflict) without decoding it twice.
+pub struct ParsedCommand(Box<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for ParsedCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParsedCommand")
+    }
+}
+
 /// Why a command could not be decided.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecideError {
@@ -62,13 +72,11 @@ pub trait DynAggregate: Send + Sync + std::fmt::Debug {
         state: &State,
         events: &mut dyn Iterator<Item = (&str, &[u8])>,
     ) -> Result<State, DecodeError>;
-    /// Decodes `{"type": command_type, "data": data}` and lets the domain decide.
-    fn decide(
-        &self,
-        state: &State,
-        command_type: &str,
-        data: Value,
-    ) -> Result<Decision, DecideError>;
+    /// Decodes `{"type": command_type, "data": data}`. Needs no state, so a
+    /// malformed command is refused before anything is loaded.
+    fn parse(&self, command_type: &str, data: Value) -> Result<ParsedCommand, DecideError>;
+    /// Lets the domain decide a parsed command against `state`.
+    fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError>;
     /// The state as JSON, for `jetsource state` and for snapshots.
     fn state_to_json(&self, state: &State) -> Value;
 }
@@ -151,12 +159,7 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
         Ok(Arc::new(current))
     }
 
-    fn decide(
-        &self,
-        state: &State,
-        command_type: &str,
-        data: Value,
-    ) -> Result<Decision, DecideError> {
+    fn parse(&self, command_type: &str, data: Value) -> Result<ParsedCommand, DecideError> {
         let data = if data.is_null() {
             Value::Object(Default::default())
         } else {
@@ -165,6 +168,20 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
         let envelope = serde_json::json!({ "type": command_type, "data": data });
         let command: A::Command = serde_path_to_error::deserialize(envelope)
             .map_err(|e| DecideError::Malformed(format!("{command_type}: {e}")))?;
+        Ok(ParsedCommand(Box::new(command)))
+    }
+
+    fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError> {
+        let command = command
+            .0
+            .downcast_ref::<A::Command>()
+            .ok_or_else(|| {
+                DecideError::Malformed(format!(
+                    "command was parsed by another aggregate than {}",
+                    A::TYPE
+                ))
+            })?
+            .clone();
         let current = downcast::<A>(state);
         let events = A::handle(current, command)?;
         let mut next = current.clone();

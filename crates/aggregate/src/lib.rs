@@ -16,7 +16,9 @@ pub mod testing;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use dynamic::{DecideError, Decision, DecodeError, DynAggregate, NewEvent, Registry, State};
+pub use dynamic::{
+    DecideError, Decision, DecodeError, DynAggregate, NewEvent, ParsedCommand, Registry, State,
+};
 
 /// A consistency boundary of the domain, written in decide/evolve style.
 ///
@@ -36,7 +38,7 @@ pub trait Aggregate: Send + Sync + 'static {
     /// State before any event is `State::default()`.
     type State: Default + Clone + Send + Sync + Serialize + 'static;
     /// Imperative: `Deposit`, `RenameUser`.
-    type Command: DeserializeOwned;
+    type Command: DeserializeOwned + Clone + Send + Sync + 'static;
     /// Past tense: `Deposited`, `UserNameUpdated`.
     type Event: Serialize + DeserializeOwned;
 

@@ -5,7 +5,7 @@
 //! # use jetsource_aggregate::{Aggregate, DomainError, testing::given};
 //! # use serde::{Deserialize, Serialize};
 //! # #[derive(Debug)] struct Counter;
-//! # #[derive(Deserialize)] #[serde(tag = "type", content = "data")] enum Cmd { Add(u32) }
+//! # #[derive(Clone, Deserialize)] #[serde(tag = "type", content = "data")] enum Cmd { Add(u32) }
 //! # #[derive(Debug, PartialEq, Serialize, Deserialize)] #[serde(tag = "type", content = "data")] enum Ev { Added(u32) }
 //! # impl Aggregate for Counter {
 //! #     const TYPE: &'static str = "counter";

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use jetsource_core::aggregate::{DecideError, DomainErrorKind, DynAggregate, Registry};
+use jetsource_core::aggregate::{
+    DecideError, DomainErrorKind, DynAggregate, ParsedCommand, Registry,
+};
 use jetsource_core::config::CommandConfig;
 use jetsource_core::envelope::RecordedEvent;
 use jetsource_core::loader::{LoadError, Loaded, Until};
@@ -126,8 +128,14 @@ impl Worker {
             command_id = request.command_id.as_deref().unwrap_or(""),
             sequence = tracing::field::Empty,
         );
+        let command = aggregate
+            .parse(&request.command_type, request.data.clone())
+            .map_err(|e| match e {
+                DecideError::Malformed(message) => ErrorBody::invalid(message),
+                DecideError::Domain(e) => ErrorBody::invalid(e.message),
+            })?;
         let reply = self
-            .decide_and_append(aggregate, aggregate_id, request)
+            .decide_and_append(aggregate, aggregate_id, &request, &command)
             .instrument(span.clone())
             .await;
         match &reply {
@@ -192,7 +200,8 @@ impl Worker {
         &self,
         aggregate: &Arc<dyn DynAggregate>,
         aggregate_id: &str,
-        request: CommandRequest,
+        request: &CommandRequest,
+        command: &ParsedCommand,
     ) -> Reply {
         let aggregate = aggregate.as_ref();
         let aggregate_type = aggregate.aggregate_type();
@@ -246,11 +255,7 @@ impl Worker {
                 }
             }
 
-            let decision = match aggregate.decide(
-                &loaded.state,
-                &request.command_type,
-                request.data.clone(),
-            ) {
+            let decision = match aggregate.decide(&loaded.state, command) {
                 Ok(decision) => decision,
                 Err(DecideError::Malformed(message)) => return Err(ErrorBody::invalid(message)),
                 Err(DecideError::Domain(e)) if e.kind == DomainErrorKind::Invalid => {

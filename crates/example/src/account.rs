@@ -305,29 +305,29 @@ mod tests {
         let registry = crate::registry();
         let account = registry.get("account").expect("registered");
         let state = account.initial();
-        let err = account
-            .decide(
-                &state,
-                "Deposit",
-                serde_json::json!({"amount": 1, "extra": true}),
-            )
-            .expect_err("unknown field");
+        let decide = |state: &jetsource_aggregate::State, t: &str, data: serde_json::Value| {
+            account
+                .parse(t, data)
+                .and_then(|c| account.decide(state, &c))
+        };
+        let err = decide(
+            &state,
+            "Deposit",
+            serde_json::json!({"amount": 1, "extra": true}),
+        )
+        .expect_err("unknown field");
         assert!(err.to_string().contains("unknown field"), "{err}");
-        let err = account
-            .decide(&state, "Teleport", serde_json::json!({}))
-            .expect_err("unknown command");
+        let err = decide(&state, "Teleport", serde_json::json!({})).expect_err("unknown command");
         assert!(err.to_string().contains("unknown variant"), "{err}");
-        let err = account
-            .decide(&state, "Deposit", serde_json::json!({"amount": -5}))
-            .expect_err("negative");
+        let err =
+            decide(&state, "Deposit", serde_json::json!({"amount": -5})).expect_err("negative");
         assert!(err.to_string().contains("Deposit"), "{err}");
-        let decision = account
-            .decide(
-                &state,
-                "OpenAccount",
-                serde_json::json!({"owner": "ada", "initial_deposit": 7}),
-            )
-            .expect("opens");
+        let decision = decide(
+            &state,
+            "OpenAccount",
+            serde_json::json!({"owner": "ada", "initial_deposit": 7}),
+        )
+        .expect("opens");
         let types: Vec<_> = decision
             .events
             .iter()
@@ -335,15 +335,13 @@ mod tests {
             .collect();
         assert_eq!(types, ["AccountOpened", "Deposited"]);
         assert_eq!(decision.events[1].data, br#"{"amount":7}"#);
-        let closed = account
-            .decide(
-                &decision.state,
-                "Withdraw",
-                serde_json::json!({"amount": 7}),
-            )
-            .expect("withdraw");
-        let closed = account
-            .decide(&closed.state, "CloseAccount", serde_json::Value::Null)
+        let closed = decide(
+            &decision.state,
+            "Withdraw",
+            serde_json::json!({"amount": 7}),
+        )
+        .expect("withdraw");
+        let closed = decide(&closed.state, "CloseAccount", serde_json::Value::Null)
             .expect("close with no data");
         assert_eq!(closed.events[0].data, b"{}");
         // Stored events fold back into the same state.

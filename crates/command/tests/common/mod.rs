@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use jetsource_core::config::{Config, NatsConfig};
 use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody};
-use jetsource_test_support::NatsServer;
+use jetsource_test_support::{NatsServer, Sync};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -34,7 +34,11 @@ impl Fleet {
     /// A server and `workers` in-process copies of the command worker, each
     /// with its own NATS connection, ready to serve.
     pub async fn start(workers: usize) -> Self {
-        let server = NatsServer::start();
+        Self::start_with(workers, Sync::Default).await
+    }
+
+    pub async fn start_with(workers: usize, sync: Sync) -> Self {
+        let server = NatsServer::start_with(sync);
         let client = server.client().await;
         let (stop, _) = watch::channel(false);
         let mut fleet = Self {
