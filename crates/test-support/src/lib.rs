@@ -6,11 +6,18 @@
 //! directory. Nothing here is a mock, and nothing assumes a server is already
 //! running.
 //!
+//! With `JETSOURCE_TEST_BACKEND=docker` the same servers run as containers
+//! through testcontainers (images `nats:2.12-alpine`, `redis:7-alpine`),
+//! published on a free loopback port. The default, `process`, needs no
+//! Docker engine.
+//!
 //! Binaries are found in this order: `$JETSOURCE_NATS_SERVER` /
 //! `$JETSOURCE_REDIS_SERVER`, the repository's `tools/bin/` (filled by
 //! `make setup`), then `PATH`. nats-server must be 2.12 or newer.
 
 #![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
+
+mod docker;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -92,10 +99,35 @@ pub enum Sync {
     Always,
 }
 
-/// A nats-server with JetStream, listening on 127.0.0.1.
+#[derive(Debug)]
+enum Backend {
+    Process(Child),
+    Docker(docker::Container),
+}
+
+impl Backend {
+    fn kill(&mut self) {
+        if let Backend::Process(child) = self {
+            kill(child);
+        }
+    }
+}
+
+fn nats_config(port: u16, store_dir: &Path, log: Option<&Path>, sync: Sync) -> String {
+    let sync_line = match sync {
+        Sync::Default => "",
+        Sync::Always => "sync_interval: always",
+    };
+    let log_line = log.map(|l| format!("logfile: {l:?}\n")).unwrap_or_default();
+    format!(
+        "listen: 0.0.0.0:{port}\nserver_name: test-{port}\n{log_line}jetstream {{\n  store_dir: {store_dir:?}\n  {sync_line}\n}}\n"
+    )
+}
+
+/// A nats-server with JetStream, reachable on 127.0.0.1.
 #[derive(Debug)]
 pub struct NatsServer {
-    child: Child,
+    backend: Backend,
     port: u16,
     dir: tempfile::TempDir,
     sync: Sync,
@@ -133,13 +165,37 @@ impl NatsServer {
     }
 
     pub fn start_with(sync: Sync) -> Self {
-        let binary = nats_server_binary();
         let dir = tempfile::tempdir().unwrap();
+        if docker::selected() {
+            let port = free_port();
+            let spec = docker::Spec {
+                image: "nats",
+                tag: "2.12-alpine",
+                ready_on_stderr: Some("Server is ready"),
+                ready_on_stdout: None,
+                container_port: 4222,
+                cmd: vec!["-c".into(), "/etc/nats/test.conf".into()],
+                files: vec![(
+                    "/etc/nats/test.conf".into(),
+                    nats_config(4222, Path::new("/data"), None, sync).into_bytes(),
+                )],
+            };
+            let container = docker::Container::start(spec, port).unwrap_or_else(|e| {
+                panic!("JETSOURCE_TEST_BACKEND=docker but nats could not start in Docker: {e}")
+            });
+            return Self {
+                backend: Backend::Docker(container),
+                port,
+                dir,
+                sync,
+            };
+        }
+        let binary = nats_server_binary();
         for _attempt in 0..5 {
             let port = free_port();
             if let Some(child) = Self::spawn(&binary, dir.path(), port, sync) {
                 return Self {
-                    child,
+                    backend: Backend::Process(child),
                     port,
                     dir,
                     sync,
@@ -151,17 +207,15 @@ impl NatsServer {
 
     fn spawn(binary: &Path, dir: &Path, port: u16, sync: Sync) -> Option<Child> {
         let config = dir.join("nats.conf");
-        let sync_line = match sync {
-            Sync::Default => "",
-            Sync::Always => "sync_interval: always",
-        };
         std::fs::write(
             &config,
-            format!(
-                "listen: 127.0.0.1:{port}\nserver_name: test-{port}\nlogfile: {:?}\njetstream {{\n  store_dir: {:?}\n  {sync_line}\n}}\n",
-                dir.join("nats-server.log"),
-                dir.join("js")
-            ),
+            nats_config(
+                port,
+                &dir.join("js"),
+                Some(&dir.join("nats-server.log")),
+                sync,
+            )
+            .replace("listen: 0.0.0.0", "listen: 127.0.0.1"),
         )
         .unwrap();
         let mut command = Command::new(binary);
@@ -177,23 +231,32 @@ impl NatsServer {
         self.port
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Kills the server abruptly (SIGKILL) and starts it again on the same
     /// port and store directory: a crash and recovery.
     pub fn restart(&mut self) {
-        kill(&mut self.child);
-        let binary = nats_server_binary();
         let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port, self.sync) {
-                self.child = child;
-                return;
+        match &mut self.backend {
+            Backend::Docker(container) => {
+                container.restart().unwrap();
+                let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+                while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+                    assert!(Instant::now() < deadline, "nats container did not restart");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
-            assert!(Instant::now() < deadline, "nats-server did not restart");
-            std::thread::sleep(Duration::from_millis(50));
+            Backend::Process(child) => {
+                kill(child);
+                let binary = nats_server_binary();
+                loop {
+                    if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port, self.sync)
+                    {
+                        self.backend = Backend::Process(child);
+                        return;
+                    }
+                    assert!(Instant::now() < deadline, "nats-server did not restart");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
         }
     }
 
@@ -212,20 +275,42 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        self.backend.kill();
     }
 }
 
-/// A redis-server without persistence, listening on 127.0.0.1.
+/// A redis-server without persistence, reachable on 127.0.0.1.
 #[derive(Debug)]
 pub struct RedisServer {
-    child: Child,
+    backend: Backend,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        if docker::selected() {
+            let port = free_port();
+            let spec = docker::Spec {
+                image: "redis",
+                tag: "7-alpine",
+                ready_on_stderr: None,
+                ready_on_stdout: Some("Ready to accept connections"),
+                container_port: 6379,
+                cmd: ["redis-server", "--save", "", "--appendonly", "no"]
+                    .map(String::from)
+                    .to_vec(),
+                files: vec![],
+            };
+            let container = docker::Container::start(spec, port).unwrap_or_else(|e| {
+                panic!("JETSOURCE_TEST_BACKEND=docker but redis could not start in Docker: {e}")
+            });
+            return Self {
+                backend: Backend::Docker(container),
+                port,
+                _dir: tempfile::tempdir().unwrap(),
+            };
+        }
         let binary = find_binary("JETSOURCE_REDIS_SERVER", "redis-server").unwrap_or_else(|| {
             panic!("redis-server not found: run `make setup` (installs it with apt) or set JETSOURCE_REDIS_SERVER")
         });
@@ -240,7 +325,7 @@ impl RedisServer {
                 .arg(dir.path());
             if let Some(child) = spawn_and_wait(command, port, "redis-server") {
                 return Self {
-                    child,
+                    backend: Backend::Process(child),
                     port,
                     _dir: dir,
                 };
@@ -260,7 +345,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        self.backend.kill();
     }
 }
 
