@@ -215,3 +215,70 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     // Every event in the stream was answered; nothing was appended silently.
     assert_eq!(stream_messages(&client).await, 1 + ok);
 }
+
+#[tokio::test]
+async fn json_logs_and_service_stats() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dir = std::env::temp_dir().join(format!("jetsource-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("worker.log");
+    let worker = Process::start_with_log(
+        "jetsource-command",
+        &server,
+        &[("JETSOURCE__LOG__FORMAT", "json"), ("RUST_LOG", "debug")],
+        Some(&log),
+    );
+    wait_for_service(&client, "jetsource-command", 1).await;
+    let body = json!({"type": "OpenAccount", "data": {"owner": "o"}, "command_id": "open-7"});
+    client
+        .request("cmd.account.a7", body.to_string().into())
+        .await
+        .unwrap();
+    client
+        .request(
+            "cmd.account.a7",
+            r#"{"type":"Withdraw","data":{"amount":5}}"#.into(),
+        )
+        .await
+        .unwrap();
+
+    // $SRV.STATS counts requests and error replies.
+    let stats = client
+        .request("$SRV.STATS.jetsource-command", "".into())
+        .await
+        .unwrap();
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    let endpoint = &stats["endpoints"][0];
+    assert_eq!(endpoint["name"], "commands");
+    assert_eq!(endpoint["subject"], "cmd.>");
+    assert_eq!(endpoint["queue_group"], "jetsource-command");
+    assert_eq!(endpoint["num_requests"], 2);
+    assert_eq!(endpoint["num_errors"], 1);
+    assert!(endpoint["last_error"]
+        .as_str()
+        .unwrap()
+        .starts_with("rejected:"));
+
+    worker.signal("TERM");
+    let mut worker = worker;
+    let status = tokio::task::spawn_blocking(move || worker.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let accepted = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "accepted")
+        .unwrap_or_else(|| panic!("no 'accepted' line in {text}"));
+    assert_eq!(accepted["span"]["aggregate"], "account.a7");
+    assert_eq!(accepted["span"]["command"], "OpenAccount");
+    assert_eq!(accepted["span"]["command_id"], "open-7");
+    assert_eq!(accepted["span"]["sequence"], 1);
+}

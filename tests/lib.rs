@@ -19,13 +19,28 @@ impl Process {
     /// Starts `binary` pointed at `server`, with extra `JETSOURCE__...`
     /// environment.
     pub fn start(binary: &str, server: &NatsServer, env: &[(&str, &str)]) -> Self {
+        Self::start_with_log(binary, server, env, None)
+    }
+
+    /// Like [`Process::start`], with the process's log (stderr) written to
+    /// `log` instead of the test's output.
+    pub fn start_with_log(
+        binary: &str,
+        server: &NatsServer,
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
         let mut command = Command::new(workspace_binary(binary));
         command
             .env("JETSOURCE__NATS__URL", server.url())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             command.env(k, v);
         }

@@ -121,7 +121,7 @@ impl Worker {
         if let Some(id) = &request.correlation_id {
             check_client_id("correlation_id", id)?;
         }
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "command",
             aggregate = %format_args!("{aggregate_type}.{aggregate_id}"),
             command = %request.command_type,
