@@ -5,7 +5,7 @@
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+pub use jetsource_test_support::wait_for_service;
 use jetsource_test_support::{workspace_binary, NatsServer};
 
 /// A worker binary running as its own process, killed on drop if still up.
@@ -85,38 +85,6 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Waits until `n` copies of service `name` answer `$SRV.INFO` with an
-/// endpoint registered.
-pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let inbox = client.new_inbox();
-        let mut replies = client.subscribe(inbox.clone()).await.unwrap();
-        client
-            .publish_with_reply(format!("$SRV.INFO.{name}"), inbox, "".into())
-            .await
-            .unwrap();
-        let mut seen = 0;
-        while let Ok(Some(info)) =
-            tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-        {
-            let Ok(info) = serde_json::from_slice::<serde_json::Value>(&info.payload) else {
-                continue;
-            };
-            if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
-                seen += 1;
-            }
-            if seen >= n {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {seen} of {n} {name} came up"
-        );
     }
 }
 

@@ -62,6 +62,13 @@ fn parse_request(payload: &[u8]) -> Result<CommandRequest, String> {
     Ok(request)
 }
 
+fn reply_event(event_type: &str, data: &[u8]) -> ReplyEvent {
+    ReplyEvent {
+        event_type: event_type.to_owned(),
+        data: serde_json::from_slice(data).unwrap_or(Value::Null),
+    }
+}
+
 fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
     let last = events.last();
     CommandOutcome {
@@ -69,10 +76,7 @@ fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
         sequence: last.map_or(0, |e| e.sequence),
         events: events
             .iter()
-            .map(|e| ReplyEvent {
-                event_type: e.event_type.clone(),
-                data: serde_json::from_slice(&e.data).unwrap_or(Value::Null),
-            })
+            .map(|e| reply_event(&e.event_type, &e.data))
             .collect(),
     }
 }
@@ -313,10 +317,7 @@ impl Worker {
                     let events = decision
                         .events
                         .iter()
-                        .map(|e| ReplyEvent {
-                            event_type: e.event_type.clone(),
-                            data: serde_json::from_slice(&e.data).unwrap_or(Value::Null),
-                        })
+                        .map(|e| reply_event(&e.event_type, &e.data))
                         .collect();
                     let loaded = slot.loaded.as_mut().expect("loaded above");
                     loaded.state = decision.state;

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn repo_root() -> PathBuf {
@@ -362,4 +364,36 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Waits until `n` copies of service `name` answer `$SRV.INFO` with an
+/// endpoint registered.
+pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+        client
+            .publish_with_reply(format!("$SRV.INFO.{name}"), inbox, "".into())
+            .await
+            .unwrap();
+        let mut seen = 0;
+        while let Ok(Some(info)) =
+            tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+        {
+            let Ok(info) = serde_json::from_slice::<serde_json::Value>(&info.payload) else {
+                continue;
+            };
+            if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
+                seen += 1;
+            }
+            if seen >= n {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} of {n} {name} came up"
+        );
+    }
 }

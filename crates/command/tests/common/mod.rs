@@ -2,9 +2,6 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
-
-use futures::StreamExt;
 use jetsource_core::config::{Config, NatsConfig};
 use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody};
 use jetsource_test_support::{NatsServer, Sync};
@@ -65,37 +62,8 @@ impl Fleet {
         )));
     }
 
-    /// Waits until `n` copies answer `$SRV.INFO.jetsource-command` with their
-    /// endpoint registered (PING answers before the endpoint subscribes).
     pub async fn wait_for_workers(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let inbox = self.client.new_inbox();
-            let mut replies = self.client.subscribe(inbox.clone()).await.unwrap();
-            self.client
-                .publish_with_reply("$SRV.INFO.jetsource-command", inbox, "".into())
-                .await
-                .unwrap();
-            let mut seen = 0;
-            while let Ok(Some(info)) =
-                tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-            {
-                // A 503 status means no copy is up yet.
-                let Ok(info) = serde_json::from_slice::<Value>(&info.payload) else {
-                    continue;
-                };
-                if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
-                    seen += 1;
-                }
-                if seen >= n {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {seen} of {n} workers came up"
-            );
-        }
+        jetsource_test_support::wait_for_service(&self.client, "jetsource-command", n).await;
     }
 
     pub async fn shutdown(mut self) {
