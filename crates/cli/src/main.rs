@@ -1,5 +1,6 @@
 //! `jetsource`: the operator's and developer's view of the event store.
 
+mod ops;
 mod table;
 
 use std::ops::ControlFlow;
@@ -78,6 +79,52 @@ enum Command {
     },
     /// The event stream's configuration and size.
     Stream,
+    /// Query a read model: `jetsource query account acc-1 --min-sequence 42`.
+    Query {
+        /// `account`, `accounts.top`, `accounts.totals` or `user`.
+        what: String,
+        id: Option<String>,
+        /// Wait until the read model reflects this stream sequence.
+        #[arg(long)]
+        min_sequence: Option<u64>,
+        /// Number of entries for `accounts.top`.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Read models: status, rebuild.
+    Projection {
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
+    /// Dead letters: events a projection could not apply.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionCommand {
+    /// Per projection: generation, checkpoint, the stream's last sequence,
+    /// lag in events and in time, rebuild in progress.
+    Status,
+    /// Build a projection afresh from sequence 1 into a new key space while
+    /// the current one keeps serving, then switch atomically and delete the
+    /// old keys.
+    Rebuild { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Every dead letter with its reason.
+    List,
+    /// Apply dead letters again with the current projection code; those
+    /// that succeed leave the dead-letter stream.
+    Replay {
+        /// Only this dead letter (its sequence in the dead-letter stream).
+        #[arg(long)]
+        seq: Option<u64>,
+    },
 }
 
 #[tokio::main]
@@ -92,7 +139,7 @@ async fn main() -> ExitCode {
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
@@ -246,6 +293,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             }
         }
+        Command::Query {
+            what,
+            id,
+            min_sequence,
+            limit,
+        } => ops::query(&client, cli.json, &what, id.as_deref(), min_sequence, limit).await?,
+        Command::Projection {
+            command: ProjectionCommand::Status,
+        } => ops::projection_status(&client, &config, cli.json).await?,
+        Command::Projection {
+            command: ProjectionCommand::Rebuild { name },
+        } => ops::projection_rebuild(&client, &config, &name, cli.json).await?,
+        Command::Dlq {
+            command: DlqCommand::List,
+        } => ops::dlq_list(&client, &config, cli.json).await?,
+        Command::Dlq {
+            command: DlqCommand::Replay { seq },
+        } => ops::dlq_replay(&client, &config, seq, cli.json).await?,
         Command::Stream => {
             let store = EventStore::open(client, &config.nats, &config.store).await?;
             let info = store.info().await?;

@@ -16,7 +16,72 @@ pub struct Config {
     pub nats: NatsConfig,
     pub store: StoreConfig,
     pub command: CommandConfig,
+    pub redis: RedisConfig,
+    pub projector: ProjectorConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectorConfig {
+    /// Queue group of the query endpoints shared by all projector copies.
+    pub queue_group: String,
+    /// Redis partitions (hash tags) per read model. Fixed per generation;
+    /// a rebuild picks up a new value.
+    pub partitions: u32,
+    /// Most events applied in one Redis round trip.
+    pub batch_size: usize,
+    /// How long the active copy may stop pulling before a standby takes
+    /// over its projections.
+    pub failover_ms: u64,
+    /// Attempts to project an event before it goes to the dead-letter stream.
+    pub max_attempts: u32,
+    /// JetStream stream of dead-lettered events (subjects `deadletter.>`).
+    pub dead_letter_stream: String,
+    /// Entries kept in each account's recent-transactions list.
+    pub recent_transactions: usize,
+    /// Longest a query may wait for `min_sequence`.
+    pub max_wait_ms: u64,
+}
+
+impl ProjectorConfig {
+    pub fn failover(&self) -> Duration {
+        Duration::from_millis(self.failover_ms)
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            queue_group: "jetsource-projector".into(),
+            partitions: 16,
+            batch_size: 500,
+            failover_ms: 5_000,
+            max_attempts: 3,
+            dead_letter_stream: "DEADLETTERS".into(),
+            recent_transactions: 20,
+            max_wait_ms: 30_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +254,23 @@ impl Config {
         }
         if self.command.max_request_bytes < 256 {
             return invalid("command.max_request_bytes must be at least 256");
+        }
+        if !(1..=1024).contains(&self.projector.partitions) {
+            return invalid("projector.partitions must be between 1 and 1024");
+        }
+        if self.projector.batch_size == 0 || self.projector.batch_size > 10_000 {
+            return invalid("projector.batch_size must be between 1 and 10000");
+        }
+        if self.projector.max_attempts == 0 {
+            return invalid("projector.max_attempts must be at least 1");
+        }
+        if self.projector.failover_ms < 1_000 {
+            return invalid("projector.failover_ms must be at least 1000");
+        }
+        if !jetsource_aggregate::is_valid_token(&self.projector.dead_letter_stream) {
+            return invalid(
+                "projector.dead_letter_stream must be 1..64 characters of [A-Za-z0-9_-]",
+            );
         }
         Ok(())
     }

@@ -567,6 +567,36 @@ impl EventStore {
         Ok(())
     }
 
+    /// The event at stream sequence `sequence`, `None` if there is none.
+    pub async fn get(&self, sequence: u64) -> Result<Option<RecordedEvent>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
+        match stream.direct_get(sequence).await {
+            Ok(m) => Ok(Some(RecordedEvent::from_parts(
+                m.subject.as_str(),
+                m.sequence,
+                m.time,
+                Some(&m.headers),
+                m.payload,
+            )?)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::unavailable(
+                &format!("reading event {sequence}"),
+                e,
+            )),
+        }
+    }
+
     /// Scans an aggregate's history for the events of `command_id`. Slow on
     /// long histories; only for resends too old for the caller's cache.
     pub async fn find_command(

@@ -1,0 +1,373 @@
+//! The projector: keeps read models in Redis from the event stream, with
+//! exactly-once effects, and serves queries on them.
+//!
+//! Per projection, a manager task watches the projection's metadata in Redis
+//! and runs one [`runner`] per live generation (the active one, plus the one
+//! being rebuilt). Each runner pulls a durable consumer in a pinned-client
+//! priority group: one copy of the projector applies a generation at a time,
+//! in stream order; the others stand by and take over within
+//! `projector.failover_ms` when it stops pulling. Queries are served by
+//! every copy (queue group `jetsource-projector`).
+
+pub mod dlq;
+pub mod example;
+pub mod keys;
+pub mod projection;
+mod query;
+pub mod redis_store;
+pub mod runner;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use jetsource_core::config::{Config, ProjectorConfig};
+use jetsource_core::store::{EventStore, StoreError};
+use tokio::sync::{watch, Notify};
+
+use crate::projection::Projection;
+use crate::redis_store::RedisStore;
+use crate::runner::Progress;
+
+pub const SERVICE_NAME: &str = "jetsource-projector";
+
+/// Subject on which the applying copy announces each batch:
+/// `jetsource.progress.<projection>`, body `{"generation": g, "watermark": s}`.
+pub fn progress_subject(projection: &str) -> String {
+    format!("jetsource.progress.{projection}")
+}
+
+/// Subject that wakes the managers of a projection (after `jetsource
+/// projection rebuild`).
+pub fn control_subject(projection: &str) -> String {
+    format!("jetsource.control.{projection}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot reach Redis at {url}: {source}; is redis-server running?")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// State shared by the managers, runners and the query service of one
+/// process.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ProjectorConfig,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub events: jetstream::stream::Stream,
+    pub store: EventStore,
+    pub redis: RedisStore,
+    pub projections: Vec<Arc<dyn Projection>>,
+    wake: Notify,
+    /// Latest announced watermark per projection: wakes queries that wait.
+    watermarks: HashMap<&'static str, watch::Sender<u64>>,
+}
+
+impl Shared {
+    pub(crate) async fn announce(&self, projection: &str, generation: u64, watermark: u64) {
+        let body = serde_json::json!({"generation": generation, "watermark": watermark});
+        let _ = self
+            .client
+            .publish(progress_subject(projection), body.to_string().into())
+            .await;
+    }
+
+    pub(crate) fn wake_managers(&self) {
+        self.wake.notify_waiters();
+    }
+
+    pub(crate) fn watermark_updates(&self, projection: &str) -> Option<watch::Receiver<u64>> {
+        self.watermarks
+            .get(projection)
+            .map(watch::Sender::subscribe)
+    }
+
+    pub fn projection(&self, name: &str) -> Option<&Arc<dyn Projection>> {
+        self.projections.iter().find(|p| p.name() == name)
+    }
+}
+
+/// A fresh generation id: the time in milliseconds, so a generation never
+/// reuses the name of an older durable consumer (which would resume from
+/// that consumer's position instead of the beginning).
+pub fn new_generation(after: u64) -> u64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    (now as u64).max(after + 1)
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    projections: Vec<Arc<dyn Projection>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let js = store.jetstream().clone();
+    let events = js
+        .get_stream(&config.store.stream)
+        .await
+        .map_err(|e| RunError::Setup(format!("cannot open stream {}: {e}", config.store.stream)))?;
+    dlq::ensure_stream(
+        &js,
+        &config.projector.dead_letter_stream,
+        config.store.replicas,
+    )
+    .await
+    .map_err(RunError::Setup)?;
+    let redis = RedisStore::connect(&config.redis.url)
+        .await
+        .map_err(|source| RunError::Redis {
+            url: config.redis.url.clone(),
+            source,
+        })?;
+    let watermarks = projections
+        .iter()
+        .map(|p| (p.name(), watch::channel(0).0))
+        .collect();
+    let shared = Arc::new(Shared {
+        config: config.projector.clone(),
+        client: client.clone(),
+        js,
+        events,
+        store,
+        redis,
+        projections,
+        wake: Notify::new(),
+        watermarks,
+    });
+
+    // Every copy follows the applying copy's announcements, so queries
+    // waiting for a sequence wake up as soon as it is applied.
+    let mut announcements = client
+        .subscribe("jetsource.progress.*")
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let follower = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(message) = announcements.next().await {
+                let projection = message.subject.as_str().rsplit('.').next().unwrap_or("");
+                let watermark = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                    .ok()
+                    .and_then(|v| v["watermark"].as_u64())
+                    .unwrap_or(0);
+                // Every announcement wakes waiting queries, even a lower one
+                // (a generation rebuilding after Redis lost its data).
+                if let Some(tx) = shared.watermarks.get(projection) {
+                    tx.send_replace(watermark);
+                }
+            }
+        })
+    };
+    let mut control = client
+        .subscribe("jetsource.control.*")
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let waker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while control.next().await.is_some() {
+                shared.wake_managers();
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let managers: Vec<_> = shared
+        .projections
+        .iter()
+        .map(|p| tokio::spawn(manage(shared.clone(), p.clone(), stop_rx.clone())))
+        .collect();
+
+    let queries = query::serve(shared.clone(), &config, stop_rx.clone())
+        .await
+        .map_err(RunError::Setup)?;
+    tracing::info!(
+        projections = ?shared.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "projector running; queries on query.>"
+    );
+
+    shutdown.await;
+    tracing::info!("stopping: finishing the current batches and queries");
+    stop_tx.send_replace(true);
+    let _ = queries.await;
+    for manager in managers {
+        let _ = manager.await;
+    }
+    follower.abort();
+    waker.abort();
+    let _ = client.flush().await;
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    progress: Arc<Progress>,
+}
+
+/// Keeps the runners of one projection in line with its metadata: starts
+/// the active and building generations, switches a caught-up rebuild in,
+/// retires old generations, and rebuilds from scratch when Redis lost the
+/// metadata (FLUSHALL, a restart without persistence).
+async fn manage(
+    shared: Arc<Shared>,
+    projection: Arc<dyn Projection>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = projection.name();
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    let mut seen_meta = false;
+    let mut cleaned = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => {}
+            _ = shared.wake.notified() => {}
+        }
+        let meta = match shared.redis.meta(name).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "cannot read projection metadata");
+                continue;
+            }
+        };
+        let Some(meta) = meta else {
+            if seen_meta {
+                tracing::warn!(
+                    projection = name,
+                    "Redis lost this read model; rebuilding it from the event stream"
+                );
+            }
+            let generation = new_generation(running.keys().copied().max().unwrap_or(0));
+            if let Err(e) = shared
+                .redis
+                .init_meta(name, generation, shared.config.partitions)
+                .await
+            {
+                tracing::warn!(projection = name, error = %e, "cannot initialise projection metadata");
+            }
+            seen_meta = false;
+            cleaned = false;
+            tick.reset_immediately();
+            continue;
+        };
+        seen_meta = true;
+        let mut wanted = vec![meta.active];
+        if let Some((building, _)) = meta.building {
+            wanted.push(building);
+        }
+        running.retain(|generation, r| {
+            let keep = wanted.contains(generation) && !r.progress.stopped.load(Ordering::SeqCst);
+            if !keep {
+                r.stop.send_replace(true);
+            }
+            keep
+        });
+        for &generation in &wanted {
+            running.entry(generation).or_insert_with(|| {
+                let progress = Arc::new(Progress::default());
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(runner::run(
+                    shared.clone(),
+                    projection.clone(),
+                    generation,
+                    progress.clone(),
+                    stop_rx,
+                ));
+                Running {
+                    task,
+                    stop: stop_tx,
+                    progress,
+                }
+            });
+        }
+        if !cleaned {
+            retire_older(&shared, name, meta.active).await;
+            cleaned = true;
+        }
+        if let Some((building, _)) = meta.building {
+            let caught_up = running
+                .get(&building)
+                .is_some_and(|r| r.progress.caught_up.load(Ordering::SeqCst));
+            if caught_up {
+                match shared.redis.switch(name, building).await {
+                    Ok(true) => {
+                        tracing::info!(
+                            projection = name,
+                            from = meta.active,
+                            to = building,
+                            "rebuild caught up; switched"
+                        );
+                        if let Some(old) = running.remove(&meta.active) {
+                            old.stop.send_replace(true);
+                            let _ = old.task.await;
+                        }
+                        retire(&shared, name, meta.active).await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(projection = name, error = %e, "switch failed; will retry")
+                    }
+                }
+            }
+        }
+    }
+    for (_, r) in running.drain() {
+        r.stop.send_replace(true);
+        let _ = r.task.await;
+    }
+}
+
+/// Deletes a generation's consumer and keys.
+async fn retire(shared: &Shared, name: &str, generation: u64) {
+    let consumer = runner::consumer_name(name, generation);
+    match shared.events.delete_consumer(&consumer).await {
+        Ok(_) => {}
+        Err(e) => tracing::debug!(consumer, error = %e, "consumer already gone"),
+    }
+    match shared.redis.delete_generation(name, generation).await {
+        Ok(keys) => tracing::info!(projection = name, generation, keys, "retired generation"),
+        Err(e) => {
+            tracing::warn!(projection = name, generation, error = %e, "cannot delete old keys")
+        }
+    }
+}
+
+/// Retires every generation older than `active` still having a consumer:
+/// leftovers of a rebuild or of a lost Redis.
+async fn retire_older(shared: &Shared, name: &str, active: u64) {
+    let prefix = format!("{name}-g");
+    let mut names = shared.events.consumer_names();
+    let mut old = Vec::new();
+    while let Some(Ok(consumer)) = names.next().await {
+        if let Some(generation) = consumer
+            .strip_prefix(&prefix)
+            .and_then(|g| g.parse::<u64>().ok())
+        {
+            if generation < active {
+                old.push(generation);
+            }
+        }
+    }
+    for generation in old {
+        retire(shared, name, generation).await;
+    }
+}

@@ -1,0 +1,27 @@
+//! `jetsource-projector`: parse configuration, start logging, keep the read
+//! models and serve queries until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// jetsource projector. Run several copies: one applies each projection at a
+/// time (the others stand by to take over), all of them serve queries.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML); see jetsource.example.toml.
+    #[arg(long, env = "JETSOURCE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = jetsource_core::config::Config::load(args.config.as_deref())?;
+    jetsource_core::telemetry::init(&config.log);
+    let projections =
+        jetsource_projector::example::projections(config.projector.recent_transactions);
+    jetsource_projector::run(config, projections, jetsource_core::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The projector against real servers: exact read models, read-your-writes,
+//! dead letters, several copies, and Redis losing its data.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Env;
+use jetsource_core::protocol::ErrorCode;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_models_match_a_fresh_fold_of_the_stream() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    let (accounts, users) = env.mixed_workload("m", 12, 6, 6).await;
+    env.assert_read_models_match(&accounts, &users).await;
+    let missing = env
+        .query("query.account.nobody", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, ErrorCode::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_query_with_min_sequence_reads_its_own_write() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    env.send(
+        "account",
+        "rw",
+        json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+    )
+    .await
+    .unwrap();
+    for i in 1..=20u64 {
+        let deposit = env
+            .send(
+                "account",
+                "rw",
+                json!({"type": "Deposit", "data": {"amount": i}}),
+            )
+            .await
+            .unwrap();
+        let reply = env
+            .query(
+                "query.account.rw",
+                json!({"min_sequence": deposit.sequence}),
+            )
+            .await
+            .unwrap();
+        assert!(reply["sequence"].as_u64().unwrap() >= deposit.sequence);
+        assert_eq!(
+            reply["data"]["balance"],
+            i * (i + 1) / 2,
+            "balance right after deposit {i}"
+        );
+        assert_eq!(reply["data"]["version"], deposit.version);
+    }
+    // A sequence that will not come in time: timeout, not a stale answer.
+    let err = env
+        .query(
+            "query.account.rw",
+            json!({"min_sequence": 1_000_000, "timeout_ms": 200}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout);
+    assert!(err.message.contains("1000000"), "{}", err.message);
+    // Bad queries.
+    for (subject, body) in [
+        ("query.account.a.b", json!({})),
+        ("query.nothing", json!({})),
+        ("query.account.rw", json!({"min_seq": 1})),
+        ("query.account.bad%id", json!({})),
+    ] {
+        let err = env.query(subject, body).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Invalid, "{subject}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_event_is_dead_lettered_and_later_events_still_project() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    env.send(
+        "account",
+        "p1",
+        json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+    )
+    .await
+    .unwrap();
+    // Two events no projection can apply, written around the command path:
+    // one without the jetsource envelope, one of an unknown type.
+    let js = async_nats::jetstream::new(env.client.clone());
+    js.publish("events.account.p1", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("Jetsource-Event-Id", "x"),
+        ("Jetsource-Event-Type", "Teleported"),
+        ("Jetsource-Schema-Version", "1"),
+        ("Jetsource-Aggregate-Version", "3"),
+    ] {
+        headers.insert(k, v);
+    }
+    js.publish_with_headers("events.account.p1", headers, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let deposit = env
+        .send(
+            "account",
+            "p1",
+            json!({"type": "Deposit", "data": {"amount": 7}}),
+        )
+        .await;
+    // The command path refuses to decide on a history it cannot read.
+    assert_eq!(deposit.unwrap_err().code, ErrorCode::Internal);
+    env.send(
+        "account",
+        "p2",
+        json!({"type": "OpenAccount", "data": {"owner": "o", "initial_deposit": 9}}),
+    )
+    .await
+    .unwrap();
+    let last = env.last_sequence().await;
+    let reply = env
+        .query("query.account.p2", json!({"min_sequence": last}))
+        .await
+        .unwrap();
+    assert_eq!(reply["data"]["balance"], 9, "later events still project");
+
+    let mut stream = js.get_stream("DEADLETTERS").await.unwrap();
+    let letters = jetsource_projector::dlq::list(&mut stream).await.unwrap();
+    // Only `accounts` reads account events; `users` passes them over.
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters.iter().all(|l| l.projection == "accounts"));
+    assert_eq!(letters[0].original_sequence, 2);
+    assert!(
+        letters[0].reason.contains("not a jetsource event"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(letters[1].original_sequence, 3);
+    assert!(
+        letters[1].reason.contains("Teleported"),
+        "{}",
+        letters[1].reason
+    );
+    assert!(
+        letters[1].reason.contains("after 3 attempts"),
+        "{}",
+        letters[1].reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_projectors_at_once_give_the_exact_result_in_order() {
+    let mut env = Env::start().await;
+    for _ in 0..3 {
+        env.add_projector().await;
+    }
+    let (accounts, users) = env.mixed_workload("t", 10, 4, 8).await;
+    env.assert_read_models_match(&accounts, &users).await;
+    // The applying copy stops; a standby takes over and applies the rest.
+    env.stop_projector(0).await;
+    env.stop_projector(0).await;
+    let (more, more_users) = env.mixed_workload("u", 6, 2, 4).await;
+    let all: Vec<String> = accounts.into_iter().chain(more).collect();
+    let all_users: Vec<String> = users.into_iter().chain(more_users).collect();
+    env.assert_read_models_match(&all, &all_users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flushall_under_load_is_noticed_and_rebuilt_exactly() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    let (accounts, users) = env.mixed_workload("f", 8, 3, 3).await;
+    env.assert_read_models_match(&accounts, &users).await;
+    let load = {
+        let client = env.client.clone();
+        tokio::spawn(async move {
+            for i in 0..300u64 {
+                let body = json!({"type": "Deposit", "data": {"amount": i % 9 + 1}});
+                client
+                    .request(
+                        format!("cmd.account.fa{}", 2 * (i % 4)),
+                        body.to_string().into(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut redis = redis::Client::open(env.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    load.await.unwrap();
+    env.assert_read_models_match(&accounts, &users).await;
+}
