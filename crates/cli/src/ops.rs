@@ -7,7 +7,6 @@ use anyhow::{anyhow, bail, Context as _};
 use jetsource_core::config::Config;
 use jetsource_core::protocol::decode_reply;
 use jetsource_core::store::EventStore;
-use jetsource_projector::keys::{partition_of, KeySpace};
 use jetsource_projector::redis_store::RedisStore;
 use jetsource_projector::{control_subject, dlq, example, new_generation};
 use serde_json::{json, Value};
@@ -318,81 +317,33 @@ pub async fn dlq_replay(
         println!("no dead letters");
         return Ok(());
     };
-    let letters = dlq::list(&mut stream).await.map_err(|e| anyhow!(e))?;
-    let letters: Vec<_> = letters
-        .into_iter()
-        .filter(|l| only.is_none_or(|seq| seq == l.sequence))
-        .collect();
-    if let (Some(seq), true) = (only, letters.is_empty()) {
-        bail!("no dead letter with sequence {seq}; see `jetsource dlq list`");
-    }
     let redis = redis(config).await?;
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
     let projections = example::projections(config.projector.recent_transactions);
-    let mut results = Vec::new();
-    for letter in letters {
-        let outcome: Result<&str, String> = async {
-            let projection = projections
-                .iter()
-                .find(|p| p.name() == letter.projection)
-                .ok_or_else(|| format!("unknown projection {:?}", letter.projection))?;
-            let meta = redis
-                .meta(projection.name())
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the projection has no read model")?;
-            let event = store
-                .get(letter.original_sequence)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the original event is gone")?;
-            let keys = KeySpace::new(
-                projection.name(),
-                meta.active,
-                partition_of(&event.aggregate_type, &event.aggregate_id, meta.partitions),
-            );
-            let mut ops = Vec::new();
-            projection
-                .project(&event, &keys, &mut ops)
-                .map_err(|e| format!("still fails: {e}"))?;
-            let applied = redis
-                .replay(&keys.replayed(), event.sequence, &ops)
-                .await
-                .map_err(|e| e.to_string())?;
-            stream
-                .delete_message(letter.sequence)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(if applied {
-                "replayed"
-            } else {
-                "already replayed"
-            })
-        }
-        .await;
-        results.push(match outcome {
-            Ok(state) => json!({"sequence": letter.sequence, "event_sequence": letter.original_sequence, "result": state}),
-            Err(reason) => json!({"sequence": letter.sequence, "event_sequence": letter.original_sequence, "result": "kept", "reason": reason}),
-        });
+    let results = dlq::replay(&mut stream, &store, &redis, &projections, only)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    if let (Some(seq), true) = (only, results.is_empty()) {
+        bail!("no dead letter with sequence {seq}; see `jetsource dlq list`");
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         let mut table = Table::new(["SEQ", "EVENT SEQ", "RESULT"]);
         for r in &results {
-            let result = match r["reason"].as_str() {
+            let result = match &r.reason {
                 Some(reason) => format!("kept: {reason}"),
-                None => r["result"].as_str().unwrap_or("").to_owned(),
+                None => r.result.to_owned(),
             };
-            table.row([
-                r["sequence"].to_string(),
-                r["event_sequence"].to_string(),
-                result,
-            ]);
+            table.row([r.sequence.to_string(), r.event_sequence.to_string(), result]);
         }
-        print!("{table}");
+        if results.is_empty() {
+            println!("no dead letters");
+        } else {
+            print!("{table}");
+        }
     }
-    if results.iter().any(|r| r["result"] == "kept") {
+    if results.iter().any(|r| r.result == "kept") {
         bail!("some dead letters could not be replayed and were kept");
     }
     Ok(())

@@ -80,7 +80,18 @@ pub async fn publish(js: &jetstream::Context, letter: &Letter<'_>) -> Result<(),
         ref payload,
         reason,
     } = *letter;
-    let mut headers = original_headers.cloned().unwrap_or_default();
+    // Only the envelope's own headers travel along: the original's NATS
+    // headers (expected sequence, message id, batch) would make the server
+    // judge the dead letter by the event stream's rules.
+    let mut headers = HeaderMap::new();
+    for (name, values) in original_headers.into_iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
+        if name.starts_with("Jetsource-") {
+            for value in values {
+                headers.append(name, value.as_str());
+            }
+        }
+    }
     headers.insert(PROJECTION, projection);
     headers.insert(REASON, reason.replace(['\r', '\n'], " ").as_str());
     headers.insert(ORIGINAL_SUBJECT, original_subject);
@@ -127,4 +138,96 @@ pub async fn list(stream: &mut stream::Stream) -> Result<Vec<DeadLetter>, String
         });
     }
     Ok(out)
+}
+
+/// What `replay` did with one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Replayed {
+    pub sequence: u64,
+    pub event_sequence: u64,
+    /// `replayed`, `already replayed` or `kept`.
+    pub result: &'static str,
+    /// Why it was kept.
+    pub reason: Option<String>,
+}
+
+/// Applies dead letters (all, or the one at `only`) again with the current
+/// projection code, to the active generation. A dead letter that now applies
+/// leaves the stream; one that still fails is kept with the new reason.
+/// Replaying is idempotent: each event is applied at most once per
+/// partition, even if the delete after it fails.
+///
+/// A replayed event is applied after events that came later in the stream:
+/// fine for commutative read models (sums, counters), and the reason the
+/// poison event was skipped in the first place.
+pub async fn replay(
+    stream: &mut stream::Stream,
+    store: &jetsource_core::store::EventStore,
+    redis: &crate::redis_store::RedisStore,
+    projections: &[std::sync::Arc<dyn crate::projection::Projection>],
+    only: Option<u64>,
+) -> Result<Vec<Replayed>, String> {
+    use crate::keys::{partition_of, KeySpace};
+    let letters: Vec<DeadLetter> = list(stream)
+        .await?
+        .into_iter()
+        .filter(|l| only.is_none_or(|seq| seq == l.sequence))
+        .collect();
+    let mut results = Vec::new();
+    for letter in letters {
+        let outcome: Result<&'static str, String> = async {
+            let projection = projections
+                .iter()
+                .find(|p| p.name() == letter.projection)
+                .ok_or_else(|| format!("unknown projection {:?}", letter.projection))?;
+            let meta = redis
+                .meta(projection.name())
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the projection has no read model")?;
+            let event = store
+                .get(letter.original_sequence)
+                .await
+                .map_err(|e| format!("still fails: {e}"))?
+                .ok_or("the original event is gone")?;
+            let keys = KeySpace::new(
+                projection.name(),
+                meta.active,
+                partition_of(&event.aggregate_type, &event.aggregate_id, meta.partitions),
+            );
+            let mut ops = Vec::new();
+            projection
+                .project(&event, &keys, &mut ops)
+                .map_err(|e| format!("still fails: {e}"))?;
+            let applied = redis
+                .replay(&keys.replayed(), event.sequence, &ops)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .delete_message(letter.sequence)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if applied {
+                "replayed"
+            } else {
+                "already replayed"
+            })
+        }
+        .await;
+        results.push(match outcome {
+            Ok(result) => Replayed {
+                sequence: letter.sequence,
+                event_sequence: letter.original_sequence,
+                result,
+                reason: None,
+            },
+            Err(reason) => Replayed {
+                sequence: letter.sequence,
+                event_sequence: letter.original_sequence,
+                result: "kept",
+                reason: Some(reason),
+            },
+        });
+    }
+    Ok(results)
 }

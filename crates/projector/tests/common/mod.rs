@@ -70,11 +70,19 @@ impl Env {
     }
 
     pub async fn add_projector(&mut self) {
+        let config = self.config();
+        let projections =
+            jetsource_projector::example::projections(config.projector.recent_transactions);
+        self.add_projector_with(projections).await;
+    }
+
+    pub async fn add_projector_with(
+        &mut self,
+        projections: Vec<std::sync::Arc<dyn jetsource_projector::projection::Projection>>,
+    ) {
         let (stop, mut rx) = watch::channel(false);
         let config = self.config();
         let task = tokio::spawn(async move {
-            let projections =
-                jetsource_projector::example::projections(config.projector.recent_transactions);
             jetsource_projector::run(config, projections, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
