@@ -90,11 +90,17 @@ impl Drop for Process {
 
 /// Runs the `jetsource` CLI; returns (exit code, stdout, stderr).
 pub fn cli(server: &NatsServer, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(workspace_binary("jetsource"))
-        .args(["--url", &server.url()])
-        .args(args)
-        .output()
-        .unwrap();
+    cli_env(server, &[], args)
+}
+
+/// Runs the `jetsource` CLI with extra environment.
+pub fn cli_env(server: &NatsServer, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut command = Command::new(workspace_binary("jetsource"));
+    command.args(["--url", &server.url()]).args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

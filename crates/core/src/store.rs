@@ -499,6 +499,42 @@ impl EventStore {
         mut visit: impl FnMut(Vec<RecordedEvent>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         let subject = event_subject(aggregate_type, aggregate_id);
+        let mut failure = None;
+        self.read_stored(&subject, from, |chunk| {
+            let mut events = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                match message.into_event() {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        failure = Some(StoreError::from(e));
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            visit(events)
+        })
+        .await?;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Reads every stored message from stream sequence `from` on, in stream
+    /// order, as it is stored (a message that is not a valid event is handed
+    /// over too, for the caller to judge).
+    pub async fn read_all(
+        &self,
+        from: u64,
+        visit: impl FnMut(Vec<StoredMessage>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let filter = format!("{}.>", envelope::EVENT_SUBJECT_PREFIX);
+        self.read_stored(&filter, from, visit).await
+    }
+
+    async fn read_stored(
+        &self,
+        subject: &str,
+        from: u64,
+        mut visit: impl FnMut(Vec<StoredMessage>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let inbox = self.client.new_inbox();
         let mut replies = self
             .client
@@ -529,7 +565,7 @@ impl EventStore {
                     })?
                     .ok_or_else(|| StoreError::unavailable("direct get", "subscription closed"))?;
                 match message.status.map(|s| s.as_u16()) {
-                    None => chunk.push(direct_get_event(&message)?),
+                    None => chunk.push(stored_message(&message)?),
                     Some(204) => {
                         // End of batch: `Nats-Num-Pending` counts what is left.
                         let pending = header_u64(message.headers.as_ref(), "Nats-Num-Pending");
@@ -657,7 +693,29 @@ fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
     headers?.get(name)?.as_str().parse().ok()
 }
 
-fn direct_get_event(message: &async_nats::Message) -> Result<RecordedEvent, StoreError> {
+/// A message as the stream holds it, before it is read as an event.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub subject: String,
+    pub sequence: u64,
+    pub timestamp: OffsetDateTime,
+    pub headers: Option<HeaderMap>,
+    pub payload: Bytes,
+}
+
+impl StoredMessage {
+    pub fn into_event(self) -> Result<RecordedEvent, envelope::EnvelopeError> {
+        RecordedEvent::from_parts(
+            &self.subject,
+            self.sequence,
+            self.timestamp,
+            self.headers.as_ref(),
+            self.payload,
+        )
+    }
+}
+
+fn stored_message(message: &async_nats::Message) -> Result<StoredMessage, StoreError> {
     let headers = message.headers.as_ref();
     let corrupt = |what: &str| {
         StoreError::new(
@@ -668,19 +726,20 @@ fn direct_get_event(message: &async_nats::Message) -> Result<RecordedEvent, Stor
     let subject = headers
         .and_then(|h| h.get("Nats-Subject"))
         .ok_or_else(|| corrupt("Nats-Subject"))?
-        .as_str();
+        .as_str()
+        .to_owned();
     let sequence = header_u64(headers, "Nats-Sequence").ok_or_else(|| corrupt("Nats-Sequence"))?;
     let timestamp = headers
         .and_then(|h| h.get("Nats-Time-Stamp"))
         .and_then(|v| OffsetDateTime::parse(v.as_str(), &Rfc3339).ok())
         .ok_or_else(|| corrupt("a valid Nats-Time-Stamp"))?;
-    Ok(RecordedEvent::from_parts(
+    Ok(StoredMessage {
         subject,
         sequence,
         timestamp,
-        headers,
-        message.payload.clone(),
-    )?)
+        headers: message.headers.clone(),
+        payload: message.payload.clone(),
+    })
 }
 
 /// JetStream API error code behind a publish error, if any.

@@ -4,6 +4,7 @@
 //! and a standby takes over when that copy stops pulling.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
-use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
+use jetsource_core::envelope::EVENT_SUBJECT_PREFIX;
+use jetsource_core::store::StoredMessage;
 use tokio::sync::watch;
 
 use crate::keys::{partition_of, KeySpace};
@@ -56,7 +58,8 @@ pub fn consumer_config(projection: &str, generation: u64, failover: Duration) ->
 }
 
 enum Outcome {
-    Applied,
+    /// Applied; the generation's watermark is now this.
+    Applied(u64),
     /// The generation is no longer active or building (switched away, or
     /// Redis lost the metadata): stop.
     Retired,
@@ -81,6 +84,18 @@ pub async fn run(
             Ok(consumer) => break consumer,
             Err(e) => {
                 tracing::warn!(projection = name, generation, error = %e, "cannot create consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    };
+    let mut watermark = loop {
+        match shared.redis.watermark(name, generation).await {
+            Ok(w) => break w,
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "cannot read the watermark; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.wait_for(|s| *s) => return,
@@ -125,15 +140,37 @@ pub async fn run(
                     Err(e) => tracing::debug!(projection = name, error = %e, "pull stream notice"),
                 }
             }
-            if batch.is_empty() {
+            let Some((newest, info)) = batch
+                .iter()
+                .filter_map(|m| m.info().ok().map(|i| (m, i)))
+                .max_by_key(|(_, i)| i.stream_sequence)
+            else {
                 continue;
-            }
-            // Transient failures (Redis or NATS away) are retried until they
-            // pass; nothing is acknowledged before it is applied.
+            };
+            let newest_sequence = info.stream_sequence;
+            let pending = info.pending;
+            // Apply everything from the watermark up to the newest message,
+            // in stream order, with no gap. Messages may arrive out of order
+            // or with holes: after a failover, those delivered to the copy
+            // that died come back only after the ack wait, while newer ones
+            // flow here. The holes are read from the stream directly, so an
+            // event is never applied after a later one of its aggregate.
             loop {
-                match apply_batch(&shared, projection.as_ref(), generation, &batch).await {
-                    Ok(Outcome::Applied) => break,
-                    Ok(Outcome::Retired) => {
+                let applied = fill_and_apply(
+                    &shared,
+                    projection.as_ref(),
+                    generation,
+                    watermark,
+                    newest_sequence,
+                    &batch,
+                )
+                .await;
+                match applied {
+                    Ok(Some(raised)) => {
+                        watermark = raised;
+                        break;
+                    }
+                    Ok(None) => {
                         progress.stopped.store(true, Ordering::SeqCst);
                         shared.wake_managers();
                         return;
@@ -149,21 +186,82 @@ pub async fn run(
                 }
             }
             backoff = Duration::from_millis(100);
-            let last = batch.last().expect("batch is not empty");
-            let info = last.info().ok();
-            let last_sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
-            // AckPolicy::All: one ack covers the whole batch.
-            if let Err(e) = last.ack().await {
+            // AckPolicy::All: acking the newest covers every older one, which
+            // are all applied now.
+            if let Err(e) = newest.ack().await {
                 tracing::warn!(projection = name, error = %e, "ack failed; the batch will be redelivered and skipped");
             }
-            progress.watermark.store(last_sequence, Ordering::SeqCst);
-            let pending = info.map_or(1, |i| i.pending);
+            progress.watermark.store(watermark, Ordering::SeqCst);
             progress.caught_up.store(pending == 0, Ordering::SeqCst);
-            shared.announce(name, generation, last_sequence).await;
+            shared.announce(name, generation, watermark).await;
             if pending == 0 {
                 shared.wake_managers();
             }
         }
+    }
+}
+
+/// Brings the generation from `watermark` to `newest`: takes the batch's
+/// messages above the watermark, reads any missing sequence from the stream,
+/// and applies them all in order. Returns the new watermark, or `None` when
+/// the generation was retired.
+async fn fill_and_apply(
+    shared: &Shared,
+    projection: &dyn Projection,
+    generation: u64,
+    watermark: u64,
+    newest: u64,
+    batch: &[Message],
+) -> Result<Option<u64>, String> {
+    if newest <= watermark {
+        return Ok(Some(watermark));
+    }
+    let mut messages: BTreeMap<u64, StoredMessage> = BTreeMap::new();
+    for message in batch {
+        let Ok(info) = message.info() else { continue };
+        if info.stream_sequence > watermark {
+            messages.insert(
+                info.stream_sequence,
+                StoredMessage {
+                    subject: message.subject.to_string(),
+                    sequence: info.stream_sequence,
+                    timestamp: info.published,
+                    headers: message.headers.clone(),
+                    payload: message.payload.clone(),
+                },
+            );
+        }
+    }
+    let expected = newest - watermark;
+    if messages.len() as u64 != expected {
+        let mut missing = Vec::new();
+        shared
+            .store
+            .read_all(watermark + 1, |chunk| {
+                for m in chunk {
+                    if m.sequence > newest {
+                        return ControlFlow::Break(());
+                    }
+                    missing.push(m);
+                }
+                ControlFlow::Continue(())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        for m in missing {
+            messages.entry(m.sequence).or_insert(m);
+        }
+        tracing::debug!(
+            projection = projection.name(),
+            from = watermark + 1,
+            to = newest,
+            "filled a gap from the stream"
+        );
+    }
+    let messages: Vec<StoredMessage> = messages.into_values().collect();
+    match apply_batch(shared, projection, generation, &messages).await? {
+        Outcome::Retired => Ok(None),
+        Outcome::Applied(raised) => Ok(Some(raised)),
     }
 }
 
@@ -173,7 +271,7 @@ async fn apply_batch(
     shared: &Shared,
     projection: &dyn Projection,
     generation: u64,
-    batch: &[Message],
+    batch: &[StoredMessage],
 ) -> Result<Outcome, String> {
     let name = projection.name();
     let redis: &RedisStore = &shared.redis;
@@ -184,20 +282,13 @@ async fn apply_batch(
     let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
     let mut last_sequence = 0;
     for message in batch {
-        let info = message.info().map_err(|e| e.to_string())?;
-        let sequence = info.stream_sequence;
+        let sequence = message.sequence;
         last_sequence = sequence;
-        let aggregate_type = message.subject.as_str().split('.').nth(1).unwrap_or("");
+        let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
         if !projection.aggregate_types().contains(&aggregate_type) {
             continue;
         }
-        let event = RecordedEvent::from_parts(
-            message.subject.as_str(),
-            sequence,
-            info.published,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        );
+        let event = message.clone().into_event();
         let projected = match event {
             Err(e) => Err(e.to_string()),
             Ok(event) => {
@@ -235,7 +326,7 @@ async fn apply_batch(
                     &crate::dlq::Letter {
                         projection: name,
                         generation,
-                        original_subject: message.subject.as_str(),
+                        original_subject: &message.subject,
                         original_sequence: sequence,
                         original_headers: message.headers.as_ref(),
                         payload: message.payload.clone(),
@@ -248,9 +339,9 @@ async fn apply_batch(
     }
     let partitions: Vec<_> = by_partition.into_values().collect();
     redis.apply(&partitions).await.map_err(|e| e.to_string())?;
-    redis
+    let watermark = redis
         .raise_watermark(name, generation, last_sequence)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(Outcome::Applied)
+    Ok(Outcome::Applied(watermark))
 }

@@ -1,0 +1,324 @@
+//! The read side as shipped: `jetsource-projector` processes, the CLI's
+//! projection and dead-letter commands, a projector killed mid-batch.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use jetsource_core::protocol::{decode_reply, CommandOutcome};
+use jetsource_test_support::{NatsServer, RedisServer};
+use jetsource_tests::{cli_env, wait_for_service, Process};
+use serde_json::{json, Value};
+
+struct Fleet {
+    nats: NatsServer,
+    redis: RedisServer,
+    client: async_nats::Client,
+    _worker: Process,
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let client = nats.client().await;
+        let worker = Process::start("jetsource-command", &nats, &[]);
+        wait_for_service(&client, "jetsource-command", 1).await;
+        Self {
+            nats,
+            redis,
+            client,
+            _worker: worker,
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("JETSOURCE__REDIS__URL", self.redis.url()),
+            ("JETSOURCE__PROJECTOR__FAILOVER_MS", "1000".into()),
+            ("JETSOURCE__PROJECTOR__BATCH_SIZE", "50".into()),
+            ("JETSOURCE__PROJECTOR__PARTITIONS", "4".into()),
+        ]
+    }
+
+    fn projector(&self) -> Process {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Process::start("jetsource-projector", &self.nats, &env)
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cli_env(&self.nats, &env, args)
+    }
+
+    async fn send(&self, id: &str, body: Value) -> CommandOutcome {
+        let reply = self
+            .client
+            .request(format!("cmd.account.{id}"), body.to_string().into())
+            .await
+            .unwrap();
+        decode_reply::<CommandOutcome>(&reply.payload)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// `accounts` accounts with `deposits` deposits each, sent concurrently.
+    /// Returns each account's expected balance.
+    async fn load(&self, accounts: usize, deposits: u64) -> Vec<(String, u64)> {
+        let mut tasks = Vec::new();
+        for a in 0..accounts {
+            let client = self.client.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("k{a}");
+                let open = json!({"type": "OpenAccount", "data": {"owner": "o"}});
+                client
+                    .request(format!("cmd.account.{id}"), open.to_string().into())
+                    .await
+                    .unwrap();
+                let mut balance = 0;
+                for d in 1..=deposits {
+                    let amount = (a as u64 * 7 + d) % 50 + 1;
+                    let body = json!({"type": "Deposit", "data": {"amount": amount}});
+                    let reply = client
+                        .request(format!("cmd.account.{id}"), body.to_string().into())
+                        .await
+                        .unwrap();
+                    assert!(decode_reply::<CommandOutcome>(&reply.payload)
+                        .unwrap()
+                        .is_ok());
+                    balance += amount;
+                }
+                (id, balance)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    async fn last_sequence(&self) -> u64 {
+        let js = async_nats::jetstream::new(self.client.clone());
+        js.get_stream("EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence
+    }
+
+    async fn query(&self, subject: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(subject.to_owned(), body.to_string().into())
+            .await
+            .unwrap();
+        let value: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(value["ok"], true, "{subject}: {value}");
+        value
+    }
+
+    /// Every account's balance and the totals are exactly the expected ones.
+    async fn assert_exact(&self, expected: &[(String, u64)], deposits: u64) {
+        let last = self.last_sequence().await;
+        let wait = json!({"min_sequence": last, "timeout_ms": 30000});
+        let mut sum = 0;
+        for (id, balance) in expected {
+            let reply = self
+                .query(&format!("query.account.{id}"), wait.clone())
+                .await;
+            assert_eq!(reply["data"]["balance"], *balance, "balance of {id}");
+            assert_eq!(reply["data"]["version"], deposits + 1, "version of {id}");
+            sum += balance;
+        }
+        let totals = self.query("query.accounts.totals", wait).await;
+        assert_eq!(
+            totals["data"],
+            json!({"open_accounts": expected.len(), "balance_sum": sum})
+        );
+    }
+
+    async fn redis_watermark(&self) -> u64 {
+        let redis = jetsource_projector::redis_store::RedisStore::connect(&self.redis.url())
+            .await
+            .unwrap();
+        match redis.meta("accounts").await.unwrap() {
+            Some(meta) => redis.watermark("accounts", meta.active).await.unwrap(),
+            None => 0,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_killed_mid_batch_and_restarted_loses_and_doubles_nothing() {
+    let fleet = Fleet::start().await;
+    // A backlog first, so the projector is busy catching up when killed.
+    let expected = fleet.load(20, 150).await;
+    let last = fleet.last_sequence().await;
+    let first = fleet.projector();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let watermark = fleet.redis_watermark().await;
+        if watermark > 0 {
+            assert!(
+                watermark < last,
+                "caught up before it could be killed; make the backlog bigger"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the projector never started applying"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    first.signal("KILL");
+    drop(first);
+    let _second = fleet.projector();
+    wait_for_service(&fleet.client, "jetsource-projector", 1).await;
+    fleet.assert_exact(&expected, 150).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_rebuild_switches_without_downtime_and_status_reports_lag() {
+    let fleet = Fleet::start().await;
+    let _projector = fleet.projector();
+    wait_for_service(&fleet.client, "jetsource-projector", 1).await;
+    let expected = fleet.load(10, 100).await;
+    fleet.assert_exact(&expected, 100).await;
+
+    let (code, out, err) = fleet.cli(&["--json", "projection", "status"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let accounts = status
+        .iter()
+        .find(|s| s["projection"] == "accounts")
+        .unwrap();
+    let last = fleet.last_sequence().await;
+    assert_eq!(accounts["checkpoint"], last);
+    assert_eq!(accounts["lag_events"], 0);
+    let old_generation = accounts["generation"].as_u64().unwrap();
+
+    // Queries keep answering, exactly, while the rebuild runs.
+    let rebuild = {
+        let env = fleet.env();
+        let url = fleet.nats.url();
+        tokio::task::spawn_blocking(move || {
+            let output =
+                std::process::Command::new(jetsource_test_support::workspace_binary("jetsource"))
+                    .args(["--url", &url, "projection", "rebuild", "accounts"])
+                    .envs(env)
+                    .output()
+                    .unwrap();
+            (
+                output.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        })
+    };
+    let sum: u64 = expected.iter().map(|(_, b)| b).sum();
+    let mut served = 0;
+    while !rebuild.is_finished() {
+        let totals = fleet.query("query.accounts.totals", json!({})).await;
+        assert_eq!(
+            totals["data"]["balance_sum"], sum,
+            "a query during the rebuild"
+        );
+        served += 1;
+    }
+    let (code, out, err) = rebuild.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rebuilt accounts"), "{out}");
+    assert!(out.contains("events/s"), "{out}");
+    assert!(served > 0);
+
+    let (_, out, _) = fleet.cli(&["--json", "projection", "status"]);
+    let status: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let accounts = status
+        .iter()
+        .find(|s| s["projection"] == "accounts")
+        .unwrap();
+    let new_generation = accounts["generation"].as_u64().unwrap();
+    assert!(new_generation > old_generation);
+    assert_eq!(accounts["rebuild"], Value::Null);
+    fleet.assert_exact(&expected, 100).await;
+    // The old key space is gone.
+    let mut redis = redis::Client::open(fleet.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let old: Vec<String> = redis::cmd("KEYS")
+        .arg(jetsource_projector::keys::generation_pattern(
+            "accounts",
+            old_generation,
+        ))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(old.is_empty(), "old keys left: {}", old.len());
+
+    // Rebuilding an unknown projection is a one-line error.
+    let (code, _, err) = fleet.cli(&["projection", "rebuild", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown projection"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_lists_dead_letters_and_keeps_those_that_still_fail() {
+    let fleet = Fleet::start().await;
+    let _projector = fleet.projector();
+    wait_for_service(&fleet.client, "jetsource-projector", 1).await;
+    let (code, out, _) = fleet.cli(&["dlq", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no dead letters"));
+    fleet
+        .send("d1", json!({"type": "OpenAccount", "data": {"owner": "o"}}))
+        .await;
+    // Valid for the domain, too large for the read model's 64-bit sums.
+    let huge = fleet
+        .send(
+            "d1",
+            json!({"type": "Deposit", "data": {"amount": 1u64 << 60}}),
+        )
+        .await;
+    fleet
+        .send("d1", json!({"type": "Deposit", "data": {"amount": 5}}))
+        .await;
+    let reply = fleet
+        .query(
+            "query.account.d1",
+            json!({"min_sequence": huge.sequence + 1}),
+        )
+        .await;
+    assert_eq!(
+        reply["data"]["balance"], 5,
+        "the poison event was skipped, the next one applied"
+    );
+
+    let (code, out, err) = fleet.cli(&["--json", "dlq", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let letters: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["original_sequence"], huge.sequence);
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("outside"),
+        "{}",
+        letters[0]
+    );
+    let (code, out, err) = fleet.cli(&["dlq", "replay"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("kept: still fails"), "{out}");
+    assert!(err.contains("kept"), "{err}");
+    let (_, out, _) = fleet.cli(&["--json", "dlq", "list"]);
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&out).unwrap().len(), 1);
+    let (code, out, _) = fleet.cli(&["query", "account", "d1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"balance\": 5"), "{out}");
+}
