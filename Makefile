@@ -21,7 +21,7 @@ setup: ## Install what is missing: pinned nats-server into tools/, redis-server 
 build: ## Build every binary (debug)
 	cargo build --workspace --bins
 
-run: setup build ## Start nats-server and the workers in the foreground; Ctrl-C stops all
+run: setup build ## Start nats-server, redis-server and the workers in the foreground; Ctrl-C stops all
 	scripts/run-dev.sh
 
 test: setup build ## Run every test against real servers (needs nothing running)

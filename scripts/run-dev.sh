@@ -24,26 +24,41 @@ wait_port() {
   return 1
 }
 
-if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
-  echo "port 4222 is already in use: stop the other nats-server first" >&2
-  exit 1
-fi
+for port in 4222 6379; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use: stop the other nats-server or redis-server first" >&2
+    exit 1
+  fi
+done
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 tools/bin/nats-server -c nats/dev.conf > >(sed -u 's/^/[nats] /' >&2) 2>&1 &
 pids+=($!)
 wait_port 4222
 
+# Read models live in memory only: if Redis restarts empty, the projector
+# notices and rebuilds them from the event stream.
+redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+  > >(sed -u 's/^/[redis] /' >&2) 2>&1 &
+pids+=($!)
+wait_port 6379
+
 export JETSOURCE__NATS__URL="nats://127.0.0.1:4222"
+export JETSOURCE__REDIS__URL="redis://127.0.0.1:6379/"
 "$bin/jetsource-command" &
+pids+=($!)
+"$bin/jetsource-projector" &
 pids+=($!)
 
 cat >&2 <<'MSG'
 
-jetsource is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222).
+jetsource is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
+redis on 127.0.0.1:6379, jetsource-command and jetsource-projector.
 Try, in another terminal:
   target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
   target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
   target/debug/jetsource history account acc-1
+  target/debug/jetsource query account acc-1
+  target/debug/jetsource projection status
 Ctrl-C stops everything.
 
 MSG

@@ -91,6 +91,14 @@ pub async fn run(
             }
         }
     };
+    // An empty stream (or a consumer with nothing left) is caught up before
+    // the first batch; a rebuild of it can switch at once.
+    if let Ok(info) = consumer.clone().info().await {
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            progress.caught_up.store(true, Ordering::SeqCst);
+            shared.wake_managers();
+        }
+    }
     let mut watermark = loop {
         match shared.redis.watermark(name, generation).await {
             Ok(w) => break w,
