@@ -322,3 +322,34 @@ async fn cli_lists_dead_letters_and_keeps_those_that_still_fail() {
     assert_eq!(code, 0);
     assert!(out.contains("\"balance\": 5"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_active_projector_dies_a_standby_takes_over_exactly() {
+    let fleet = Fleet::start().await;
+    let active = fleet.projector();
+    wait_for_service(&fleet.client, "jetsource-projector", 1).await;
+    let first = fleet.load(5, 20).await;
+    fleet.assert_exact(&first, 20).await; // the first copy holds the pin now
+    let _standby = fleet.projector();
+    wait_for_service(&fleet.client, "jetsource-projector", 2).await;
+    let more = {
+        let client = fleet.client.clone();
+        tokio::spawn(async move {
+            for i in 0..400u64 {
+                let body = json!({"type": "Deposit", "data": {"amount": 1}});
+                let reply = client
+                    .request(format!("cmd.account.k{}", i % 5), body.to_string().into())
+                    .await
+                    .unwrap();
+                assert!(decode_reply::<CommandOutcome>(&reply.payload)
+                    .unwrap()
+                    .is_ok());
+            }
+        })
+    };
+    active.signal("KILL");
+    drop(active);
+    more.await.unwrap();
+    let expected: Vec<(String, u64)> = first.iter().map(|(id, b)| (id.clone(), b + 80)).collect();
+    fleet.assert_exact(&expected, 100).await;
+}
