@@ -320,6 +320,8 @@ async fn manage(
                             old.stop.send_replace(true);
                             let _ = old.task.await;
                         }
+                        // Queries that read the old generation just before
+                        // the switch see it whole; they re-check and retry.
                         retire(&shared, name, meta.active).await;
                     }
                     Ok(false) => {}

@@ -156,12 +156,23 @@ async fn handle(shared: &Shared, subject: &str, payload: &[u8]) -> Result<QueryR
         serde_json::from_slice(payload)
             .map_err(|e| ErrorBody::invalid(format!("query body is not valid: {e}")))?
     };
-    let (meta, sequence) = wait_for(shared, projection, &request).await?;
-    let data = match route {
-        Route::Account(id) => account(shared, &meta, id).await?,
-        Route::User(id) => user(shared, &meta, id).await?,
-        Route::Top => top(shared, &meta, request.limit.unwrap_or(10).clamp(1, 1000)).await?,
-        Route::Totals => totals(shared, &meta).await?,
+    // A rebuild may switch generations and delete the old keys while this
+    // query reads them. Reading the metadata again afterwards tells: if the
+    // generation is still active, the keys were intact when read.
+    let mut attempts = 0;
+    let (sequence, data) = loop {
+        attempts += 1;
+        let (meta, sequence) = wait_for(shared, projection, &request).await?;
+        let data = match &route {
+            Route::Account(id) => account(shared, &meta, id).await,
+            Route::User(id) => user(shared, &meta, id).await,
+            Route::Top => top(shared, &meta, request.limit.unwrap_or(10).clamp(1, 1000)).await,
+            Route::Totals => totals(shared, &meta).await,
+        };
+        let still = shared.redis.meta(projection).await.map_err(unavailable)?;
+        if still.is_some_and(|m| m.active == meta.active) || attempts >= 5 {
+            break (sequence, data?);
+        }
     };
     Ok(QueryReply { sequence, data })
 }
