@@ -79,6 +79,10 @@ pub trait DynAggregate: Send + Sync + std::fmt::Debug {
     fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError>;
     /// The state as JSON, for `jetsource state` and for snapshots.
     fn state_to_json(&self, state: &State) -> Value;
+    /// A state back from a snapshot's JSON.
+    fn state_from_json(&self, json: Value) -> Result<State, String>;
+    /// `Aggregate::STATE_SCHEMA_VERSION`.
+    fn state_schema_version(&self) -> u32;
 }
 
 struct Erased<A>(PhantomData<fn() -> A>);
@@ -198,6 +202,15 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
 
     fn state_to_json(&self, state: &State) -> Value {
         serde_json::to_value(downcast::<A>(state)).unwrap_or(Value::Null)
+    }
+
+    fn state_from_json(&self, json: Value) -> Result<State, String> {
+        let state: A::State = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        Ok(Arc::new(state))
+    }
+
+    fn state_schema_version(&self) -> u32 {
+        A::STATE_SCHEMA_VERSION
     }
 }
 

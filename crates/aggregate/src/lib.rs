@@ -35,8 +35,14 @@ pub trait Aggregate: Send + Sync + 'static {
     /// when an event's data changes shape, and teach `apply` to read both.
     const EVENT_SCHEMA_VERSION: u32 = 1;
 
-    /// State before any event is `State::default()`.
-    type State: Default + Clone + Send + Sync + Serialize + 'static;
+    /// Schema version of `State` as stored in snapshots. Bump it when the
+    /// state's shape changes: snapshots of another version are ignored (and
+    /// the state is rebuilt from events) until the snapshotter replaces them.
+    const STATE_SCHEMA_VERSION: u32 = 1;
+
+    /// State before any event is `State::default()`. Serializable so it can
+    /// be snapshotted.
+    type State: Default + Clone + Send + Sync + Serialize + DeserializeOwned + 'static;
     /// Imperative: `Deposit`, `RenameUser`.
     type Command: DeserializeOwned + Clone + Send + Sync + 'static;
     /// Past tense: `Deposited`, `UserNameUpdated`.

@@ -12,6 +12,7 @@ use jetsource_core::protocol::{
     check_client_id, parse_command_subject, CommandOutcome, CommandRequest, ErrorBody, ErrorCode,
     ReplyEvent,
 };
+use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{Append, EventStore, StoreError, StoreErrorKind};
 use serde_json::Value;
 use tracing::Instrument;
@@ -22,12 +23,28 @@ use crate::cache::{Cache, Slot};
 #[derive(Debug)]
 pub struct Worker {
     store: EventStore,
+    snapshots: Snapshots,
     registry: Registry,
     cache: Cache,
     config: CommandConfig,
 }
 
 type Reply = Result<CommandOutcome, ErrorBody>;
+
+/// Where the worker reads snapshots and how it asks for new ones.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    pub store: SnapshotStore,
+    pub client: async_nats::Client,
+    /// Ask the snapshotter for a snapshot when a load takes longer.
+    pub slow_load: Option<std::time::Duration>,
+}
+
+/// `jetsource.snapshot.request.<type>.<id>`: asks the snapshotter for a
+/// snapshot of one aggregate now.
+pub fn snapshot_request_subject(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!("jetsource.snapshot.request.{aggregate_type}.{aggregate_id}")
+}
 
 fn unavailable(e: &StoreError) -> ErrorBody {
     ErrorBody::new(ErrorCode::Unavailable, e.to_string())
@@ -82,9 +99,15 @@ fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
 }
 
 impl Worker {
-    pub fn new(store: EventStore, registry: Registry, config: CommandConfig) -> Self {
+    pub fn new(
+        store: EventStore,
+        snapshots: Snapshots,
+        registry: Registry,
+        config: CommandConfig,
+    ) -> Self {
         Self {
             store,
+            snapshots,
             registry,
             cache: Cache::new(config.cache_capacity),
             config,
@@ -161,11 +184,40 @@ impl Worker {
         aggregate: &dyn DynAggregate,
         aggregate_id: &str,
     ) -> Result<u64, ErrorBody> {
-        let loaded = slot.loaded.get_or_insert_with(|| Loaded::empty(aggregate));
-        let applied = loaded
-            .catch_up(&self.store, aggregate, aggregate_id, Until::End)
-            .await
-            .map_err(load_failure)?;
+        let applied = match slot.loaded.as_mut() {
+            Some(loaded) => loaded
+                .catch_up(&self.store, aggregate, aggregate_id, Until::End)
+                .await
+                .map_err(load_failure)?,
+            None => {
+                // First load: from the latest snapshot plus the tail.
+                let started = std::time::Instant::now();
+                let (loaded, _) = Loaded::load_with_snapshot(
+                    &self.store,
+                    &self.snapshots.store,
+                    aggregate,
+                    aggregate_id,
+                    Until::End,
+                )
+                .await
+                .map_err(load_failure)?;
+                let took = started.elapsed();
+                if self.snapshots.slow_load.is_some_and(|limit| took > limit) {
+                    // Ask the snapshotter for a snapshot; fire and forget.
+                    let subject =
+                        snapshot_request_subject(aggregate.aggregate_type(), aggregate_id);
+                    let _ = self.snapshots.client.publish(subject, "".into()).await;
+                    tracing::debug!(
+                        ?took,
+                        version = loaded.version,
+                        "slow load; snapshot requested"
+                    );
+                }
+                let applied = loaded.version;
+                slot.loaded = Some(loaded);
+                applied
+            }
+        };
         slot.stale = false;
         Ok(applied)
     }

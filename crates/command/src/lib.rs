@@ -16,10 +16,11 @@ use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
 use jetsource_core::micro::{Endpoint, MicroService};
 use jetsource_core::protocol::{encode_reply, COMMAND_SUBJECT_PREFIX};
+use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{EventStore, StoreError};
 use tokio::sync::Semaphore;
 
-pub use handler::Worker;
+pub use handler::{snapshot_request_subject, Snapshots, Worker};
 
 /// Name under which copies of the worker appear in `$SRV.PING/INFO/STATS`.
 pub const SERVICE_NAME: &str = "jetsource-command";
@@ -47,7 +48,19 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
-    let worker = Arc::new(Worker::new(store, registry, config.command.clone()));
+    let snapshots = handler::Snapshots {
+        store: SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas)
+            .await?,
+        client: client.clone(),
+        slow_load: (config.snapshot.slow_load_ms > 0)
+            .then(|| Duration::from_millis(config.snapshot.slow_load_ms)),
+    };
+    let worker = Arc::new(Worker::new(
+        store,
+        snapshots,
+        registry,
+        config.command.clone(),
+    ));
 
     let subject = format!("{COMMAND_SUBJECT_PREFIX}.>");
     let queue_group = config.command.queue_group.clone();

@@ -18,7 +18,48 @@ pub struct Config {
     pub command: CommandConfig,
     pub redis: RedisConfig,
     pub projector: ProjectorConfig,
+    pub snapshot: SnapshotConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// JetStream key-value bucket holding the latest snapshot per aggregate,
+    /// replicated like the event stream (`store.replicas`).
+    pub bucket: String,
+    /// Take a snapshot every this many events of an aggregate.
+    pub every: u64,
+    /// Per aggregate type overrides of `every`, e.g. `{ account = 50 }`.
+    pub every_by_type: std::collections::BTreeMap<String, u64>,
+    /// Also snapshot an aggregate whose loading took longer than this (the
+    /// command worker asks the snapshotter); 0 turns it off.
+    pub slow_load_ms: u64,
+    /// Queue group of the snapshotter's request endpoint.
+    pub queue_group: String,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "SNAPSHOTS".into(),
+            every: 100,
+            every_by_type: Default::default(),
+            slow_load_ms: 50,
+            queue_group: "jetsource-snapshotter".into(),
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// The snapshot interval of `aggregate_type`.
+    pub fn every(&self, aggregate_type: &str) -> u64 {
+        self.every_by_type
+            .get(aggregate_type)
+            .copied()
+            .unwrap_or(self.every)
+            .max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +307,12 @@ impl Config {
         }
         if self.projector.failover_ms < 1_000 {
             return invalid("projector.failover_ms must be at least 1000");
+        }
+        if self.snapshot.every == 0 || self.snapshot.every_by_type.values().any(|&n| n == 0) {
+            return invalid("snapshot.every (and every_by_type) must be at least 1");
+        }
+        if !jetsource_aggregate::is_valid_token(&self.snapshot.bucket) {
+            return invalid("snapshot.bucket must be 1..64 characters of [A-Za-z0-9_-]");
         }
         if !jetsource_aggregate::is_valid_token(&self.projector.dead_letter_stream) {
             return invalid(

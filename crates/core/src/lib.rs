@@ -14,6 +14,7 @@ pub mod error;
 pub mod loader;
 pub mod micro;
 pub mod protocol;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 

@@ -8,6 +8,7 @@ use std::ops::ControlFlow;
 use jetsource_aggregate::{DecodeError, DynAggregate, State};
 use time::OffsetDateTime;
 
+use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{EventStore, StoreError};
 use crate::ErrorClass;
 
@@ -58,6 +59,19 @@ impl LoadError {
             LoadError::Decode { .. } => ErrorClass::Permanent,
         }
     }
+}
+
+/// How a load used the aggregate's snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotUse {
+    /// There is none: full replay.
+    Absent,
+    /// Started from the snapshot at this version, replayed the tail.
+    Used { version: u64 },
+    /// The snapshot goes past the requested point in time: full replay.
+    TooNew,
+    /// The snapshot is unusable (format, schema, checksum, data): full replay.
+    Ignored(String),
 }
 
 impl Loaded {
@@ -154,6 +168,103 @@ impl Loaded {
             Some(e) => Err(e),
             None => Ok(applied),
         }
+    }
+
+    /// The state as a sealed snapshot, `None` before the first event.
+    pub fn to_snapshot(
+        &self,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+    ) -> Option<Snapshot> {
+        let timestamp = self.last_timestamp?;
+        Some(
+            Snapshot {
+                format: 0,
+                aggregate_type: aggregate.aggregate_type().to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                state_schema: aggregate.state_schema_version(),
+                version: self.version,
+                sequence: self.last_sequence,
+                timestamp,
+                taken_at: OffsetDateTime::now_utc(),
+                recent_commands: self.recent_commands.iter().cloned().collect(),
+                state: aggregate.state_to_json(&self.state),
+                checksum: String::new(),
+            }
+            .seal(),
+        )
+    }
+
+    /// An aggregate rebuilt from a checked snapshot.
+    pub fn from_snapshot(aggregate: &dyn DynAggregate, snapshot: Snapshot) -> Result<Self, String> {
+        if snapshot.aggregate_type != aggregate.aggregate_type() {
+            return Err(format!(
+                "snapshot of a {} given to {}",
+                snapshot.aggregate_type,
+                aggregate.aggregate_type()
+            ));
+        }
+        let state = aggregate.state_from_json(snapshot.state)?;
+        Ok(Self {
+            state,
+            version: snapshot.version,
+            last_sequence: snapshot.sequence,
+            last_timestamp: Some(snapshot.timestamp),
+            recent_commands: snapshot.recent_commands.into_iter().collect(),
+        })
+    }
+
+    /// Loads from the latest usable snapshot plus the events after it, or
+    /// from scratch when there is none, it is unusable, or it goes past
+    /// `until`.
+    pub async fn load_with_snapshot(
+        store: &EventStore,
+        snapshots: &SnapshotStore,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+        until: Until,
+    ) -> Result<(Self, SnapshotUse), LoadError> {
+        let (start, used) = match snapshots
+            .get_raw(aggregate.aggregate_type(), aggregate_id)
+            .await
+        {
+            Err(e) => (None, SnapshotUse::Ignored(e.to_string())),
+            Ok(None) => (None, SnapshotUse::Absent),
+            Ok(Some(bytes)) => match Snapshot::decode(&bytes, aggregate.state_schema_version()) {
+                Err(reason) => (None, SnapshotUse::Ignored(reason)),
+                Ok(snapshot) if snapshot.aggregate_id != aggregate_id => (
+                    None,
+                    SnapshotUse::Ignored(format!(
+                        "snapshot of {} under the wrong key",
+                        snapshot.aggregate_id
+                    )),
+                ),
+                Ok(snapshot) => {
+                    let fits = match until {
+                        Until::End => true,
+                        Until::Sequence(seq) => snapshot.sequence <= seq,
+                        Until::Time(t) => snapshot.timestamp <= t,
+                    };
+                    if !fits {
+                        (None, SnapshotUse::TooNew)
+                    } else {
+                        let version = snapshot.version;
+                        match Self::from_snapshot(aggregate, snapshot) {
+                            Ok(loaded) => (Some(loaded), SnapshotUse::Used { version }),
+                            Err(reason) => (None, SnapshotUse::Ignored(reason)),
+                        }
+                    }
+                }
+            },
+        };
+        if let SnapshotUse::Ignored(reason) = &used {
+            tracing::warn!(aggregate = %format_args!("{}.{aggregate_id}", aggregate.aggregate_type()), %reason, "ignoring snapshot, replaying all events");
+        }
+        let mut loaded = start.unwrap_or_else(|| Self::empty(aggregate));
+        loaded
+            .catch_up(store, aggregate, aggregate_id, until)
+            .await?;
+        Ok((loaded, used))
     }
 
     /// Loads an aggregate from scratch.

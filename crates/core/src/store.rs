@@ -603,6 +603,60 @@ impl EventStore {
         Ok(())
     }
 
+    /// Subjects of the stream matching `filter` (e.g. `events.account.*`):
+    /// one per aggregate.
+    pub async fn subjects(&self, filter: &str) -> Result<Vec<String>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot list the event stream's subjects", e))?;
+        let mut out = Vec::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, _count) =
+                entry.map_err(|e| StoreError::unavailable("cannot list subjects", e))?;
+            out.push(subject);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Version and sequence of an aggregate's last event, `None` if it has
+    /// none. One direct get.
+    pub async fn last_version(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
+        match stream
+            .direct_get_last_for_subject(event_subject(aggregate_type, aggregate_id))
+            .await
+        {
+            Ok(m) => Ok(Some((
+                header_u64(Some(&m.headers), envelope::AGGREGATE_VERSION).unwrap_or(0),
+                m.sequence,
+            ))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::unavailable("reading the last event", e)),
+        }
+    }
+
     /// The event at stream sequence `sequence`, `None` if there is none.
     pub async fn get(&self, sequence: u64) -> Result<Option<RecordedEvent>, StoreError> {
         let stream = self

@@ -1,0 +1,245 @@
+//! Snapshots: an aggregate's state at some version, so loading replays only
+//! the tail. A snapshot is a cache, never a source of truth: one with an
+//! unknown format or state schema, a bad checksum or undecodable data is
+//! ignored (loading falls back to a full replay) and replaced later.
+//!
+//! Stored in a JetStream key-value bucket (`snapshot.bucket`, replicated like
+//! the event stream), key `<aggregate_type>.<aggregate_id>`, value JSON:
+//!
+//! ```json
+//! {"format": 1, "aggregate_type": "account", "aggregate_id": "a1",
+//!  "state_schema": 1, "version": 200, "sequence": 5123,
+//!  "timestamp": "2026-11-22T05:00:00Z", "taken_at": "...",
+//!  "recent_commands": [["cmd-1", 5100]], "state": {...},
+//!  "checksum": "crc32:1a2b3c4d"}
+//! ```
+//!
+//! `timestamp` is the time of the event at `sequence`; temporal queries use a
+//! snapshot only if it does not go past the requested point. The checksum
+//! covers everything but `taken_at` and itself.
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::config::SnapshotConfig;
+use crate::store::{StoreError, StoreErrorKind};
+
+/// The snapshot envelope this version writes and reads.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub format: u32,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub state_schema: u32,
+    pub version: u64,
+    pub sequence: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub taken_at: OffsetDateTime,
+    pub recent_commands: Vec<(String, u64)>,
+    pub state: Value,
+    pub checksum: String,
+}
+
+impl Snapshot {
+    fn digest(&self) -> String {
+        let mut hasher = crc32fast::Hasher::new();
+        let head = format!(
+            "{}|{}|{}|{}|{}|{}|{}|",
+            self.format,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.state_schema,
+            self.version,
+            self.sequence,
+            self.timestamp.unix_timestamp_nanos()
+        );
+        hasher.update(head.as_bytes());
+        // serde_json maps are ordered, so this encoding is canonical.
+        hasher.update(&serde_json::to_vec(&self.recent_commands).unwrap_or_default());
+        hasher.update(&serde_json::to_vec(&self.state).unwrap_or_default());
+        format!("crc32:{:08x}", hasher.finalize())
+    }
+
+    /// Seals a snapshot: sets format and checksum.
+    pub fn seal(mut self) -> Self {
+        self.format = SNAPSHOT_FORMAT;
+        self.checksum = self.digest();
+        self
+    }
+
+    /// Decodes and checks a stored snapshot; the error says why it is unusable.
+    pub fn decode(bytes: &[u8], state_schema: u32) -> Result<Self, String> {
+        let snapshot: Snapshot =
+            serde_json::from_slice(bytes).map_err(|e| format!("undecodable snapshot: {e}"))?;
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(format!("unknown snapshot format {}", snapshot.format));
+        }
+        if snapshot.state_schema != state_schema {
+            return Err(format!(
+                "state schema {} is not the current {state_schema}",
+                snapshot.state_schema
+            ));
+        }
+        if snapshot.checksum != snapshot.digest() {
+            return Err("checksum mismatch".into());
+        }
+        Ok(snapshot)
+    }
+
+    pub fn key(aggregate_type: &str, aggregate_id: &str) -> String {
+        format!("{aggregate_type}.{aggregate_id}")
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    /// An equal or newer snapshot is already there.
+    Kept,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    kv: kv::Store,
+    bucket: String,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        format!("{what}: {e}; check that nats-server is up, then retry"),
+    )
+}
+
+impl SnapshotStore {
+    /// Opens the bucket, creating it when missing.
+    pub async fn open(
+        js: &jetstream::Context,
+        config: &SnapshotConfig,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
+        let kv = match js.get_key_value(&config.bucket).await {
+            Ok(kv) => kv,
+            Err(_) => {
+                let created = js
+                    .create_key_value(kv::Config {
+                        bucket: config.bucket.clone(),
+                        description: "jetsource snapshots: latest state per aggregate (a cache)"
+                            .into(),
+                        history: 1,
+                        num_replicas: replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(kv) => kv,
+                    // Another process created it first.
+                    Err(create) => js
+                        .get_key_value(&config.bucket)
+                        .await
+                        .map_err(|_| unavailable("cannot open the snapshot bucket", create))?,
+                }
+            }
+        };
+        Ok(Self {
+            kv,
+            bucket: config.bucket.clone(),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The stored bytes of an aggregate's snapshot, if any.
+    pub async fn get_raw(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv
+            .get(Snapshot::key(aggregate_type, aggregate_id))
+            .await
+            .map(|v| v.map(|b| b.to_vec()))
+            .map_err(|e| unavailable("cannot read a snapshot", e))
+    }
+
+    /// Stores raw bytes under a key: for tests and repairs.
+    pub async fn put_raw(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.kv
+            .put(key, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("cannot write a snapshot", e))
+    }
+
+    /// Stores `snapshot` unless an equal or newer valid one is there. Several
+    /// snapshotter copies may race: compare-and-set on the entry's revision
+    /// makes the newest win. An unusable stored snapshot counts as older.
+    pub async fn put_if_newer(
+        &self,
+        snapshot: &Snapshot,
+        state_schema: u32,
+    ) -> Result<Written, StoreError> {
+        let key = Snapshot::key(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let bytes = serde_json::to_vec(snapshot).unwrap_or_default();
+        for _ in 0..10 {
+            let entry = self
+                .kv
+                .entry(&key)
+                .await
+                .map_err(|e| unavailable("cannot read a snapshot", e))?;
+            let result = match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    if let Ok(existing) = Snapshot::decode(&entry.value, state_schema) {
+                        if existing.version >= snapshot.version {
+                            return Ok(Written::Kept);
+                        }
+                    }
+                    self.kv
+                        .update(&key, bytes.clone().into(), entry.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                _ => self
+                    .kv
+                    .create(&key, bytes.clone().into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            if result.is_ok() {
+                return Ok(Written::Stored);
+            }
+            // Another copy wrote meanwhile: look again.
+        }
+        Err(unavailable(
+            "cannot write a snapshot",
+            "the entry kept changing under concurrent writers",
+        ))
+    }
+
+    /// Every key in the bucket.
+    pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| unavailable("cannot list snapshots", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            out.push(key.map_err(|e| unavailable("cannot list snapshots", e))?);
+        }
+        Ok(out)
+    }
+}

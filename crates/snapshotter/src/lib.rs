@@ -1,0 +1,267 @@
+//! The snapshotter: follows the event stream through a durable consumer and,
+//! every `snapshot.every` events of an aggregate (per type configurable),
+//! stores the aggregate's state in the snapshot bucket. It also takes a
+//! snapshot on request (`jetsource.snapshot.request.<type>.<id>`, sent by
+//! the command worker after a slow load).
+//!
+//! Several copies may run: they share one consumer, and a snapshot only ever
+//! replaces an older one (compare-and-set on the bucket entry), so the order
+//! in which copies finish does not matter.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use futures::StreamExt;
+use jetsource_core::aggregate::{DynAggregate, Registry};
+use jetsource_core::config::{Config, SnapshotConfig};
+use jetsource_core::envelope::{AGGREGATE_VERSION, EVENT_SUBJECT_PREFIX};
+use jetsource_core::loader::{LoadError, Loaded, Until};
+use jetsource_core::micro::{Endpoint, MicroService};
+use jetsource_core::snapshot::{SnapshotStore, Written};
+use jetsource_core::store::{EventStore, StoreError};
+
+pub const SERVICE_NAME: &str = "jetsource-snapshotter";
+/// Durable consumer shared by all copies.
+pub const CONSUMER: &str = "snapshotter";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Takes a snapshot of one aggregate as of `until` (from its previous
+/// snapshot plus the tail) and stores it unless a newer one is there.
+pub async fn take(
+    store: &EventStore,
+    snapshots: &SnapshotStore,
+    aggregate: &dyn DynAggregate,
+    aggregate_id: &str,
+    until: Until,
+) -> Result<Option<Written>, SnapshotError> {
+    let (loaded, _) =
+        Loaded::load_with_snapshot(store, snapshots, aggregate, aggregate_id, until).await?;
+    let Some(snapshot) = loaded.to_snapshot(aggregate, aggregate_id) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        snapshots
+            .put_if_newer(&snapshot, aggregate.state_schema_version())
+            .await?,
+    ))
+}
+
+/// Whether the event at `version` of `aggregate_type` is a snapshot point.
+pub fn due(config: &SnapshotConfig, aggregate_type: &str, version: u64) -> bool {
+    version > 0 && version % config.every(aggregate_type) == 0
+}
+
+/// Rebuilds the snapshots of every aggregate (of `only_type`, if given) from
+/// a full replay, replacing whatever is stored. `progress` is called after
+/// each aggregate with (done, total).
+pub async fn rebuild(
+    store: &EventStore,
+    snapshots: &SnapshotStore,
+    registry: &Registry,
+    only_type: Option<&str>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<usize, SnapshotError> {
+    let filter = match only_type {
+        Some(t) => format!("{EVENT_SUBJECT_PREFIX}.{t}.*"),
+        None => format!("{EVENT_SUBJECT_PREFIX}.*.*"),
+    };
+    let subjects = store.subjects(&filter).await?;
+    let total = subjects.len();
+    let mut written = 0;
+    for (done, subject) in subjects.iter().enumerate() {
+        let mut tokens = subject.splitn(3, '.').skip(1);
+        let (Some(aggregate_type), Some(aggregate_id)) = (tokens.next(), tokens.next()) else {
+            continue;
+        };
+        let Some(aggregate) = registry.get(aggregate_type) else {
+            continue;
+        };
+        let loaded = Loaded::load(store, aggregate.as_ref(), aggregate_id, Until::End).await?;
+        if let Some(snapshot) = loaded.to_snapshot(aggregate.as_ref(), aggregate_id) {
+            let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+            snapshots
+                .put_raw(
+                    &jetsource_core::snapshot::Snapshot::key(aggregate_type, aggregate_id),
+                    bytes,
+                )
+                .await?;
+            written += 1;
+        }
+        progress(done + 1, total);
+    }
+    Ok(written)
+}
+
+struct Shared {
+    store: EventStore,
+    snapshots: SnapshotStore,
+    registry: Registry,
+    config: SnapshotConfig,
+}
+
+impl Shared {
+    async fn snapshot(&self, aggregate_type: &str, aggregate_id: &str, until: Until) {
+        let Some(aggregate) = self.registry.get(aggregate_type) else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match take(
+                &self.store,
+                &self.snapshots,
+                aggregate.as_ref(),
+                aggregate_id,
+                until,
+            )
+            .await
+            {
+                Ok(written) => {
+                    tracing::debug!(aggregate = %format_args!("{aggregate_type}.{aggregate_id}"), ?written, "snapshot");
+                    return;
+                }
+                Err(SnapshotError::Load(LoadError::Decode { .. })) => {
+                    tracing::warn!(aggregate = %format_args!("{aggregate_type}.{aggregate_id}"), "history cannot be decoded; no snapshot");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(aggregate = %format_args!("{aggregate_type}.{aggregate_id}"), attempt, error = %e, "snapshot failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+        // Snapshots are a cache: a missed one costs a longer load, nothing else.
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let snapshots =
+        SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
+    let events = store
+        .jetstream()
+        .get_stream(&config.store.stream)
+        .await
+        .map_err(|e| RunError::Setup(format!("cannot open stream {}: {e}", config.store.stream)))?;
+    let consumer = events
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            description: Some("jetsource snapshotter".into()),
+            filter_subject: format!("{EVENT_SUBJECT_PREFIX}.>"),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| RunError::Setup(format!("cannot create the snapshotter consumer: {e}")))?;
+    let shared = Arc::new(Shared {
+        store,
+        snapshots,
+        registry,
+        config: config.snapshot.clone(),
+    });
+
+    let mut requests = client
+        .queue_subscribe(
+            "jetsource.snapshot.request.>",
+            config.snapshot.queue_group.clone(),
+        )
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let service = MicroService::start(
+        &client,
+        SERVICE_NAME,
+        env!("CARGO_PKG_VERSION"),
+        "jetsource snapshotter: periodic aggregate snapshots",
+        vec![Endpoint {
+            name: "requests".into(),
+            subject: "jetsource.snapshot.request.>".into(),
+            queue_group: config.snapshot.queue_group.clone(),
+        }],
+    )
+    .await
+    .map_err(|e| RunError::Setup(e.to_string()))?;
+    tracing::info!(bucket = %config.snapshot.bucket, every = config.snapshot.every, "snapshotter running");
+
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?
+        .ready_chunks(256);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            request = requests.next() => {
+                let Some(request) = request else { break };
+                let started = Instant::now();
+                let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
+                if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
+                    shared.snapshot(t, id, Until::End).await;
+                }
+                service.record("requests", started.elapsed(), None);
+            }
+            chunk = messages.next() => {
+                let Some(chunk) = chunk else { break };
+                for message in chunk.into_iter().flatten() {
+                    let mut tokens = message.subject.as_str().splitn(3, '.').skip(1);
+                    let version = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(AGGREGATE_VERSION))
+                        .and_then(|v| v.as_str().parse::<u64>().ok());
+                    if let (Some(t), Some(id), Some(version), Ok(info)) =
+                        (tokens.next(), tokens.next(), version, message.info())
+                    {
+                        if due(&shared.config, t, version) {
+                            shared.snapshot(t, id, Until::Sequence(info.stream_sequence)).await;
+                        }
+                    }
+                    if let Err(e) = message.ack().await {
+                        tracing::debug!(error = %e, "ack failed; the event will come again");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    let _ = requests.drain().await;
+    while let Some(request) = requests.next().await {
+        let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
+        if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
+            shared.snapshot(t, id, Until::End).await;
+        }
+    }
+    service.stop();
+    let _ = client.flush().await;
+    tracing::info!("snapshotter stopped");
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! `jetsource-snapshotter`: parse configuration, start logging, write
+//! snapshots until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// jetsource snapshotter. Several copies may run; they share the work.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML); see jetsource.example.toml.
+    #[arg(long, env = "JETSOURCE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = jetsource_core::config::Config::load(args.config.as_deref())?;
+    jetsource_core::telemetry::init(&config.log);
+    jetsource_snapshotter::run(
+        config,
+        jetsource_example::registry(),
+        jetsource_core::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
