@@ -48,17 +48,20 @@ export JETSOURCE__REDIS__URL="redis://127.0.0.1:6379/"
 pids+=($!)
 "$bin/jetsource-projector" &
 pids+=($!)
+"$bin/jetsource-snapshotter" &
+pids+=($!)
 
 cat >&2 <<'MSG'
 
 jetsource is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
-redis on 127.0.0.1:6379, jetsource-command and jetsource-projector.
+redis on 127.0.0.1:6379, jetsource-command, -projector and -snapshotter.
 Try, in another terminal:
   target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
   target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
   target/debug/jetsource history account acc-1
   target/debug/jetsource query account acc-1
   target/debug/jetsource projection status
+  target/debug/jetsource snapshot status
 Ctrl-C stops everything.
 
 MSG

@@ -101,6 +101,20 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Aggregate snapshots: status, rebuild.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// How many snapshots, how old, how far behind their aggregates.
+    Status,
+    /// Recompute the snapshots of every aggregate (of one type) from a full
+    /// replay, replacing what is stored.
+    Rebuild { aggregate_type: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,7 +276,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => Until::End,
             };
             let store = EventStore::open(client, &config.nats, &config.store).await?;
-            let loaded = Loaded::load(&store, aggregate.as_ref(), &aggregate_id, until).await?;
+            let snapshots = jetsource_core::snapshot::SnapshotStore::open(
+                store.jetstream(),
+                &config.snapshot,
+                config.store.replicas,
+            )
+            .await?;
+            // From the latest snapshot that does not go past the point.
+            let (loaded, used) = Loaded::load_with_snapshot(
+                &store,
+                &snapshots,
+                aggregate.as_ref(),
+                &aggregate_id,
+                until,
+            )
+            .await?;
             if loaded.version == 0 {
                 let point = match until {
                     Until::End => String::new(),
@@ -275,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let timestamp = loaded.last_timestamp.map(rfc3339);
             if cli.json {
                 let out = json!({
+                    "snapshot": format!("{used:?}"),
                     "aggregate_type": aggregate_type,
                     "aggregate_id": aggregate_id,
                     "version": loaded.version,
@@ -311,6 +340,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq {
             command: DlqCommand::Replay { seq },
         } => ops::dlq_replay(&client, &config, seq, cli.json).await?,
+        Command::Snapshot {
+            command: SnapshotCommand::Status,
+        } => ops::snapshot_status(&client, &config, cli.json).await?,
+        Command::Snapshot {
+            command: SnapshotCommand::Rebuild { aggregate_type },
+        } => ops::snapshot_rebuild(&client, &config, aggregate_type.as_deref(), cli.json).await?,
         Command::Stream => {
             let store = EventStore::open(client, &config.nats, &config.store).await?;
             let info = store.info().await?;

@@ -348,3 +348,146 @@ pub async fn dlq_replay(
     }
     Ok(())
 }
+
+pub async fn snapshot_status(
+    client: &async_nats::Client,
+    config: &Config,
+    json: bool,
+) -> anyhow::Result<()> {
+    use jetsource_core::snapshot::{Snapshot, SnapshotStore};
+    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let snapshots =
+        SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
+    let registry = jetsource_example::registry();
+    let now = time::OffsetDateTime::now_utc();
+    #[derive(Default)]
+    struct Row {
+        count: u64,
+        unusable: u64,
+        oldest_seconds: f64,
+        behind_max: u64,
+        behind_sum: u64,
+    }
+    let mut rows: std::collections::BTreeMap<String, Row> = Default::default();
+    for key in snapshots.keys().await? {
+        let Some((aggregate_type, aggregate_id)) = key.split_once('.') else {
+            continue;
+        };
+        let row = rows.entry(aggregate_type.to_owned()).or_default();
+        row.count += 1;
+        let schema = registry
+            .get(aggregate_type)
+            .map_or(0, |a| a.state_schema_version());
+        let Some(bytes) = snapshots.get_raw(aggregate_type, aggregate_id).await? else {
+            continue;
+        };
+        match Snapshot::decode(&bytes, schema) {
+            Ok(snapshot) => {
+                let age = (now - snapshot.taken_at).as_seconds_f64().max(0.0);
+                row.oldest_seconds = row.oldest_seconds.max(age);
+                let current = store
+                    .last_version(aggregate_type, aggregate_id)
+                    .await?
+                    .map_or(0, |(v, _)| v);
+                let behind = current.saturating_sub(snapshot.version);
+                row.behind_max = row.behind_max.max(behind);
+                row.behind_sum += behind;
+            }
+            Err(_) => row.unusable += 1,
+        }
+    }
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|(t, r)| {
+            json!({
+                "aggregate_type": t,
+                "snapshots": r.count,
+                "unusable": r.unusable,
+                "oldest_seconds": r.oldest_seconds,
+                "events_behind_max": r.behind_max,
+                "events_behind_avg": if r.count > r.unusable { r.behind_sum as f64 / (r.count - r.unusable) as f64 } else { 0.0 },
+                "every": config.snapshot.every(t),
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!("no snapshots in bucket {}", snapshots.bucket());
+        return Ok(());
+    }
+    let mut table = Table::new([
+        "TYPE",
+        "SNAPSHOTS",
+        "UNUSABLE",
+        "OLDEST",
+        "BEHIND (MAX)",
+        "BEHIND (AVG)",
+        "EVERY",
+    ]);
+    for r in &out {
+        table.row([
+            r["aggregate_type"].as_str().unwrap_or("").to_owned(),
+            r["snapshots"].to_string(),
+            r["unusable"].to_string(),
+            format!("{:.0}s", r["oldest_seconds"].as_f64().unwrap_or(0.0)),
+            r["events_behind_max"].to_string(),
+            format!("{:.1}", r["events_behind_avg"].as_f64().unwrap_or(0.0)),
+            r["every"].to_string(),
+        ]);
+    }
+    print!("{table}");
+    Ok(())
+}
+
+pub async fn snapshot_rebuild(
+    client: &async_nats::Client,
+    config: &Config,
+    only_type: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use jetsource_core::snapshot::SnapshotStore;
+    let registry = jetsource_example::registry();
+    if let Some(t) = only_type {
+        if registry.get(t).is_none() {
+            bail!(
+                "unknown aggregate type {t:?}; known types: {}",
+                registry.types().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let snapshots =
+        SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
+    let began = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let written =
+        jetsource_snapshotter::rebuild(&store, &snapshots, &registry, only_type, |done, total| {
+            let secs = began.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = (total - done) as f64 / rate.max(1e-9);
+            let line = format!(
+                "rebuilding snapshots: {done}/{total} aggregates  {rate:.0}/s  ETA {eta:.0}s"
+            );
+            if tty {
+                eprint!("\r{line}");
+            } else if last_line.elapsed() >= Duration::from_secs(1) || done == total {
+                eprintln!("{line}");
+                last_line = Instant::now();
+            }
+        })
+        .await?;
+    if tty {
+        eprintln!();
+    }
+    let secs = began.elapsed().as_secs_f64();
+    if json {
+        println!("{}", json!({"snapshots": written, "seconds": secs}));
+    } else {
+        println!("wrote {written} snapshots in {secs:.1}s");
+    }
+    Ok(())
+}
