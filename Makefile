@@ -9,7 +9,7 @@ TOOLS := $(CURDIR)/tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup build run test lint fmt clean-data
+.PHONY: help setup build run test bench lint fmt clean-data
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,10 @@ test: setup build ## Run every test against real servers (needs nothing running)
 	  cargo test --workspace --no-fail-fast; \
 	fi
 	cargo test --workspace --doc
+
+bench: setup ## Full benchmark suite (release build, ~10 min); rewrites docs/BENCHMARKS.md and docs/bench/
+	cargo build --release --workspace --bins
+	target/release/jetsource-bench --out docs
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	cargo fmt --all -- --check

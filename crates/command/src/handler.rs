@@ -277,8 +277,9 @@ impl Worker {
         let mut conflicts = 0;
         // Whether the state was read from the store during this request. Any
         // answer that the server's expected-sequence check does not guard (a
-        // refusal, a no-op, a version mismatch, "not seen before") must be
-        // given on fresh state, never on a possibly stale cache.
+        // refusal, a no-op, a version mismatch) must be given on fresh state,
+        // never on a possibly stale cache. (A command id missing from a stale
+        // cache is guarded: its append fails the sequence check.)
         let mut fresh = false;
         loop {
             if slot.loaded.is_none() || slot.stale {

@@ -13,6 +13,7 @@
 //!   within the duplicate window is acknowledged as a duplicate, not stored.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{
@@ -30,6 +31,7 @@ use jetsource_aggregate::NewEvent;
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
@@ -147,7 +149,19 @@ pub struct EventStore {
     stream_name: String,
     read_batch: usize,
     timeout: Duration,
+    /// Atomic batches this process keeps open at once. The server allows 50
+    /// per stream (error 10210 beyond); staying under it in each process
+    /// turns a burst of multi-event commands into a short queue instead of
+    /// errors.
+    batch_permits: Arc<Semaphore>,
 }
+
+/// Atomic batches one process keeps open at once (the server allows 50 per
+/// stream, shared by every process).
+pub const MAX_OPEN_BATCHES: usize = 16;
+
+/// "atomic publish too many inflight": the stream's open-batch limit.
+const BATCH_TOO_MANY_INFLIGHT: u64 = 10210;
 
 /// The stream jetsource needs, from configuration.
 pub fn desired_stream(config: &StoreConfig) -> stream::Config {
@@ -328,6 +342,7 @@ impl EventStore {
             stream_name: config.stream.clone(),
             read_batch: config.read_batch,
             timeout: nats.request_timeout(),
+            batch_permits: Arc::new(Semaphore::new(MAX_OPEN_BATCHES)),
         })
     }
 
@@ -426,7 +441,27 @@ impl EventStore {
                     events.len()
                 ),
             )),
-            events => self.append_batch(append, subject, events).await,
+            events => {
+                let _permit = self
+                    .batch_permits
+                    .acquire()
+                    .await
+                    .map_err(|e| StoreError::unavailable("atomic batch", e))?;
+                // Other processes share the server's limit: back off and
+                // retry a few times before reporting it.
+                let mut backoff = Duration::from_millis(5);
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match self.append_batch(append, subject.clone(), events).await {
+                        Err(e) if is_too_many_batches(&e) && attempt < 6 => {
+                            tokio::time::sleep(backoff).await;
+                            backoff *= 2;
+                        }
+                        other => return other,
+                    }
+                }
+            }
         }
     }
 
@@ -808,6 +843,9 @@ fn api_error_code(e: &PublishError) -> Option<u64> {
 const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
 
 fn publish_error(e: PublishError) -> StoreError {
+    if api_error_code(&e) == Some(BATCH_TOO_MANY_INFLIGHT) {
+        return too_many_batches();
+    }
     if api_error_code(&e) == Some(BATCH_DUPLICATE_MSG_ID) {
         return StoreError::new(
             StoreErrorKind::DuplicateCommand,
@@ -835,12 +873,30 @@ fn publish_error(e: PublishError) -> StoreError {
     StoreError::new(kind, message)
 }
 
+fn too_many_batches() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        format!(
+            "too many atomic batches open on the stream (error {BATCH_TOO_MANY_INFLIGHT}); retry"
+        ),
+    )
+}
+
+fn is_too_many_batches(e: &StoreError) -> bool {
+    e.kind == StoreErrorKind::Unavailable && e.message.contains("too many atomic batches open")
+}
+
 fn batch_reply_error(payload: &[u8]) -> StoreError {
     match serde_json::from_slice::<ApiErrorResponse>(payload) {
         Ok(ApiErrorResponse { error: Some(error) }) if error.err_code == 10071 => StoreError::new(
             StoreErrorKind::WrongLastSequence,
             "the aggregate changed since it was loaded (wrong last sequence)",
         ),
+        Ok(ApiErrorResponse { error: Some(error) })
+            if error.err_code == BATCH_TOO_MANY_INFLIGHT =>
+        {
+            too_many_batches()
+        }
         Ok(ApiErrorResponse { error: Some(error) }) => StoreError::new(
             StoreErrorKind::Rejected,
             format!(

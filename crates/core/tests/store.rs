@@ -347,3 +347,27 @@ async fn long_histories_are_read_in_batches_and_up_to_a_point() {
     assert_eq!(applied, 50 - at.version);
     assert_eq!(partial.version, 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_batches_stay_under_the_server_limit() {
+    // The server allows 50 open atomic batches per stream; 120 at once from
+    // one process must all succeed, not fail with error 10210.
+    let server = NatsServer::start();
+    let store = std::sync::Arc::new(store(&server).await);
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let events = [
+                ev("AccountOpened", r#"{"owner":"ada"}"#),
+                ev("Deposited", r#"{"amount":1}"#),
+            ];
+            let id = format!("b{i}");
+            store.append(&append(&id, 0, 0, &events)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(stream_messages(&store).await, 240);
+}
