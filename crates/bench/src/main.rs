@@ -31,6 +31,9 @@ struct Args {
     /// Durability modes to measure: `always`, `default` or `both`.
     #[arg(long, default_value = "both")]
     durability: String,
+    /// Override the number of events replayed by the read-side workloads.
+    #[arg(long)]
+    replay_events: Option<u64>,
 }
 
 /// Workload sizes.
@@ -99,6 +102,8 @@ struct ReadResults {
     load_without_snapshot_ms: f64,
     load_with_snapshot_ms: f64,
     load_with_snapshot_tail_100_ms: f64,
+    sparse_events: u64,
+    load_sparse_ms: f64,
     projector_peak_rss_kb: u64,
     snapshotter_peak_rss_kb: u64,
 }
@@ -115,11 +120,14 @@ struct Results {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sizes = if args.quick {
+    let mut sizes = if args.quick {
         Sizes::quick()
     } else {
         Sizes::full()
     };
+    if let Some(n) = args.replay_events {
+        sizes.replay_events = n;
+    }
     let modes: Vec<Sync> = match args.durability.as_str() {
         "always" => vec![Sync::Always],
         "default" => vec![Sync::Default],
@@ -363,6 +371,10 @@ fn write_outputs(out: &Path, results: &Results) -> anyhow::Result<()> {
         rd.load_with_snapshot_ms,
         rd.load_with_snapshot_tail_100_ms,
         ratio(rd.load_without_snapshot_ms, rd.load_with_snapshot_ms)
+    ));
+    md.push_str(&format!(
+        "| load an aggregate of {} events spread over {} (no snapshot) | {:.1} ms | | |\n",
+        rd.sparse_events, rd.events, rd.load_sparse_ms
     ));
     md.push_str(&format!(
         "| peak RSS | projector {:.1} MB, snapshotter {:.1} MB | | |\n",

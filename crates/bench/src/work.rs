@@ -645,6 +645,29 @@ pub async fn read_suite(
     r.rebuild_seconds = rebuilt["seconds"].as_f64().unwrap_or(0.0);
     eprintln!("  rebuild: {:.1}s", r.rebuild_seconds);
 
+    // Loading an aggregate whose events are spread thinly over the stream
+    // (one in every `accounts` messages): the common shape in production.
+    {
+        let registry = jetsource_example::registry();
+        let account = registry
+            .get("account")
+            .context("account aggregate")?
+            .as_ref();
+        let t = Instant::now();
+        let l = tokio::time::timeout(
+            Duration::from_secs(300),
+            Loaded::load(&store, account, "r0", Until::End),
+        )
+        .await
+        .context("loading a sparse aggregate took over 5 minutes")??;
+        r.load_sparse_ms = t.elapsed().as_secs_f64() * 1e3;
+        r.sparse_events = l.version;
+        eprintln!(
+            "  load a sparse aggregate ({} events over {last}): {:.1} ms",
+            l.version, r.load_sparse_ms
+        );
+    }
+
     // Live lag under a steady load through the worker.
     let worker = Proc::start("jetsource-command", server, &[])?;
     wait_for_service(&client, "jetsource-command", 1).await;
@@ -662,6 +685,31 @@ pub async fn read_suite(
             }
         })
     };
+    // A steady load on a working set of hot accounts (warmed first: cold
+    // loads are measured elsewhere, this is about append-to-read-model lag).
+    let hot = accounts.min(100);
+    for i in 0..hot {
+        let body = r#"{"type":"OpenAccount","data":{"owner":"lag"}}"#;
+        let t = Instant::now();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(120),
+            client.send_request(
+                format!("cmd.account.lag{i}"),
+                async_nats::Request::new()
+                    .payload(body.into())
+                    .timeout(None),
+            ),
+        )
+        .await
+        .context("opening a hot account took over 2 minutes")??;
+        if i < 3 {
+            eprintln!(
+                "  opening hot account {i}: {:.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        decode_reply::<CommandOutcome>(&reply.payload)?.map_err(|e| anyhow!("{e}"))?;
+    }
     let acked: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let total = sizes.steady_rate * sizes.steady_seconds;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / sizes.steady_rate as f64));
@@ -672,10 +720,7 @@ pub async fn read_suite(
         sends.push(tokio::spawn(async move {
             let body = r#"{"type":"Deposit","data":{"amount":1}}"#;
             let reply = client
-                .request(
-                    format!("cmd.account.r{}", i as usize % accounts),
-                    body.into(),
-                )
+                .request(format!("cmd.account.lag{}", i as usize % hot), body.into())
                 .await?;
             let outcome =
                 decode_reply::<CommandOutcome>(&reply.payload)?.map_err(|e| anyhow!("{e}"))?;
