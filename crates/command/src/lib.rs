@@ -9,16 +9,14 @@ mod handler;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
-use jetsource_core::micro::{Endpoint, MicroService};
-use jetsource_core::protocol::{encode_reply, COMMAND_SUBJECT_PREFIX};
+use jetsource_core::micro::{self, Endpoint, MicroService};
+use jetsource_core::protocol::COMMAND_SUBJECT_PREFIX;
 use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{EventStore, StoreError};
-use tokio::sync::Semaphore;
 
 pub use handler::{snapshot_request_subject, Snapshots, Worker};
 
@@ -27,9 +25,6 @@ pub const SERVICE_NAME: &str = "jetsource-command";
 
 /// The one endpoint, as named in `$SRV.INFO` and `$SRV.STATS`.
 pub const ENDPOINT: &str = "commands";
-
-/// How long shutdown waits for requests already taken to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -64,7 +59,7 @@ pub async fn run(
 
     let subject = format!("{COMMAND_SUBJECT_PREFIX}.>");
     let queue_group = config.command.queue_group.clone();
-    let mut requests = client
+    let requests = client
         .queue_subscribe(subject.clone(), queue_group.clone())
         .await
         .map_err(|e| RunError::Service(e.to_string()))?;
@@ -89,74 +84,28 @@ pub async fn run(
         "command worker serving cmd.>"
     );
 
-    let max_in_flight = config.command.max_in_flight;
-    let permits = Arc::new(Semaphore::new(max_in_flight));
-    let serve = |message: async_nats::Message, permit| {
+    let handle = move |message: async_nats::Message| {
         let worker = worker.clone();
-        let client = client.clone();
-        let service = service.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
+        async move {
             let reply = worker
                 .handle(message.subject.as_str(), &message.payload)
                 .await;
-            let error = reply
-                .as_ref()
-                .err()
-                .map(|e| format!("{}: {}", e.code, e.message));
-            if let Some(to) = message.reply {
-                if let Err(e) = client.publish(to, encode_reply(&reply)).await {
-                    tracing::warn!(error = %e, "could not send a reply");
-                }
-            }
-            service.record(ENDPOINT, started.elapsed(), error.as_deref());
-            drop(permit);
-        });
-    };
-
-    tokio::pin!(shutdown);
-    loop {
-        // Taking a permit before the next request keeps at most
-        // `max_in_flight` requests in this process; the rest wait in NATS
-        // where other copies can take them.
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            message = requests.next() => match message {
-                Some(message) => serve(message, permit),
-                None => break,
-            },
+            (message.reply, reply)
         }
-    }
-
-    tracing::info!("stopping: no new requests, finishing those in flight");
-    // Drain, not unsubscribe: requests the server routed to this copy before
-    // it saw the unsubscribe are still delivered, and served.
-    if let Err(e) = requests.drain().await {
-        tracing::warn!(error = %e, "could not drain the request subscription");
-    }
-    let drain = async {
-        while let Some(message) = requests.next().await {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore is never closed");
-            serve(message, permit);
-        }
-        let _all = permits
-            .acquire_many(max_in_flight as u32)
-            .await
-            .expect("semaphore is never closed");
     };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
-        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; exiting anyway");
-    }
+    micro::serve(
+        &client,
+        requests,
+        &service,
+        ENDPOINT,
+        config.command.max_in_flight,
+        handle,
+        async {
+            shutdown.await;
+            tracing::info!("stopping: no new requests, finishing those in flight");
+        },
+    )
+    .await;
     service.stop();
     let _ = client.flush().await;
     tracing::info!("command worker stopped");

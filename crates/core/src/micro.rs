@@ -250,3 +250,100 @@ impl MicroService {
         self.responder.abort();
     }
 }
+
+/// How long [`serve`] waits, after `shutdown`, for requests already taken.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves the requests of `requests` (a subscription the caller made on
+/// `endpoint`'s subject) with `handle`, at most `max_in_flight` at once,
+/// until `shutdown` resolves. Then drains, not unsubscribes: requests the
+/// server routed to this copy before it saw the unsubscribe are still
+/// delivered and served, and those in flight finish (up to
+/// [`DRAIN_TIMEOUT`]). Every reply is the `{"ok": ...}` envelope; every
+/// request is counted in the service's statistics.
+pub async fn serve<T, F, Fut>(
+    client: &Client,
+    mut requests: async_nats::Subscriber,
+    service: &MicroService,
+    endpoint: &str,
+    max_in_flight: usize,
+    handle: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    T: Serialize + Send + 'static,
+    F: Fn(async_nats::Message) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = (
+                Option<async_nats::Subject>,
+                Result<T, crate::protocol::ErrorBody>,
+            ),
+        > + Send
+        + 'static,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    let serve_one = |message: async_nats::Message, permit: tokio::sync::OwnedSemaphorePermit| {
+        let (client, service, endpoint, handle) = (
+            client.clone(),
+            service.clone(),
+            endpoint.to_owned(),
+            handle.clone(),
+        );
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let (reply_to, reply) = handle(message).await;
+            let error = reply
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", e.code, e.message));
+            if let Some(to) = reply_to {
+                if let Err(e) = client
+                    .publish(to, crate::protocol::encode_reply(&reply))
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not send a reply");
+                }
+            }
+            service.record(&endpoint, started.elapsed(), error.as_deref());
+            drop(permit);
+        });
+    };
+    tokio::pin!(shutdown);
+    loop {
+        // Taking a permit before the next request keeps at most
+        // `max_in_flight` requests in this process; the rest wait in NATS
+        // where other copies can take them.
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            message = requests.next() => match message {
+                Some(message) => serve_one(message, permit),
+                None => break,
+            },
+        }
+    }
+    if let Err(e) = requests.drain().await {
+        tracing::warn!(error = %e, "could not drain the request subscription");
+    }
+    let drain = async {
+        while let Some(message) = requests.next().await {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            serve_one(message, permit);
+        }
+        let _all = permits
+            .acquire_many(max_in_flight as u32)
+            .await
+            .expect("semaphore is never closed");
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+}

@@ -15,15 +15,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use jetsource_core::config::Config;
-use jetsource_core::micro::{Endpoint, MicroService};
-use jetsource_core::protocol::{encode_reply, ErrorBody, ErrorCode};
+use jetsource_core::micro::{self, Endpoint, MicroService};
+use jetsource_core::protocol::{ErrorBody, ErrorCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::keys::{partition_of, KeySpace};
 use crate::redis_store::Meta;
@@ -90,7 +89,7 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let queue_group = config.projector.queue_group.clone();
-    let mut requests = shared
+    let requests = shared
         .client
         .queue_subscribe("query.>", queue_group.clone())
         .await
@@ -108,42 +107,27 @@ pub(crate) async fn serve(
     )
     .await
     .map_err(|e| e.to_string())?;
+    let client = shared.client.clone();
+    let handle = move |message: async_nats::Message| {
+        let shared = shared.clone();
+        async move {
+            let reply = handle(&shared, message.subject.as_str(), &message.payload).await;
+            (message.reply, reply)
+        }
+    };
     Ok(tokio::spawn(async move {
-        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let serve_one = |message: async_nats::Message, permit| {
-            let shared = shared.clone();
-            let service = service.clone();
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let reply = handle(&shared, message.subject.as_str(), &message.payload).await;
-                let error = reply
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{}: {}", e.code, e.message));
-                if let Some(to) = message.reply {
-                    let _ = shared.client.publish(to, encode_reply(&reply)).await;
-                }
-                service.record("queries", started.elapsed(), error.as_deref());
-                drop(permit);
-            });
-        };
-        loop {
-            let permit = permits.clone().acquire_owned().await.expect("never closed");
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => break,
-                message = requests.next() => match message {
-                    Some(message) => serve_one(message, permit),
-                    None => break,
-                },
-            }
-        }
-        let _ = requests.drain().await;
-        while let Some(message) = requests.next().await {
-            let permit = permits.clone().acquire_owned().await.expect("never closed");
-            serve_one(message, permit);
-        }
-        let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+        micro::serve(
+            &client,
+            requests,
+            &service,
+            "queries",
+            MAX_IN_FLIGHT,
+            handle,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await;
         service.stop();
     }))
 }
