@@ -542,6 +542,82 @@ async fn seed(
     Ok(())
 }
 
+/// The floor under any projector of the `accounts` read model on this Redis:
+/// the writes the projection emits for the seeded events (the same shape:
+/// `AccountOpened`, then `Deposited`, over `accounts` accounts), sent as
+/// plain pipelined commands, 1,000 events per round trip, generated on
+/// another task while the previous batch is written. No NATS, no Lua, no
+/// checkpoints, no watermark. The keys are deleted afterwards.
+async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Result<f64> {
+    use jetsource_projector::example::Accounts;
+    use jetsource_projector::keys::{partition_of, KeySpace};
+    use jetsource_projector::projection::{Op, Projection};
+
+    const BATCH: u64 = 1_000;
+    const PARTITIONS: u32 = 16;
+    let client = redis::Client::open(url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<redis::Pipeline>(2);
+    let producer = tokio::spawn(async move {
+        let projection = Accounts {
+            recent_transactions: 20,
+        };
+        let mut versions = vec![0u64; accounts];
+        let now = time::OffsetDateTime::now_utc();
+        let mut sequence = 0;
+        while sequence < events {
+            let mut pipe = redis::pipe();
+            let mut ops: Vec<Op> = Vec::new();
+            for _ in 0..BATCH.min(events - sequence) {
+                sequence += 1;
+                let a = ((sequence - 1) % accounts as u64) as usize;
+                versions[a] += 1;
+                let (event_type, data) = if versions[a] == 1 {
+                    ("AccountOpened", r#"{"owner":"bench"}"#)
+                } else {
+                    ("Deposited", DEPOSIT)
+                };
+                let id = format!("raw{a}");
+                let event = envelope::RecordedEvent {
+                    sequence,
+                    timestamp: now,
+                    aggregate_type: "account".into(),
+                    aggregate_version: versions[a],
+                    event_id: String::new(),
+                    event_type: event_type.into(),
+                    schema_version: 1,
+                    command_id: None,
+                    correlation_id: None,
+                    causation_id: None,
+                    data: bytes::Bytes::from_static(data.as_bytes()),
+                    aggregate_id: id,
+                };
+                let partition = partition_of("account", &event.aggregate_id, PARTITIONS);
+                let keys = KeySpace::new("rawbench", 1, partition);
+                ops.clear();
+                projection
+                    .project(&event, &keys, &mut ops)
+                    .map_err(|e| anyhow!("{e}"))?;
+                for op in &ops {
+                    pipe.cmd(&op.0[0]).arg(&op.0[1..]).ignore();
+                }
+            }
+            if tx.send(pipe).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    while let Some(pipe) = rx.recv().await {
+        let () = pipe.query_async(&mut con).await?;
+    }
+    let elapsed = started.elapsed();
+    producer.await??;
+    let () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
 fn median_ms(mut samples: Vec<Duration>) -> f64 {
     samples.sort();
     samples[samples.len() / 2].as_secs_f64() * 1e3
@@ -582,6 +658,14 @@ pub async fn read_suite(
     r.raw_replay_events_per_sec = last as f64 / started.elapsed().as_secs_f64();
     eprintln!("  raw replay: {:.0} events/s", r.raw_replay_events_per_sec);
 
+    // Raw Redis: the same read model's writes without the projector.
+    r.raw_redis_events_per_sec =
+        raw_redis_writes(&redis.url(), accounts, sizes.replay_events).await?;
+    eprintln!(
+        "  raw Redis writes of the accounts read model: {:.0} events/s",
+        r.raw_redis_events_per_sec
+    );
+
     // Projector catch-up from a cold start.
     let env = [("JETSOURCE__REDIS__URL", redis.url())];
     let redis_store = jetsource_projector::redis_store::RedisStore::connect(&redis.url()).await?;
@@ -605,10 +689,12 @@ pub async fn read_suite(
         }
         if Instant::now() >= next_line {
             let rate = w as f64 / started.elapsed().as_secs_f64();
-            eprintln!(
-                "  projector catch-up: {w}/{last}  {rate:.0}/s  ETA {:.0}s",
-                (last - w) as f64 / rate.max(1e-9)
-            );
+            let eta = if rate >= 1.0 {
+                format!("{:.0}s", (last - w) as f64 / rate)
+            } else {
+                "?".into()
+            };
+            eprintln!("  projector catch-up: {w}/{last}  {rate:.0}/s  ETA {eta}");
             next_line = Instant::now() + Duration::from_secs(1);
         }
         anyhow::ensure!(Instant::now() < deadline, "projector did not catch up");

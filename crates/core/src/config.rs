@@ -115,7 +115,7 @@ impl Default for ProjectorConfig {
         Self {
             queue_group: "jetsource-projector".into(),
             partitions: 16,
-            batch_size: 500,
+            batch_size: 1_000,
             failover_ms: 5_000,
             max_attempts: 3,
             dead_letter_stream: "DEADLETTERS".into(),

@@ -564,6 +564,17 @@ impl EventStore {
         self.read_stored(&filter, from, visit).await
     }
 
+    /// Reads the stored messages on subjects matching `filter` (wildcards
+    /// allowed) from stream sequence `from` on, in stream order.
+    pub async fn read_subjects(
+        &self,
+        filter: &str,
+        from: u64,
+        visit: impl FnMut(Vec<StoredMessage>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        self.read_stored(filter, from, visit).await
+    }
+
     async fn read_stored(
         &self,
         subject: &str,
@@ -689,6 +700,34 @@ impl EventStore {
                 Ok(None)
             }
             Err(e) => Err(StoreError::unavailable("reading the last event", e)),
+        }
+    }
+
+    /// Stream sequence of the first message at or after `from` on a subject
+    /// matching `filter`, `None` if there is none (yet).
+    pub async fn next_matching(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
+        match stream
+            .direct_get_next_for_subject(filter, Some(from.max(1)))
+            .await
+        {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::unavailable(
+                &format!("reading the next message on {filter}"),
+                e,
+            )),
         }
     }
 

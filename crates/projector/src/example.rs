@@ -24,10 +24,20 @@ use crate::projection::{Op, Projection, ProjectionError};
 /// Largest amount the read models accept: sums are Redis 64-bit integers.
 pub const MAX_AMOUNT: u64 = 1 << 53;
 
+/// Decodes an event into the domain's `{"type", "data"}` enum with one
+/// parse. The data is checked to be exactly one JSON value first, so it
+/// cannot smuggle in a second `type`.
 fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
-    let data: serde_json::Value = serde_json::from_slice(&event.data)
+    let data: &serde_json::value::RawValue = serde_json::from_slice(&event.data)
         .map_err(|e| ProjectionError(format!("data is not JSON: {e}")))?;
-    serde_json::from_value(serde_json::json!({"type": event.event_type, "data": data}))
+    let tag = serde_json::to_string(&event.event_type).unwrap_or_default();
+    let mut doc = String::with_capacity(tag.len() + data.get().len() + 20);
+    doc.push_str("{\"type\":");
+    doc.push_str(&tag);
+    doc.push_str(",\"data\":");
+    doc.push_str(data.get());
+    doc.push('}');
+    serde_json::from_str(&doc)
         .map_err(|e| ProjectionError(format!("cannot decode {}: {e}", event.event_type)))
 }
 
@@ -72,17 +82,18 @@ impl Projection for Accounts {
         let ranking = keys.key("accounts:by_balance");
         let totals = keys.key("totals");
         let transactions = keys.key(&format!("account:{id}:transactions"));
+        let at = at(event);
         let stamp = |op: Op| {
             op.arg("version")
                 .arg(event.aggregate_version)
                 .arg("updated_at")
-                .arg(at(event))
+                .arg(&at)
                 .arg("sequence")
                 .arg(event.sequence)
         };
         let mut transaction = |kind: &str, signed: i64| {
             let entry = serde_json::json!({
-                "sequence": event.sequence, "type": kind, "amount": signed, "at": at(event),
+                "sequence": event.sequence, "type": kind, "amount": signed, "at": at,
             });
             ops.push(Op::new("LPUSH", transactions.clone()).arg(entry));
             ops.push(

@@ -11,17 +11,29 @@ use crate::projection::Op;
 /// is above the partition checkpoint, and moves the checkpoint, atomically.
 /// A redelivered event is skipped; a crash between this call and the ack
 /// loses nothing and doubles nothing.
-/// ARGV[1] = JSON `[[sequence, [[command, key, args...], ...]], ...]`.
+///
+/// ARGV is flat so the script decodes nothing: per event `sequence,
+/// op_count`, then per op `argc, command, key, args...`. Each op is run
+/// straight from ARGV with `unpack(ARGV, from, to)`; an earlier version
+/// sent JSON and spent a fifth of Redis' time in `cjson.decode`.
 const APPLY: &str = r#"
 local checkpoint = tonumber(redis.call('GET', KEYS[1]) or '0')
-local events = cjson.decode(ARGV[1])
 local applied = 0
-for _, event in ipairs(events) do
-  local sequence = tonumber(event[1])
-  if sequence > checkpoint then
-    for _, op in ipairs(event[2]) do
-      redis.call(unpack(op))
+local i = 1
+local n = #ARGV
+while i <= n do
+  local sequence = tonumber(ARGV[i])
+  local ops = tonumber(ARGV[i + 1])
+  i = i + 2
+  local fresh = sequence > checkpoint
+  for _ = 1, ops do
+    local argc = tonumber(ARGV[i])
+    if fresh then
+      redis.call(unpack(ARGV, i + 1, i + argc))
     end
+    i = i + 1 + argc
+  end
+  if fresh then
     checkpoint = sequence
     applied = applied + 1
   end
@@ -87,6 +99,24 @@ pub struct PartitionBatch {
     pub events: Vec<(u64, Vec<Op>)>,
 }
 
+/// A batch encoded by [`RedisStore::prepare`], ready to be written (and
+/// written again, unchanged, if the first attempt fails).
+#[derive(Debug)]
+pub struct PreparedWrite {
+    pipe: redis::Pipeline,
+    generation: u64,
+    applies: usize,
+}
+
+/// What [`RedisStore::write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Events applied (the others were at or below a partition checkpoint).
+    pub applied: u64,
+    /// The generation's watermark after the write.
+    pub watermark: u64,
+}
+
 /// A projection's generations, from `jetsource:<projection>:meta`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
@@ -96,6 +126,25 @@ pub struct Meta {
 }
 
 impl Meta {
+    fn from_fields(fields: &std::collections::HashMap<String, u64>) -> Option<Self> {
+        let &active = fields.get("active")?;
+        let partitions = fields.get("partitions").copied().unwrap_or(1) as u32;
+        let building = fields.get("building").map(|&g| {
+            (
+                g,
+                fields
+                    .get("partitions_building")
+                    .copied()
+                    .unwrap_or(u64::from(partitions)) as u32,
+            )
+        });
+        Some(Self {
+            active,
+            partitions,
+            building,
+        })
+    }
+
     /// Partition count of `generation`, if it is active or building.
     pub fn partitions_of(&self, generation: u64) -> Option<u32> {
         if generation == self.active {
@@ -156,48 +205,74 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Applies several partitions' batches in one round trip.
-    pub async fn apply(&self, partitions: &[PartitionBatch]) -> Result<u64, RedisError> {
-        if partitions.is_empty() {
-            return Ok(0);
-        }
-        let mut pipe = redis::pipe();
-        for PartitionBatch { checkpoint, events } in partitions {
-            let encoded: Vec<(u64, Vec<&Vec<String>>)> = events
-                .iter()
-                .map(|(seq, ops)| (*seq, ops.iter().map(|o| &o.0).collect()))
-                .collect();
-            let json = serde_json::to_string(&encoded).unwrap_or_default();
-            pipe.cmd("EVALSHA")
-                .arg(self.apply.get_hash())
-                .arg(1)
-                .arg(checkpoint)
-                .arg(json);
-        }
-        let mut con = self.con.clone();
-        let applied: Vec<u64> = match pipe.query_async(&mut con).await {
-            Err(e) if is_noscript(&e) => {
-                self.load_scripts().await?;
-                pipe.query_async(&mut con).await?
-            }
-            other => other?,
-        };
-        Ok(applied.iter().sum())
-    }
-
-    /// Raises the watermark of a generation to `sequence`.
-    pub async fn raise_watermark(
+    /// Encodes a batch for [`RedisStore::write`]: the projection's metadata
+    /// (to learn whether the generation is still live), one APPLY per
+    /// partition, and the watermark raised to `watermark`, as one pipeline.
+    pub fn prepare(
         &self,
         projection: &str,
         generation: u64,
-        sequence: u64,
-    ) -> Result<u64, RedisError> {
+        partitions: &[PartitionBatch],
+        watermark: u64,
+    ) -> PreparedWrite {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(meta_key(projection));
+        for PartitionBatch { checkpoint, events } in partitions {
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.apply.get_hash())
+                .arg(1)
+                .arg(checkpoint);
+            for (sequence, ops) in events {
+                cmd.arg(sequence).arg(ops.len());
+                for op in ops {
+                    cmd.arg(op.0.len()).arg(&op.0);
+                }
+            }
+        }
+        pipe.cmd("EVALSHA")
+            .arg(self.raise.get_hash())
+            .arg(1)
+            .arg(watermark_key(projection, generation))
+            .arg(watermark);
+        PreparedWrite {
+            pipe,
+            generation,
+            applies: partitions.len(),
+        }
+    }
+
+    /// Runs a prepared batch in one round trip. The metadata is read before
+    /// the writes in the same pipeline; a generation found retired is
+    /// reported as `None` and its runner stops.
+    pub async fn write(&self, prepared: &PreparedWrite) -> Result<Option<Written>, RedisError> {
         let mut con = self.con.clone();
-        self.raise
-            .key(watermark_key(projection, generation))
-            .arg(sequence)
-            .invoke_async(&mut con)
-            .await
+        let replies: Vec<redis::Value> = match prepared.pipe.query_async(&mut con).await {
+            Err(e) if is_noscript(&e) => {
+                self.load_scripts().await?;
+                prepared.pipe.query_async(&mut con).await?
+            }
+            other => other?,
+        };
+        let parse = |e: redis::ParsingError| RedisError::from(e);
+        let mut replies = replies.into_iter();
+        let meta: std::collections::HashMap<String, u64> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(parse)?;
+        let mut applied = 0;
+        for _ in 0..prepared.applies {
+            let n: u64 = redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .map_err(parse)?;
+            applied += n;
+        }
+        let watermark: u64 =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(parse)?;
+        if Meta::from_fields(&meta)
+            .and_then(|m| m.partitions_of(prepared.generation))
+            .is_none()
+        {
+            return Ok(None);
+        }
+        Ok(Some(Written { applied, watermark }))
     }
 
     pub async fn watermark(&self, projection: &str, generation: u64) -> Result<u64, RedisError> {
@@ -237,24 +312,7 @@ impl RedisStore {
             .arg(meta_key(projection))
             .query_async(&mut con)
             .await?;
-        let Some(&active) = fields.get("active") else {
-            return Ok(None);
-        };
-        let partitions = fields.get("partitions").copied().unwrap_or(1) as u32;
-        let building = fields.get("building").map(|&g| {
-            (
-                g,
-                fields
-                    .get("partitions_building")
-                    .copied()
-                    .unwrap_or(u64::from(partitions)) as u32,
-            )
-        });
-        Ok(Some(Meta {
-            active,
-            partitions,
-            building,
-        }))
+        Ok(Meta::from_fields(&fields))
     }
 
     /// Creates the metadata if missing; returns the active generation.

@@ -9,16 +9,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
+use async_nats::jetstream::consumer::{
+    pull, AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer,
+};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
-use jetsource_core::envelope::EVENT_SUBJECT_PREFIX;
+use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
 use jetsource_core::store::StoredMessage;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::keys::{partition_of, KeySpace};
 use crate::projection::Projection;
-use crate::redis_store::{PartitionBatch, RedisStore};
+use crate::redis_store::{PartitionBatch, PreparedWrite};
 use crate::Shared;
 
 /// Priority group every projector copy pulls in.
@@ -39,13 +41,40 @@ pub struct Progress {
     pub stopped: AtomicBool,
 }
 
-pub fn consumer_config(projection: &str, generation: u64, failover: Duration) -> pull::Config {
+/// Subjects of the events a projection reads: `events.<type>.>` per
+/// aggregate type (all events if it names none). The server filters, so a
+/// projection of a rare type does not receive, parse and skip everything
+/// else in the stream.
+pub fn filter_subjects(projection: &dyn Projection) -> Vec<String> {
+    let types = projection.aggregate_types();
+    if types.is_empty() {
+        return vec![format!("{EVENT_SUBJECT_PREFIX}.>")];
+    }
+    types
+        .iter()
+        .map(|t| format!("{EVENT_SUBJECT_PREFIX}.{t}.>"))
+        .collect()
+}
+
+pub fn consumer_config(
+    projection: &dyn Projection,
+    generation: u64,
+    failover: Duration,
+) -> pull::Config {
+    let name = projection.name();
+    let mut filters = filter_subjects(projection);
+    let (filter_subject, filter_subjects) = if filters.len() == 1 {
+        (filters.remove(0), Vec::new())
+    } else {
+        (String::new(), filters)
+    };
     pull::Config {
-        durable_name: Some(consumer_name(projection, generation)),
+        durable_name: Some(consumer_name(name, generation)),
         description: Some(format!(
-            "jetsource projection {projection}, generation {generation}"
+            "jetsource projection {name}, generation {generation}"
         )),
-        filter_subject: format!("{EVENT_SUBJECT_PREFIX}.>"),
+        filter_subject,
+        filter_subjects,
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::All,
         ack_wait: Duration::from_secs(30),
@@ -57,15 +86,25 @@ pub fn consumer_config(projection: &str, generation: u64, failover: Duration) ->
     }
 }
 
-enum Outcome {
-    /// Applied; the generation's watermark is now this.
-    Applied(u64),
-    /// The generation is no longer active or building (switched away, or
-    /// Redis lost the metadata): stop.
-    Retired,
+/// A batch on its way from the puller to the writer.
+struct Batch {
+    /// The Redis writes, `None` when every message was applied already (a
+    /// redelivery): the batch is then only acknowledged.
+    write: Option<PreparedWrite>,
+    /// Newest message of the batch: acknowledging it covers all older ones
+    /// (`AckPolicy::All`). `None` for a watermark raised over other types'
+    /// events, which acknowledges nothing.
+    newest: Option<Message>,
+    /// Messages the consumer still had after this batch.
+    pending: u64,
 }
 
 /// Runs until `stop` turns true or the generation is retired.
+///
+/// Two stages run side by side: the puller reads messages, fills gaps,
+/// projects and encodes batch N+1 while the writer applies batch N in Redis
+/// and acknowledges it. With one stage after the other the projector and
+/// Redis took turns, each idle half of the time.
 pub async fn run(
     shared: Arc<Shared>,
     projection: Arc<dyn Projection>,
@@ -78,7 +117,7 @@ pub async fn run(
     let consumer = loop {
         match shared
             .events
-            .create_consumer(consumer_config(name, generation, failover))
+            .create_consumer(consumer_config(projection.as_ref(), generation, failover))
             .await
         {
             Ok(consumer) => break consumer,
@@ -99,9 +138,20 @@ pub async fn run(
             shared.wake_managers();
         }
     }
-    let mut watermark = loop {
-        match shared.redis.watermark(name, generation).await {
-            Ok(w) => break w,
+    // The watermark and the partition count (fixed per generation).
+    let (watermark, partitions) = loop {
+        let read = async {
+            let watermark = shared.redis.watermark(name, generation).await?;
+            let meta = shared.redis.meta(name).await?;
+            Ok::<_, redis::RedisError>((watermark, meta.and_then(|m| m.partitions_of(generation))))
+        };
+        match read.await {
+            Ok((watermark, Some(partitions))) => break (watermark, partitions),
+            Ok((_, None)) => {
+                progress.stopped.store(true, Ordering::SeqCst);
+                shared.wake_managers();
+                return;
+            }
             Err(e) => {
                 tracing::warn!(projection = name, error = %e, "cannot read the watermark; retrying");
                 tokio::select! {
@@ -111,14 +161,77 @@ pub async fn run(
             }
         }
     };
+    // Two batches in flight keep both stages busy; more would only hold
+    // memory.
+    let (batches, queue) = mpsc::channel::<Batch>(2);
+    let writer = tokio::spawn(write_batches(
+        shared.clone(),
+        name,
+        generation,
+        progress.clone(),
+        queue,
+        stop.clone(),
+    ));
+    let abort = writer.abort_handle();
+    let puller = pull_batches(
+        &shared,
+        projection.as_ref(),
+        generation,
+        partitions,
+        watermark,
+        &consumer,
+        batches,
+        stop,
+    );
+    tokio::select! {
+        _ = puller => abort.abort(),
+        _ = writer => {}
+    }
+}
+
+/// Pulls messages and turns them into prepared batches, gap-free from the
+/// watermark, until `stop` or until the writer is gone.
+///
+/// Batches grow with the load: while the writer is busy, arriving messages
+/// join the next batch (up to `projector.batch_size`), so a backlog is
+/// applied in large Redis round trips and a trickle in small, prompt ones.
+#[allow(clippy::too_many_arguments)]
+async fn pull_batches(
+    shared: &Shared,
+    projection: &dyn Projection,
+    generation: u64,
+    partitions: u32,
+    watermark: u64,
+    consumer: &PullConsumer,
+    batches: mpsc::Sender<Batch>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = projection.name();
+    let batch_size = shared.config.batch_size;
+    // Everything up to here is prepared (handed to the writer).
+    let mut prepared = watermark;
+    // Delivery (consumer) sequences grow by one for every delivery to any
+    // copy, redeliveries included: a run with no jump since our last one
+    // means nothing was delivered elsewhere meanwhile, so no event between
+    // the watermark and the batch can be missing. A jump (or the first
+    // batch) may hide a hole, which `prepare` reads from the stream.
+    let mut last_delivery: Option<u64> = None;
+    let mut pending: Vec<(u64, u64, Message)> = Vec::new();
+    let mut contiguous = false;
+    // The consumer delivers only the projection's own aggregate types, so
+    // the watermark would stop at its last own event while other types'
+    // events go on. When the consumer has nothing left, `advance` raises it
+    // over them: at once after a batch, then every `ADVANCE_EVERY` while
+    // idle.
+    let mut caught_up = true;
+    let mut next_advance = tokio::time::Instant::now();
     // Pull expiry well below the failover time, so the pin is renewed.
-    let expires = failover / 4;
-    let mut backoff = Duration::from_millis(100);
+    let expires = shared.config.failover() / 4;
     'pull: loop {
         let messages = match consumer
             .stream()
             .group(PRIORITY_GROUP)
-            .max_messages_per_batch(shared.config.batch_size)
+            .max_messages_per_batch(batch_size)
             .expires(expires)
             .heartbeat(expires / 2)
             .messages()
@@ -133,49 +246,194 @@ pub async fn run(
                 }
             }
         };
-        let mut chunks = messages.ready_chunks(shared.config.batch_size);
+        let mut chunks = messages.ready_chunks(batch_size);
         loop {
-            let chunk = tokio::select! {
+            let room = pending.len() < batch_size;
+            enum Next<'a, C> {
+                Send(Result<mpsc::Permit<'a, Batch>, mpsc::error::SendError<()>>),
+                Chunk(Option<C>),
+                Advance,
+            }
+            let idle = caught_up && pending.is_empty();
+            let next = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
-                chunk = chunks.next() => chunk,
+                permit = batches.reserve(), if !pending.is_empty() => Next::Send(permit),
+                chunk = chunks.next(), if room => Next::Chunk(chunk),
+                _ = tokio::time::sleep_until(next_advance), if idle => Next::Advance,
             };
-            let Some(chunk) = chunk else { continue 'pull };
-            let mut batch = Vec::with_capacity(chunk.len());
-            for item in chunk {
-                match item {
-                    Ok(message) => batch.push(message),
-                    Err(e) => tracing::debug!(projection = name, error = %e, "pull stream notice"),
+            match next {
+                Next::Advance => {
+                    next_advance = tokio::time::Instant::now() + ADVANCE_EVERY;
+                    match advance(shared, projection, prepared).await {
+                        Ok(Some(to)) => {
+                            let write = shared.redis.prepare(name, generation, &[], to);
+                            let batch = Batch {
+                                write: Some(write),
+                                newest: None,
+                                pending: 0,
+                            };
+                            if batches.send(batch).await.is_err() {
+                                return;
+                            }
+                            prepared = to;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::debug!(projection = name, error = %e, "cannot advance the watermark")
+                        }
+                    }
+                }
+                Next::Send(permit) => {
+                    let Ok(permit) = permit else { return };
+                    let Some(batch) = take_batch(
+                        shared,
+                        projection,
+                        generation,
+                        partitions,
+                        &mut prepared,
+                        &mut pending,
+                        contiguous,
+                        &mut stop,
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    caught_up = batch.pending == 0;
+                    next_advance = tokio::time::Instant::now();
+                    permit.send(batch);
+                }
+                Next::Chunk(None) => continue 'pull,
+                Next::Chunk(Some(chunk)) => {
+                    if pending.is_empty() {
+                        contiguous = last_delivery.is_some();
+                    }
+                    for item in chunk {
+                        match item {
+                            Ok(message) => match message.info() {
+                                Ok(info) => {
+                                    let delivery = info.consumer_sequence;
+                                    if last_delivery.is_some_and(|last| delivery != last + 1) {
+                                        contiguous = false;
+                                    }
+                                    last_delivery = Some(delivery);
+                                    pending.push((info.stream_sequence, info.pending, message));
+                                }
+                                Err(e) => {
+                                    contiguous = false;
+                                    tracing::debug!(projection = name, error = %e, "message without metadata");
+                                }
+                            },
+                            Err(e) => {
+                                tracing::debug!(projection = name, error = %e, "pull stream notice")
+                            }
+                        }
+                    }
                 }
             }
-            let Some((newest, info)) = batch
-                .iter()
-                .filter_map(|m| m.info().ok().map(|i| (m, i)))
-                .max_by_key(|(_, i)| i.stream_sequence)
-            else {
-                continue;
-            };
-            let newest_sequence = info.stream_sequence;
-            let pending = info.pending;
-            // Apply everything from the watermark up to the newest message,
-            // in stream order, with no gap. Messages may arrive out of order
-            // or with holes: after a failover, those delivered to the copy
-            // that died come back only after the ack wait, while newer ones
-            // flow here. The holes are read from the stream directly, so an
-            // event is never applied after a later one of its aggregate.
+        }
+    }
+}
+
+/// How often an idle runner looks for other types' events to raise its
+/// watermark over.
+const ADVANCE_EVERY: Duration = Duration::from_millis(100);
+
+/// The sequence the watermark may rise to over events of other types: the
+/// stream's last sequence, if no event of the projection's types lies
+/// between `prepared` and it (such an event is on its way through the
+/// consumer and raises the watermark itself). Every sequence up to the
+/// stream's last one exists once it is read, so nothing can appear below it
+/// later.
+async fn advance(
+    shared: &Shared,
+    projection: &dyn Projection,
+    prepared: u64,
+) -> Result<Option<u64>, jetsource_core::store::StoreError> {
+    let last = shared.store.info().await?.state.last_sequence;
+    if last <= prepared {
+        return Ok(None);
+    }
+    for filter in filter_subjects(projection) {
+        if let Some(next) = shared.store.next_matching(&filter, prepared + 1).await? {
+            if next <= last {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(last))
+}
+
+/// Turns the pending messages into a batch for the writer, retrying what
+/// fails (reading a gap, storing a dead letter) until it succeeds. `None`
+/// when `stop` turned true meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn take_batch(
+    shared: &Shared,
+    projection: &dyn Projection,
+    generation: u64,
+    partitions: u32,
+    prepared: &mut u64,
+    pending: &mut Vec<(u64, u64, Message)>,
+    contiguous: bool,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Batch> {
+    let newest_at = (0..pending.len()).max_by_key(|&i| pending[i].0)?;
+    let (newest_sequence, left, newest) = pending.swap_remove(newest_at);
+    let mut messages = collect(*prepared, (newest_sequence, &newest), pending);
+    let mut backoff = Duration::from_millis(100);
+    let write = loop {
+        let attempt = prepare(
+            shared,
+            projection,
+            generation,
+            partitions,
+            *prepared,
+            newest_sequence,
+            &mut messages,
+            contiguous,
+        )
+        .await;
+        match attempt {
+            Ok(write) => break write,
+            Err(e) => {
+                tracing::warn!(projection = projection.name(), generation, error = %e, "cannot prepare a batch; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return None,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    *prepared = (*prepared).max(newest_sequence);
+    Some(Batch {
+        write,
+        newest: Some(newest),
+        pending: left,
+    })
+}
+
+/// Applies prepared batches in order and acknowledges them. Returns when
+/// the generation is retired, `stop` turns true or the puller is gone.
+async fn write_batches(
+    shared: Arc<Shared>,
+    name: &'static str,
+    generation: u64,
+    progress: Arc<Progress>,
+    mut queue: mpsc::Receiver<Batch>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while let Some(batch) = queue.recv().await {
+        if let Some(write) = &batch.write {
+            let mut backoff = Duration::from_millis(100);
             loop {
-                let applied = fill_and_apply(
-                    &shared,
-                    projection.as_ref(),
-                    generation,
-                    watermark,
-                    newest_sequence,
-                    &batch,
-                )
-                .await;
-                match applied {
-                    Ok(Some(raised)) => {
-                        watermark = raised;
+                match shared.redis.write(write).await {
+                    Ok(Some(written)) => {
+                        progress
+                            .watermark
+                            .store(written.watermark, Ordering::SeqCst);
                         break;
                     }
                     Ok(None) => {
@@ -193,110 +451,164 @@ pub async fn run(
                     }
                 }
             }
-            backoff = Duration::from_millis(100);
-            // AckPolicy::All: acking the newest covers every older one, which
-            // are all applied now.
+        }
+        // AckPolicy::All: acking the newest covers every older one, which
+        // are all applied now.
+        if let Some(newest) = &batch.newest {
             if let Err(e) = newest.ack().await {
                 tracing::warn!(projection = name, error = %e, "ack failed; the batch will be redelivered and skipped");
             }
-            progress.watermark.store(watermark, Ordering::SeqCst);
-            progress.caught_up.store(pending == 0, Ordering::SeqCst);
-            shared.announce(name, generation, watermark).await;
-            if pending == 0 {
-                shared.wake_managers();
-            }
+        }
+        let watermark = progress.watermark.load(Ordering::SeqCst);
+        progress
+            .caught_up
+            .store(batch.pending == 0, Ordering::SeqCst);
+        shared.announce(name, generation, watermark).await;
+        if batch.pending == 0 {
+            shared.wake_managers();
         }
     }
 }
 
-/// Brings the generation from `watermark` to `newest`: takes the batch's
-/// messages above the watermark, reads any missing sequence from the stream,
-/// and applies them all in order. Returns the new watermark, or `None` when
-/// the generation was retired.
-async fn fill_and_apply(
-    shared: &Shared,
-    projection: &dyn Projection,
-    generation: u64,
-    watermark: u64,
-    newest: u64,
-    batch: &[Message],
-) -> Result<Option<u64>, String> {
-    if newest <= watermark {
-        return Ok(Some(watermark));
+/// The messages above `prepared`, by stream sequence, as stored messages.
+/// Moved, not cloned (header maps are the costliest part of a message),
+/// except the newest, which stays behind to be acknowledged.
+fn collect(
+    prepared: u64,
+    (newest_sequence, newest): (u64, &Message),
+    pending: &mut Vec<(u64, u64, Message)>,
+) -> BTreeMap<u64, StoredMessage> {
+    let published = |message: &Message| {
+        message
+            .info()
+            .map(|i| i.published)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    let mut messages = BTreeMap::new();
+    if newest_sequence > prepared {
+        messages.insert(
+            newest_sequence,
+            StoredMessage {
+                subject: newest.subject.to_string(),
+                sequence: newest_sequence,
+                timestamp: published(newest),
+                headers: newest.headers.clone(),
+                payload: newest.payload.clone(),
+            },
+        );
     }
-    let mut messages: BTreeMap<u64, StoredMessage> = BTreeMap::new();
-    for message in batch {
-        let Ok(info) = message.info() else { continue };
-        if info.stream_sequence > watermark {
+    for (sequence, _, message) in pending.drain(..) {
+        if sequence > prepared {
+            let timestamp = published(&message);
+            let async_nats::Message {
+                subject,
+                headers,
+                payload,
+                ..
+            } = message.message;
             messages.insert(
-                info.stream_sequence,
+                sequence,
                 StoredMessage {
-                    subject: message.subject.to_string(),
-                    sequence: info.stream_sequence,
-                    timestamp: info.published,
-                    headers: message.headers.clone(),
-                    payload: message.payload.clone(),
+                    subject: subject.to_string(),
+                    sequence,
+                    timestamp,
+                    headers,
+                    payload,
                 },
             );
         }
     }
-    let expected = newest - watermark;
-    if messages.len() as u64 != expected {
-        let mut missing = Vec::new();
-        shared
-            .store
-            .read_all(watermark + 1, |chunk| {
-                for m in chunk {
-                    if m.sequence > newest {
-                        return ControlFlow::Break(());
-                    }
-                    missing.push(m);
-                }
-                ControlFlow::Continue(())
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        for m in missing {
-            messages.entry(m.sequence).or_insert(m);
-        }
-        tracing::debug!(
-            projection = projection.name(),
-            from = watermark + 1,
-            to = newest,
-            "filled a gap from the stream"
-        );
-    }
-    let messages: Vec<StoredMessage> = messages.into_values().collect();
-    match apply_batch(shared, projection, generation, &messages).await? {
-        Outcome::Retired => Ok(None),
-        Outcome::Applied(raised) => Ok(Some(raised)),
-    }
+    messages
 }
 
-/// Projects a batch and applies it: per partition, one atomic Lua call that
-/// skips what the partition checkpoint already covers; then the watermark.
-async fn apply_batch(
+/// Brings a batch from `prepared` (everything up to it is already on its
+/// way to Redis) to `newest_sequence`: adds the projection's events in that
+/// range from the stream to `messages` unless the deliveries were
+/// `contiguous`, projects them in order and encodes the writes. `None` when
+/// there is nothing new to write. May be called again with the same
+/// `messages` after an error.
+///
+/// Messages may arrive out of order or with holes: after a failover, those
+/// delivered to the copy that died come back only after the ack wait, while
+/// newer ones flow here. The holes are read from the stream directly, so an
+/// event is never applied after a later one of its aggregate.
+#[allow(clippy::too_many_arguments)]
+async fn prepare(
     shared: &Shared,
     projection: &dyn Projection,
     generation: u64,
-    batch: &[StoredMessage],
-) -> Result<Outcome, String> {
+    partitions: u32,
+    prepared: u64,
+    newest_sequence: u64,
+    messages: &mut BTreeMap<u64, StoredMessage>,
+    contiguous: bool,
+) -> Result<Option<PreparedWrite>, String> {
+    if newest_sequence <= prepared {
+        return Ok(None);
+    }
+    if !contiguous {
+        let before = messages.len();
+        for filter in filter_subjects(projection) {
+            let mut missing = Vec::new();
+            shared
+                .store
+                .read_subjects(&filter, prepared + 1, |chunk| {
+                    for m in chunk {
+                        if m.sequence > newest_sequence {
+                            return ControlFlow::Break(());
+                        }
+                        missing.push(m);
+                    }
+                    ControlFlow::Continue(())
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            for m in missing {
+                messages.entry(m.sequence).or_insert(m);
+            }
+        }
+        if messages.len() > before {
+            tracing::debug!(
+                projection = projection.name(),
+                from = prepared + 1,
+                to = newest_sequence,
+                filled = messages.len() - before,
+                "filled a gap from the stream"
+            );
+        }
+    }
+    let by_partition = project(shared, projection, generation, partitions, messages).await?;
+    Ok(Some(shared.redis.prepare(
+        projection.name(),
+        generation,
+        &by_partition,
+        newest_sequence,
+    )))
+}
+
+/// Projects messages (in stream order) into per-partition batches; events
+/// the projection cannot apply go to the dead letters.
+async fn project(
+    shared: &Shared,
+    projection: &dyn Projection,
+    generation: u64,
+    partitions: u32,
+    messages: &BTreeMap<u64, StoredMessage>,
+) -> Result<Vec<PartitionBatch>, String> {
     let name = projection.name();
-    let redis: &RedisStore = &shared.redis;
-    let meta = redis.meta(name).await.map_err(|e| e.to_string())?;
-    let Some(partitions) = meta.and_then(|m| m.partitions_of(generation)) else {
-        return Ok(Outcome::Retired);
-    };
     let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
-    let mut last_sequence = 0;
-    for message in batch {
-        let sequence = message.sequence;
-        last_sequence = sequence;
+    for (&sequence, message) in messages {
         let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
         if !projection.aggregate_types().contains(&aggregate_type) {
             continue;
         }
-        let event = message.clone().into_event();
+        let event = RecordedEvent::from_parts(
+            &message.subject,
+            sequence,
+            message.timestamp,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        );
         let projected = match event {
             Err(e) => Err(e.to_string()),
             Ok(event) => {
@@ -345,11 +657,5 @@ async fn apply_batch(
             }
         }
     }
-    let partitions: Vec<_> = by_partition.into_values().collect();
-    redis.apply(&partitions).await.map_err(|e| e.to_string())?;
-    let watermark = redis
-        .raise_watermark(name, generation, last_sequence)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Outcome::Applied(watermark))
+    Ok(by_partition.into_values().collect())
 }

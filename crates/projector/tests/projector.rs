@@ -209,3 +209,67 @@ async fn flushall_under_load_is_noticed_and_rebuilt_exactly() {
     load.await.unwrap();
     env.assert_read_models_match(&accounts, &users).await;
 }
+
+/// Each projection's consumer receives only its own aggregate types; its
+/// watermark still moves over the others' events, so read-your-writes works
+/// with any sequence the client holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_model_waits_only_for_its_own_types() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    let opened = env
+        .send(
+            "account",
+            "own",
+            json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+        )
+        .await
+        .unwrap();
+    let created = env
+        .send(
+            "user",
+            "other",
+            json!({"type": "CreateUser", "data": {"name": "n"}}),
+        )
+        .await
+        .unwrap();
+    assert!(created.sequence > opened.sequence);
+    // The user event is the stream's newest: the accounts read model
+    // reflects it (nothing of its own lies before it) without any new
+    // account event.
+    let reply = env
+        .query(
+            "query.account.own",
+            json!({"min_sequence": created.sequence, "timeout_ms": 10_000}),
+        )
+        .await
+        .unwrap();
+    assert!(reply["sequence"].as_u64().unwrap() >= created.sequence);
+    assert_eq!(reply["data"]["owner"], "o");
+    let reply = env
+        .query(
+            "query.user.other",
+            json!({"min_sequence": created.sequence, "timeout_ms": 10_000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["data"]["name"], "n");
+    // The consumers are filtered by type on the server.
+    let store = env.store().await;
+    let stream = store.jetstream().get_stream("EVENTS").await.unwrap();
+    let mut names = Vec::new();
+    let mut list = stream.consumer_names();
+    while let Some(name) = futures::StreamExt::next(&mut list).await {
+        names.push(name.unwrap());
+    }
+    for name in names.iter().filter(|n| n.starts_with("users-g")) {
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(info.config.filter_subject, "events.user.>");
+        assert_eq!(info.delivered.stream_sequence, created.sequence);
+    }
+    assert!(names.iter().any(|n| n.starts_with("users-g")), "{names:?}");
+}

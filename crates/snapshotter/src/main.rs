@@ -14,6 +14,12 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+// The hot paths allocate many small, short-lived buffers (message headers,
+// Redis arguments); glibc malloc took about a third of the projector's CPU
+// in a profile (docs/bench/NOTES.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
