@@ -37,6 +37,10 @@ pub struct SnapshotConfig {
     pub slow_load_ms: u64,
     /// Queue group of the snapshotter's request endpoint.
     pub queue_group: String,
+    /// Aggregates whose state the snapshotter keeps in memory while their
+    /// events go by (least recently used beyond that are dropped and
+    /// reloaded when next needed).
+    pub cache_size: usize,
 }
 
 impl Default for SnapshotConfig {
@@ -47,6 +51,7 @@ impl Default for SnapshotConfig {
             every_by_type: Default::default(),
             slow_load_ms: 50,
             queue_group: "jetsource-snapshotter".into(),
+            cache_size: 10_000,
         }
     }
 }
@@ -307,6 +312,9 @@ impl Config {
         }
         if self.projector.failover_ms < 1_000 {
             return invalid("projector.failover_ms must be at least 1000");
+        }
+        if self.snapshot.cache_size == 0 {
+            return invalid("snapshot.cache_size must be at least 1");
         }
         if self.snapshot.every == 0 || self.snapshot.every_by_type.values().any(|&n| n == 0) {
             return invalid("snapshot.every (and every_by_type) must be at least 1");

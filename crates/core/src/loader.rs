@@ -170,6 +170,31 @@ impl Loaded {
         }
     }
 
+    /// Folds in one event that directly follows what is loaded (the caller
+    /// checks the version). For consumers that see an aggregate's events go
+    /// by in order and keep its state, instead of reading the store again.
+    pub fn apply(
+        &mut self,
+        aggregate: &dyn DynAggregate,
+        event: &crate::envelope::RecordedEvent,
+    ) -> Result<(), LoadError> {
+        let mut events = std::iter::once((event.event_type.as_str(), event.data.as_ref()));
+        self.state =
+            aggregate
+                .fold(&self.state, &mut events)
+                .map_err(|source| LoadError::Decode {
+                    aggregate: format!("{}.{}", event.aggregate_type, event.aggregate_id),
+                    source,
+                })?;
+        if let Some(command_id) = &event.command_id {
+            self.remember_command(command_id, event.sequence);
+        }
+        self.version += 1;
+        self.last_sequence = event.sequence;
+        self.last_timestamp = Some(event.timestamp);
+        Ok(())
+    }
+
     /// The state as a sealed snapshot, `None` before the first event.
     pub fn to_snapshot(
         &self,

@@ -9,6 +9,7 @@
 //! in which copies finish does not matter.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,12 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use jetsource_core::aggregate::{DynAggregate, Registry};
 use jetsource_core::config::{Config, SnapshotConfig};
-use jetsource_core::envelope::{AGGREGATE_VERSION, EVENT_SUBJECT_PREFIX};
+use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
 use jetsource_core::loader::{LoadError, Loaded, Until};
 use jetsource_core::micro::{Endpoint, MicroService};
 use jetsource_core::snapshot::{SnapshotStore, Written};
 use jetsource_core::store::{EventStore, StoreError};
+use lru::LruCache;
 
 pub const SERVICE_NAME: &str = "jetsource-snapshotter";
 /// Durable consumer shared by all copies.
@@ -116,7 +118,89 @@ struct Shared {
     config: SnapshotConfig,
 }
 
+/// Aggregate states kept by the snapshotter, by `(type, id)`.
+type States = LruCache<(String, String), Loaded>;
+
 impl Shared {
+    /// Folds `event` into the aggregate's state kept in `states` (loading
+    /// it, from its snapshot and the store, when it is not there or has a
+    /// gap, e.g. events handled by another snapshotter copy) and writes a
+    /// snapshot when one falls due.
+    async fn follow(&self, states: &mut States, event: &RecordedEvent) {
+        let Some(aggregate) = self.registry.get(&event.aggregate_type) else {
+            return;
+        };
+        let aggregate = aggregate.as_ref();
+        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+        let version = event.aggregate_version;
+        let folded = match states.get_mut(&key) {
+            Some(loaded) if loaded.version >= version => return, // seen: a redelivery
+            Some(loaded) if loaded.version + 1 == version => loaded.apply(aggregate, event).is_ok(),
+            _ if version == 1 => {
+                let mut loaded = Loaded::empty(aggregate);
+                let ok = loaded.apply(aggregate, event).is_ok();
+                if ok {
+                    states.put(key.clone(), loaded);
+                }
+                ok
+            }
+            _ => false,
+        };
+        if !folded {
+            states.pop(&key);
+            if !due(&self.config, &event.aggregate_type, version) {
+                return;
+            }
+            // Not followed from its start: load it up to this event.
+            let until = Until::Sequence(event.sequence);
+            match Loaded::load_with_snapshot(
+                &self.store,
+                &self.snapshots,
+                aggregate,
+                &event.aggregate_id,
+                until,
+            )
+            .await
+            {
+                Ok((loaded, _)) if loaded.version == version => {
+                    states.put(key.clone(), loaded);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(aggregate = %format_args!("{}.{}", event.aggregate_type, event.aggregate_id), error = %e, "cannot load; no snapshot");
+                    return;
+                }
+            }
+        }
+        if !due(&self.config, &event.aggregate_type, version) {
+            return;
+        }
+        let Some(snapshot) = states
+            .get(&key)
+            .and_then(|loaded| loaded.to_snapshot(aggregate, &event.aggregate_id))
+        else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match self
+                .snapshots
+                .put_if_newer(&snapshot, aggregate.state_schema_version())
+                .await
+            {
+                Ok(written) => {
+                    tracing::debug!(aggregate = %format_args!("{}.{}", event.aggregate_type, event.aggregate_id), ?written, "snapshot");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(aggregate = %format_args!("{}.{}", event.aggregate_type, event.aggregate_id), attempt, error = %e, "snapshot failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+
     async fn snapshot(&self, aggregate_type: &str, aggregate_id: &str, until: Until) {
         let Some(aggregate) = self.registry.get(aggregate_type) else {
             return;
@@ -208,6 +292,13 @@ pub async fn run(
     .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!(bucket = %config.snapshot.bucket, every = config.snapshot.every, "snapshotter running");
 
+    // Aggregate states folded from the consumer's own events: a snapshot
+    // that falls due is written from memory. Reading each aggregate's tail
+    // back from the store instead cost a scan of the stream per snapshot
+    // (an aggregate's events are spread thinly over it): 594 s for a
+    // 1,000,000-event backlog in the benchmark.
+    let mut states: States =
+        LruCache::new(NonZeroUsize::new(config.snapshot.cache_size).unwrap_or(NonZeroUsize::MIN));
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(256)
@@ -232,17 +323,16 @@ pub async fn run(
             chunk = messages.next() => {
                 let Some(chunk) = chunk else { break };
                 for message in chunk.into_iter().flatten() {
-                    let mut tokens = message.subject.as_str().splitn(3, '.').skip(1);
-                    let version = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(AGGREGATE_VERSION))
-                        .and_then(|v| v.as_str().parse::<u64>().ok());
-                    if let (Some(t), Some(id), Some(version), Ok(info)) =
-                        (tokens.next(), tokens.next(), version, message.info())
-                    {
-                        if due(&shared.config, t, version) {
-                            shared.snapshot(t, id, Until::Sequence(info.stream_sequence)).await;
+                    if let Ok(info) = message.info() {
+                        let event = RecordedEvent::from_parts(
+                            message.subject.as_str(),
+                            info.stream_sequence,
+                            info.published,
+                            message.headers.as_ref(),
+                            message.payload.clone(),
+                        );
+                        if let Ok(event) = event {
+                            shared.follow(&mut states, &event).await;
                         }
                     }
                     if let Err(e) = message.ack().await {
