@@ -17,9 +17,10 @@ struct Args {
 
 // The hot paths allocate many small, short-lived buffers (message headers,
 // Redis arguments); glibc malloc took about a third of the projector's CPU
-// in a profile (docs/bench/NOTES.md).
+// in a profile. jemalloc: about as fast as mimalloc here, with half its
+// resident memory (docs/bench/NOTES.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
