@@ -92,9 +92,12 @@ impl Projection for Accounts {
                 .arg(event.sequence)
         };
         let mut transaction = |kind: &str, signed: i64| {
-            let entry = serde_json::json!({
-                "sequence": event.sequence, "type": kind, "amount": signed, "at": at,
-            });
+            // `kind` is one of our event names and `at` an RFC 3339 time:
+            // nothing to escape, and no JSON tree to build per event.
+            let entry = format!(
+                r#"{{"sequence":{},"type":"{kind}","amount":{signed},"at":"{at}"}}"#,
+                event.sequence
+            );
             ops.push(Op::new("LPUSH", transactions.clone()).arg(entry));
             ops.push(
                 Op::new("LTRIM", transactions.clone())
@@ -119,7 +122,7 @@ impl Projection for Accounts {
             AccountEvent::Deposited { amount: a } | AccountEvent::Withdrawn { amount: a } => {
                 let deposit = event.event_type == "Deposited";
                 let signed = if deposit { amount(a)? } else { -amount(a)? };
-                transaction(&event.event_type, signed);
+                transaction(if deposit { "Deposited" } else { "Withdrawn" }, signed);
                 ops.push(
                     Op::new("HINCRBY", account.clone())
                         .arg("balance")

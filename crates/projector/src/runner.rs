@@ -267,7 +267,7 @@ async fn pull_batches(
                     next_advance = tokio::time::Instant::now() + ADVANCE_EVERY;
                     match advance(shared, projection, prepared).await {
                         Ok(Some(to)) => {
-                            let write = shared.redis.prepare(name, generation, &[], to);
+                            let write = shared.redis.prepare(name, generation, Vec::new(), to);
                             let batch = Batch {
                                 write: Some(write),
                                 newest: None,
@@ -581,7 +581,7 @@ async fn prepare(
     Ok(Some(shared.redis.prepare(
         projection.name(),
         generation,
-        &by_partition,
+        by_partition,
         newest_sequence,
     )))
 }
