@@ -32,7 +32,7 @@ test: setup build ## Run every test against real servers (needs nothing running)
 	fi
 	cargo test --workspace --doc
 
-bench: setup ## Full benchmark suite (release build, ~10 min); rewrites docs/BENCHMARKS.md and docs/bench/
+bench: setup ## Full benchmark suite (release build, ~5 min); rewrites docs/BENCHMARKS.md and docs/bench/
 	cargo build --release --workspace --bins
 	target/release/jetsource-bench --out docs
 

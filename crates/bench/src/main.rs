@@ -34,6 +34,16 @@ struct Args {
     /// Override the number of events replayed by the read-side workloads.
     #[arg(long)]
     replay_events: Option<u64>,
+    /// Run against this NATS server instead of starting one (with
+    /// --redis-url). It must be empty: the benchmark creates the stream
+    /// EVENTS and writes over a million events to it. Its durability is
+    /// whatever it is configured with; --durability does not apply.
+    #[arg(long, requires = "redis_url")]
+    nats_url: Option<String>,
+    /// Run against this Redis instead of starting one (with --nats-url). It
+    /// must be empty: the raw-Redis baseline ends with FLUSHALL.
+    #[arg(long, requires = "nats_url")]
+    redis_url: Option<String>,
     /// Which workloads to run: `append`, `read` or `all`. A partial run
     /// writes a partial BENCHMARKS.md; the published one comes from `all`.
     #[arg(long, default_value = "all")]
@@ -154,25 +164,65 @@ async fn main() -> anyhow::Result<()> {
         machine: machine(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    for sync in modes {
-        let name = mode_name(sync);
-        eprintln!("== append, sync {name} ==");
-        let server = NatsServer::start_with(sync);
+    if let (Some(nats_url), Some(redis_url)) = (&args.nats_url, &args.redis_url) {
+        ensure_empty(nats_url, redis_url).await?;
         results
-            .modes
-            .insert(name.to_owned(), work::append_suite(&server, &sizes).await?);
-    }
-    if read {
-        eprintln!("== read side (projector, snapshots), sync default ==");
-        let server = NatsServer::start_with(Sync::Default);
-        let redis = RedisServer::start();
-        results.read = work::read_suite(&server, &redis, &sizes).await?;
+            .machine
+            .insert("servers".into(), format!("given: {nats_url}, {redis_url}"));
+        if append {
+            eprintln!("== append, given server ==");
+            results
+                .modes
+                .insert("given".into(), work::append_suite(nats_url, &sizes).await?);
+        }
+        if read {
+            eprintln!("== read side (projector, snapshots), given servers ==");
+            results.read = work::read_suite(nats_url, redis_url, &sizes).await?;
+        }
+    } else {
+        for sync in modes {
+            let name = mode_name(sync);
+            eprintln!("== append, sync {name} ==");
+            let server = NatsServer::start_with(sync);
+            results.modes.insert(
+                name.to_owned(),
+                work::append_suite(&server.url(), &sizes).await?,
+            );
+        }
+        if read {
+            eprintln!("== read side (projector, snapshots), sync default ==");
+            let server = NatsServer::start_with(Sync::Default);
+            let redis = RedisServer::start();
+            results.read = work::read_suite(&server.url(), &redis.url(), &sizes).await?;
+        }
     }
     write_outputs(&args.out, &results).context("writing results")?;
     eprintln!(
         "done in {:.0}s; results in {}",
         started.elapsed().as_secs_f64(),
         args.out.display()
+    );
+    Ok(())
+}
+
+/// Refuses servers that hold data: the benchmark writes a million events
+/// and flushes Redis.
+async fn ensure_empty(nats_url: &str, redis_url: &str) -> anyhow::Result<()> {
+    let client = work::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    if js.get_stream("EVENTS").await.is_ok() {
+        anyhow::bail!(
+            "{nats_url} already has a stream EVENTS; the benchmark needs an empty server (it writes over a million events)"
+        );
+    }
+    let mut con = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("cannot connect to Redis at {redis_url}"))?;
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut con).await?;
+    anyhow::ensure!(
+        keys == 0,
+        "{redis_url} holds {keys} keys; the benchmark needs an empty Redis (it ends with FLUSHALL)"
     );
     Ok(())
 }
@@ -267,7 +317,11 @@ fn write_outputs(out: &Path, results: &Results) -> anyhow::Result<()> {
     ));
     md.push_str("\nLayers: **raw** = JetStream publish with `Nats-Expected-Last-Subject-Sequence` and the same headers as a real event, from the benchmark; **ideal** = a bare request-reply responder inside the benchmark that appends with the expected sequence and replies (the floor under any command worker); **worker** = real `Deposit` commands through a `jetsource-command` process.\n");
     for (mode, r) in &results.modes {
-        md.push_str(&format!("\n## Appends, `sync_interval: {mode}`\n\n"));
+        if mode == "given" {
+            md.push_str("\n## Appends, given server (its own `sync_interval`)\n\n");
+        } else {
+            md.push_str(&format!("\n## Appends, `sync_interval: {mode}`\n\n"));
+        }
         md.push_str("| clients | raw ops/s | ideal ops/s | worker ops/s | worker/ideal | raw p50/p99/p999 µs | ideal p50/p99/p999 µs | worker p50/p99/p999 µs | worker p99 / ideal p99 |\n|---|---|---|---|---|---|---|---|---|\n");
         let get = |layer: Layer, c: usize| {
             r.append
@@ -361,7 +415,13 @@ fn write_outputs(out: &Path, results: &Results) -> anyhow::Result<()> {
         ));
     }
     let rd = &results.read;
-    md.push_str("\n## Read side, `sync_interval` default\n\n| measure | value | baseline | ratio |\n|---|---|---|---|\n");
+    let given = results.machine.contains_key("servers");
+    md.push_str(if given {
+        "\n## Read side, given servers\n\n"
+    } else {
+        "\n## Read side, `sync_interval` default\n\n"
+    });
+    md.push_str("| measure | value | baseline | ratio |\n|---|---|---|---|\n");
     md.push_str(&format!(
         "| projector catch-up on {} events | {:.0} events/s ({:.1} s) | raw ordered-consumer replay {:.0} events/s | {} |\n",
         rd.events,

@@ -21,7 +21,7 @@ use jetsource_core::loader::{Loaded, Until};
 use jetsource_core::protocol::{decode_reply, CommandOutcome};
 use jetsource_core::snapshot::{Snapshot, SnapshotStore};
 use jetsource_core::store::{Append, EventStore};
-use jetsource_test_support::{wait_for_service, NatsServer, RedisServer};
+use jetsource_test_support::wait_for_service;
 use serde::Serialize;
 
 use crate::{ModeResults, ReadResults, Sizes};
@@ -151,16 +151,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn start(
-        binary: &str,
-        server: &NatsServer,
-        env: &[(&str, String)],
-    ) -> anyhow::Result<Self> {
+    pub fn start(binary: &str, nats_url: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let path: PathBuf = exe.parent().context("no parent dir")?.join(binary);
         let mut command = Command::new(&path);
         command
-            .env("JETSOURCE__NATS__URL", server.url())
+            .env("JETSOURCE__NATS__URL", nats_url)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -215,10 +211,27 @@ fn envelope_headers(event_type: &str, version: u64) -> HeaderMap {
 
 const DEPOSIT: &str = r#"{"amount":1}"#;
 
-async fn open_store(server: &NatsServer) -> anyhow::Result<(async_nats::Client, EventStore)> {
-    let client = server.client().await;
+/// A connection to `url` once JetStream answers.
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = js.query_account().await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "JetStream at {url} does not answer: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}
+
+async fn open_store(nats_url: &str) -> anyhow::Result<(async_nats::Client, EventStore)> {
+    let client = connect(nats_url).await?;
     let nats = NatsConfig {
-        url: server.url(),
+        url: nats_url.to_owned(),
         ..Default::default()
     };
     let store = EventStore::open(client.clone(), &nats, &StoreConfig::default()).await?;
@@ -306,12 +319,12 @@ where
     Ok(stats)
 }
 
-pub async fn append_suite(server: &NatsServer, sizes: &Sizes) -> anyhow::Result<ModeResults> {
-    let (client, store) = open_store(server).await?;
+pub async fn append_suite(nats_url: &str, sizes: &Sizes) -> anyhow::Result<ModeResults> {
+    let (client, store) = open_store(nats_url).await?;
     let js = store.jetstream().clone();
-    let worker = Proc::start("jetsource-command", server, &[])?;
+    let worker = Proc::start("jetsource-command", nats_url, &[])?;
     wait_for_service(&client, "jetsource-command", 1).await;
-    let ideal = start_ideal_responder(server.client().await, js.clone());
+    let ideal = start_ideal_responder(connect(nats_url).await?, js.clone());
     let accounts = sizes.accounts;
     let mut results = ModeResults::default();
 
@@ -624,11 +637,11 @@ fn median_ms(mut samples: Vec<Duration>) -> f64 {
 }
 
 pub async fn read_suite(
-    server: &NatsServer,
-    redis: &RedisServer,
+    nats_url: &str,
+    redis_url: &str,
     sizes: &Sizes,
 ) -> anyhow::Result<ReadResults> {
-    let (client, store) = open_store(server).await?;
+    let (client, store) = open_store(nats_url).await?;
     let js = store.jetstream().clone();
     let mut r = ReadResults {
         events: sizes.replay_events,
@@ -659,18 +672,17 @@ pub async fn read_suite(
     eprintln!("  raw replay: {:.0} events/s", r.raw_replay_events_per_sec);
 
     // Raw Redis: the same read model's writes without the projector.
-    r.raw_redis_events_per_sec =
-        raw_redis_writes(&redis.url(), accounts, sizes.replay_events).await?;
+    r.raw_redis_events_per_sec = raw_redis_writes(redis_url, accounts, sizes.replay_events).await?;
     eprintln!(
         "  raw Redis writes of the accounts read model: {:.0} events/s",
         r.raw_redis_events_per_sec
     );
 
     // Projector catch-up from a cold start.
-    let env = [("JETSOURCE__REDIS__URL", redis.url())];
-    let redis_store = jetsource_projector::redis_store::RedisStore::connect(&redis.url()).await?;
+    let env = [("JETSOURCE__REDIS__URL", redis_url.to_owned())];
+    let redis_store = jetsource_projector::redis_store::RedisStore::connect(redis_url).await?;
     let started = Instant::now();
-    let projector = Proc::start("jetsource-projector", server, &env)?;
+    let projector = Proc::start("jetsource-projector", nats_url, &env)?;
     let watermark = || async {
         match redis_store.meta("accounts").await.ok().flatten() {
             Some(meta) => redis_store
@@ -711,8 +723,8 @@ pub async fn read_suite(
     let exe = std::env::current_exe()?;
     let cli = exe.parent().context("no parent dir")?.join("jetsource");
     let output = tokio::task::spawn_blocking({
-        let url = server.url();
-        let redis_url = redis.url();
+        let url = nats_url.to_owned();
+        let redis_url = redis_url.to_owned();
         move || {
             Command::new(cli)
                 .args(["--url", &url, "--json", "projection", "rebuild", "accounts"])
@@ -755,7 +767,7 @@ pub async fn read_suite(
     }
 
     // Live lag under a steady load through the worker.
-    let worker = Proc::start("jetsource-command", server, &[])?;
+    let worker = Proc::start("jetsource-command", nats_url, &[])?;
     wait_for_service(&client, "jetsource-command", 1).await;
     let mut announcements = client.subscribe("jetsource.progress.accounts").await?;
     let seen_at: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
@@ -866,7 +878,7 @@ pub async fn read_suite(
 
     // Snapshotter catch-up on the whole stream.
     let started = Instant::now();
-    let snapshotter = Proc::start("jetsource-snapshotter", server, &[])?;
+    let snapshotter = Proc::start("jetsource-snapshotter", nats_url, &[])?;
     let events_stream = js.get_stream("EVENTS").await?;
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {

@@ -42,7 +42,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
-    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    // The event store gets a connection of its own: requests and replies on
+    // one, appends, acks and reads on the other, each read by its own task.
+    // On one shared connection a single task parsed everything, and the
+    // worker's latency tail grew with the load (docs/bench/NOTES.md).
+    let store_client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    let store = EventStore::open(store_client.clone(), &config.nats, &config.store).await?;
     let snapshots = handler::Snapshots {
         store: SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas)
             .await?,
@@ -108,6 +113,7 @@ pub async fn run(
     .await;
     service.stop();
     let _ = client.flush().await;
+    let _ = store_client.flush().await;
     tracing::info!("command worker stopped");
     Ok(())
 }
