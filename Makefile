@@ -9,7 +9,7 @@ TOOLS := $(CURDIR)/tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup build run test bench lint fmt clean-data
+.PHONY: help setup build run cluster test bench lint fmt clean-data
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,6 +23,9 @@ build: ## Build every binary (debug)
 
 run: setup build ## Start nats-server, redis-server and the workers in the foreground; Ctrl-C stops all
 	scripts/run-dev.sh
+
+cluster: setup build ## Like run, on a local 3-node nats-server cluster with replicas 3
+	scripts/run-cluster.sh
 
 test: setup build ## Run every test against real servers (needs nothing running)
 	@if cargo nextest --version >/dev/null 2>&1; then \

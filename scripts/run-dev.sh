@@ -9,8 +9,13 @@ pids=()
 stop() {
   trap - INT TERM EXIT
   echo "stopping (${pids[*]:-})" >&2
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # Newest first: the workers finish with NATS and Redis still up, then
+  # the servers stop.
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap 'stop; exit 0' INT TERM
 trap stop EXIT

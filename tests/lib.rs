@@ -30,13 +30,24 @@ impl Process {
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> Self {
+        Self::start_at(binary, &server.url(), env, log)
+    }
+
+    /// Like [`Process::start_with_log`], against the server(s) at `nats_url`
+    /// (comma-separated for a cluster).
+    pub fn start_at(
+        binary: &str,
+        nats_url: &str,
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         let stderr = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
             None => Stdio::inherit(),
         };
         let mut command = Command::new(workspace_binary(binary));
         command
-            .env("JETSOURCE__NATS__URL", server.url())
+            .env("JETSOURCE__NATS__URL", nats_url)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

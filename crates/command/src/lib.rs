@@ -112,8 +112,8 @@ pub async fn run(
     )
     .await;
     service.stop();
-    let _ = client.flush().await;
-    let _ = store_client.flush().await;
+    jetsource_core::flush_before_exit(&client).await;
+    jetsource_core::flush_before_exit(&store_client).await;
     tracing::info!("command worker stopped");
     Ok(())
 }

@@ -42,7 +42,10 @@ pub async fn connect(
     // `retry_on_initial_connect` returns at once and connects in the
     // background, so a worker may start before NATS; wait a bounded time for
     // the first connection so a wrong URL fails fast with a clear message.
-    let client = options.connect(&config.url).await.map_err(|e| {
+    // Several servers (a cluster) are given comma-separated; the client
+    // also learns the others from the servers it reaches.
+    let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
+    let client = options.connect(servers).await.map_err(|e| {
         store::StoreError::new(
             store::StoreErrorKind::Unavailable,
             format!("cannot connect to NATS at {}: {e}", config.url),
@@ -63,6 +66,24 @@ pub async fn connect(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(client)
+}
+
+/// Longest a stopping worker waits for NATS to take its last messages: with
+/// the servers gone (a whole cluster stopped first), flushing would wait for
+/// a reconnection forever.
+pub const EXIT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Flushes what `client` still has to send, for at most
+/// [`EXIT_FLUSH_TIMEOUT`]; for the last step of a shutdown.
+pub async fn flush_before_exit(client: &async_nats::Client) {
+    if tokio::time::timeout(EXIT_FLUSH_TIMEOUT, client.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "NATS did not take the last messages within {EXIT_FLUSH_TIMEOUT:?}; exiting anyway"
+        );
+    }
 }
 
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM: the graceful-shutdown

@@ -326,17 +326,36 @@ pub async fn serve<T, F, Fut>(
             },
         }
     }
-    if let Err(e) = requests.drain().await {
-        tracing::warn!(error = %e, "could not drain the request subscription");
+    match tokio::time::timeout(crate::EXIT_FLUSH_TIMEOUT, requests.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not drain the request subscription"),
+        Err(_) => tracing::warn!("NATS did not take the unsubscribe; stopping anyway"),
     }
     let drain = async {
-        while let Some(message) = requests.next().await {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore is never closed");
-            serve_one(message, permit);
+        let pending = async {
+            while let Some(message) = requests.next().await {
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore is never closed");
+                serve_one(message, permit);
+            }
+        };
+        // The end of a drained subscription is confirmed by the server; with
+        // NATS gone (stopped together with us) it never comes, and nothing
+        // more can arrive either.
+        let disconnected = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = pending => {}
+            () = disconnected => {}
         }
         let _all = permits
             .acquire_many(max_in_flight as u32)

@@ -211,7 +211,7 @@ pub async fn run(
     }
     follower.abort();
     waker.abort();
-    let _ = client.flush().await;
+    jetsource_core::flush_before_exit(&client).await;
     tracing::info!("projector stopped");
     Ok(())
 }

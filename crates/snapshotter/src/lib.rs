@@ -343,7 +343,7 @@ pub async fn run(
         }
     }
     tracing::info!("stopping");
-    let _ = requests.drain().await;
+    let _ = tokio::time::timeout(jetsource_core::EXIT_FLUSH_TIMEOUT, requests.drain()).await;
     while let Some(request) = requests.next().await {
         let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
         if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
@@ -351,7 +351,7 @@ pub async fn run(
         }
     }
     service.stop();
-    let _ = client.flush().await;
+    jetsource_core::flush_before_exit(&client).await;
     tracing::info!("snapshotter stopped");
     Ok(())
 }

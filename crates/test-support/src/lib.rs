@@ -397,3 +397,121 @@ pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize)
         );
     }
 }
+
+/// Three nats-server processes forming one JetStream cluster on loopback
+/// (`sync_interval: always`), each with its own store directory. Nodes can
+/// be killed and started again; all stop on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = nats_server_binary();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{i}"));
+            let config = dir.path().join(format!("n{i}.conf"));
+            let log = dir.path().join(format!("n{i}.log"));
+            std::fs::write(
+                &config,
+                format!(
+                    "listen: 127.0.0.1:{port}\nserver_name: n{i}\nlogfile: {log:?}\n\
+                     cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
+                     jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"
+                ),
+            )
+            .unwrap();
+            nodes.push(ClusterNode {
+                port: *port,
+                config,
+                child: None,
+            });
+        }
+        let mut cluster = Self { nodes, _dir: dir };
+        for i in 0..3 {
+            cluster.start_node_with(&binary, i);
+        }
+        cluster
+    }
+
+    fn start_node_with(&mut self, binary: &Path, i: usize) {
+        let node = &mut self.nodes[i];
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let mut command = Command::new(binary);
+            command.arg("-c").arg(&node.config);
+            if let Some(child) = spawn_and_wait(command, node.port, "nats-server") {
+                node.child = Some(child);
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster node {i} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// All nodes' URLs, comma-separated, as `nats.url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` abruptly (SIGKILL).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Starts node `i` again with its store directory.
+    pub fn start_node(&mut self, i: usize) {
+        self.start_node_with(&nats_server_binary(), i);
+    }
+
+    /// A client once the cluster's JetStream answers (a meta leader is
+    /// elected).
+    pub async fn client(&self) -> async_nats::Client {
+        let urls = self.urls();
+        let servers: Vec<&str> = urls.split(',').collect();
+        let client = async_nats::connect(servers).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = Instant::now() + START_TIMEOUT * 3;
+        while js.query_account().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster's JetStream did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        client
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(child) = node.child.as_mut() {
+                kill(child);
+            }
+        }
+    }
+}

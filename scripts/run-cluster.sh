@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `make cluster`: a local 3-node nats-server cluster (JetStream, replicas 3),
+# redis-server and the jetsource workers in the foreground. Ctrl-C stops
+# everything this script started (by PID). Stop a node to watch failover:
+# `kill <pid of one nats-server>` (the PIDs are printed below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .run
+bin="target/debug"
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping (${pids[*]:-})" >&2
+  # Newest first: the workers finish with NATS and Redis still up, then
+  # the servers stop.
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1 after 10 s" >&2
+  return 1
+}
+
+for port in 4222 4223 4224 6222 6223 6224 6379; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use: stop the other nats-server or redis-server first" >&2
+    exit 1
+  fi
+done
+# Process substitution, not a pipe, so that $! is nats-server's own PID.
+for n in 1 2 3; do
+  tools/bin/nats-server -c "nats/cluster/n$n.conf" > >(sed -u "s/^/[nats-n$n] /" >&2) 2>&1 &
+  pids+=($!)
+  echo "nats-server n$n: PID $!" >&2
+done
+for port in 4222 4223 4224; do wait_port "$port"; done
+# The workers create replicated streams: wait until the cluster has elected
+# its JetStream meta leader (every node's /healthz answers 200).
+healthy() {
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+  local status
+  read -r _ status _ <&3 || true
+  exec 3<&-
+  [ "$status" = 200 ]
+}
+for _ in $(seq 1 300); do
+  if healthy 8222 2>/dev/null && healthy 8223 2>/dev/null && healthy 8224 2>/dev/null; then break; fi
+  sleep 0.1
+done
+
+# Read models live in memory only: if Redis restarts empty, the projector
+# notices and rebuilds them from the event stream.
+redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+  > >(sed -u 's/^/[redis] /' >&2) 2>&1 &
+pids+=($!)
+wait_port 6379
+
+export JETSOURCE__NATS__URL="nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
+export JETSOURCE__STORE__REPLICAS=3
+export JETSOURCE__REDIS__URL="redis://127.0.0.1:6379/"
+"$bin/jetsource-command" &
+pids+=($!)
+"$bin/jetsource-projector" &
+pids+=($!)
+"$bin/jetsource-snapshotter" &
+pids+=($!)
+
+cat >&2 <<'MSG'
+
+jetsource is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
+4224 (monitoring http://127.0.0.1:8222 and up), streams with 3 replicas,
+redis on 127.0.0.1:6379, jetsource-command, -projector and -snapshotter.
+Try, in another terminal (the CLI reaches any node with this):
+  export JETSOURCE__NATS__URL=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
+  target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
+  target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
+  target/debug/jetsource history account acc-1
+  target/debug/jetsource query account acc-1
+  target/debug/jetsource projection status
+  target/debug/jetsource snapshot status
+Kill one nats-server (PIDs above) and commands keep working; start it again
+with `tools/bin/nats-server -c nats/cluster/n<N>.conf`.
+Ctrl-C stops everything.
+
+MSG
+# Exit (and stop the rest) as soon as redis or a worker ends; a nats-server
+# may die: that is what the cluster is for.
+wait -n "${pids[@]:3}"
