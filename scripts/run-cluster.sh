@@ -5,38 +5,9 @@
 # `kill <pid of one nats-server>` (the PIDs are printed below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .run
-bin="target/debug"
-pids=()
-stop() {
-  trap - INT TERM EXIT
-  echo "stopping (${pids[*]:-})" >&2
-  # Newest first: the workers finish with NATS and Redis still up, then
-  # the servers stop.
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-}
-trap 'stop; exit 0' INT TERM
-trap stop EXIT
+source scripts/dev-lib.sh
 
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1 after 10 s" >&2
-  return 1
-}
-
-for port in 4222 4223 4224 6222 6223 6224 6379; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is already in use: stop the other nats-server or redis-server first" >&2
-    exit 1
-  fi
-done
+ports_free 4222 4223 4224 6222 6223 6224 6379
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 for n in 1 2 3; do
   tools/bin/nats-server -c "nats/cluster/n$n.conf" > >(sed -u "s/^/[nats-n$n] /" >&2) 2>&1 &
@@ -59,22 +30,11 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
-# Read models live in memory only: if Redis restarts empty, the projector
-# notices and rebuilds them from the event stream.
-redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-  > >(sed -u 's/^/[redis] /' >&2) 2>&1 &
-pids+=($!)
-wait_port 6379
+start_redis
 
 export JETSOURCE__NATS__URL="nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
 export JETSOURCE__STORE__REPLICAS=3
-export JETSOURCE__REDIS__URL="redis://127.0.0.1:6379/"
-"$bin/jetsource-command" &
-pids+=($!)
-"$bin/jetsource-projector" &
-pids+=($!)
-"$bin/jetsource-snapshotter" &
-pids+=($!)
+start_workers
 
 cat >&2 <<'MSG'
 

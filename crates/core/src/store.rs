@@ -651,14 +651,18 @@ impl EventStore {
         Ok(())
     }
 
+    /// A handle on the event stream, without the info round trip.
+    async fn stream(&self) -> Result<jetstream::stream::Stream<()>, StoreError> {
+        self.js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))
+    }
+
     /// Subjects of the stream matching `filter` (e.g. `events.account.*`):
     /// one per aggregate.
     pub async fn subjects(&self, filter: &str) -> Result<Vec<String>, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream_name)
-            .await
-            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
+        let stream = self.stream().await?;
         let mut subjects = stream
             .info_with_subjects(filter)
             .await
@@ -680,87 +684,45 @@ impl EventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream_name)
-            .await
-            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
-        match stream
+        let stream = self.stream().await?;
+        let last = stream
             .direct_get_last_for_subject(event_subject(aggregate_type, aggregate_id))
-            .await
-        {
-            Ok(m) => Ok(Some((
+            .await;
+        Ok(found(last, "reading the last event")?.map(|m| {
+            (
                 header_u64(Some(&m.headers), envelope::AGGREGATE_VERSION).unwrap_or(0),
                 m.sequence,
-            ))),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(StoreError::unavailable("reading the last event", e)),
-        }
+            )
+        }))
     }
 
     /// Stream sequence of the first message at or after `from` on a subject
     /// matching `filter`, `None` if there is none (yet).
     pub async fn next_matching(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream_name)
-            .await
-            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
-        match stream
+        let stream = self.stream().await?;
+        let next = stream
             .direct_get_next_for_subject(filter, Some(from.max(1)))
-            .await
-        {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(StoreError::unavailable(
-                &format!("reading the next message on {filter}"),
-                e,
-            )),
-        }
+            .await;
+        Ok(found(next, &format!("reading the next message on {filter}"))?.map(|m| m.sequence))
     }
 
     /// The event at stream sequence `sequence`, `None` if there is none.
     pub async fn get(&self, sequence: u64) -> Result<Option<RecordedEvent>, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream_name)
-            .await
-            .map_err(|e| StoreError::unavailable("cannot open the event stream", e))?;
-        match stream.direct_get(sequence).await {
-            Ok(m) => Ok(Some(RecordedEvent::from_parts(
+        let stream = self.stream().await?;
+        let message = found(
+            stream.direct_get(sequence).await,
+            &format!("reading event {sequence}"),
+        )?;
+        Ok(match message {
+            Some(m) => Some(RecordedEvent::from_parts(
                 m.subject.as_str(),
                 m.sequence,
                 m.time,
                 Some(&m.headers),
                 m.payload,
-            )?)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::DirectGetErrorKind::NotFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(StoreError::unavailable(
-                &format!("reading event {sequence}"),
-                e,
-            )),
-        }
+            )?),
+            None => None,
+        })
     }
 
     /// Scans an aggregate's history for the events of `command_id`. Slow on
@@ -842,6 +804,18 @@ impl StoredMessage {
             self.headers.as_ref(),
             self.payload,
         )
+    }
+}
+
+/// A direct get's message, `None` when there is none.
+fn found<T>(
+    result: Result<T, jetstream::stream::DirectGetError>,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    match result {
+        Ok(message) => Ok(Some(message)),
+        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(StoreError::unavailable(what, e)),
     }
 }
 
