@@ -88,26 +88,147 @@ async fn commands_survive_the_loss_of_a_node_with_replicas_3() {
         cluster.start_node(round);
     }
     // Every acknowledged event is in the stream, in order, exactly once.
-    let store = jetsource_core::store::EventStore::open(
-        client.clone(),
-        &jetsource_core::config::NatsConfig {
-            url: urls.clone(),
-            ..Default::default()
-        },
-        &jetsource_core::config::StoreConfig {
-            replicas: 3,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut versions = Vec::new();
-    store
-        .read("account", "c1", 1, |chunk| {
-            versions.extend(chunk.iter().map(|e| e.aggregate_version));
-            std::ops::ControlFlow::Continue(())
-        })
+    let store = open_store(&client, &urls).await;
+    // Confirmed by the stream leader: a replica restarted a moment ago may
+    // still be catching up.
+    let versions: Vec<u64> = store
+        .read_confirmed("account", "c1", 1)
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|e| e.aggregate_version)
+        .collect();
     assert_eq!(versions, (1..=16).collect::<Vec<u64>>());
+}
+
+/// Issue 9's finding: on a replicated stream the server reports a wrong
+/// expected sequence with error 10164 (10071 on one node); it was answered
+/// `internal` instead of being retried as a conflict. Two workers, many
+/// clients on two accounts: every command ends `ok` (or, after the
+/// worker's retries, `conflict`), never `internal`, and every acknowledged
+/// one is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_a_replicated_stream_conflict_and_retry_never_internal() {
+    let cluster = NatsCluster::start();
+    let client = cluster.client().await;
+    let urls = cluster.urls();
+    let _workers: Vec<Process> = (0..2)
+        .map(|_| {
+            Process::start_at(
+                "jetsource-command",
+                &urls,
+                &[("JETSOURCE__STORE__REPLICAS", "3")],
+                None,
+            )
+        })
+        .collect();
+    wait_for_service(&client, "jetsource-command", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in ["h0", "h1"] {
+        send(
+            &client,
+            id,
+            json!({"type": "OpenAccount", "data": {"owner": "o"}, "command_id": "open"}),
+            deadline,
+        )
+        .await;
+    }
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for k in 0..25 {
+                let id = format!("h{}", (c + k) % 2);
+                let command_id = format!("c{c}-{k}");
+                let body =
+                    json!({"type": "Deposit", "data": {"amount": 1}, "command_id": command_id});
+                let outcome = send_until_definite(&client, &id, body, deadline).await;
+                if let Some(outcome) = outcome {
+                    acked.push((id, command_id, outcome.sequence));
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.unwrap());
+    }
+    assert!(!acked.is_empty());
+    let store = open_store(&client, &urls).await;
+    for id in ["h0", "h1"] {
+        let events = store.read_confirmed("account", id, 1).await.unwrap();
+        let mut stored: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e.command_id.as_deref())
+            .filter(|c| *c != "open")
+            .collect();
+        stored.sort_unstable();
+        let mut expected: Vec<&str> = acked
+            .iter()
+            .filter(|(a, _, _)| a == id)
+            .map(|(_, c, _)| c.as_str())
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(stored, expected, "{id}: every acknowledged command once");
+    }
+}
+
+/// Sends until the answer is definite: `Some` when acknowledged, `None`
+/// when the worker gave up with `conflict` (nothing stored). Resends after
+/// a timeout or `unavailable` with the same command id. Panics on any other
+/// error, `internal` above all.
+async fn send_until_definite(
+    client: &async_nats::Client,
+    id: &str,
+    body: serde_json::Value,
+    deadline: Instant,
+) -> Option<CommandOutcome> {
+    loop {
+        let reply = client
+            .request(format!("cmd.account.{id}"), body.to_string().into())
+            .await;
+        if let Ok(reply) = reply {
+            match decode_reply::<CommandOutcome>(&reply.payload).unwrap() {
+                Ok(outcome) => return Some(outcome),
+                Err(ErrorBody { code, .. }) if code == ErrorCode::Conflict => return None,
+                Err(ErrorBody { code, message, .. }) => assert!(
+                    matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout),
+                    "{id}: {code:?} {message}"
+                ),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: no definite answer in time"
+        );
+    }
+}
+
+/// The event store of the cluster, retrying while a restarted node makes
+/// the cluster elect leaders (requests time out meanwhile).
+async fn open_store(client: &async_nats::Client, urls: &str) -> jetsource_core::store::EventStore {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let opened = jetsource_core::store::EventStore::open(
+            client.clone(),
+            &jetsource_core::config::NatsConfig {
+                url: urls.to_owned(),
+                ..Default::default()
+            },
+            &jetsource_core::config::StoreConfig {
+                replicas: 3,
+                ..Default::default()
+            },
+        )
+        .await;
+        match opened {
+            Ok(store) => return store,
+            Err(e) => assert!(
+                e.class() == jetsource_core::ErrorClass::Transient && Instant::now() < deadline,
+                "cannot open the event store: {e}"
+            ),
+        }
+    }
 }

@@ -106,8 +106,14 @@ pub fn cli(server: &NatsServer, args: &[&str]) -> (i32, String, String) {
 
 /// Runs the `jetsource` CLI with extra environment.
 pub fn cli_env(server: &NatsServer, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    cli_at(&server.url(), env, args)
+}
+
+/// Runs the `jetsource` CLI against the server(s) at `nats_url`
+/// (comma-separated for a cluster), with extra environment.
+pub fn cli_at(nats_url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
     let mut command = Command::new(workspace_binary("jetsource"));
-    command.args(["--url", &server.url()]).args(args);
+    command.args(["--url", nats_url]).args(args);
     for (k, v) in env {
         command.env(k, v);
     }

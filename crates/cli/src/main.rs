@@ -3,7 +3,6 @@
 mod ops;
 mod table;
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -227,12 +226,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             aggregate_id,
         } => {
             let store = EventStore::open(client, &config.nats, &config.store).await?;
-            let mut events: Vec<RecordedEvent> = Vec::new();
-            store
-                .read(&aggregate_type, &aggregate_id, 1, |chunk| {
-                    events.extend(chunk);
-                    ControlFlow::Continue(())
-                })
+            let events: Vec<RecordedEvent> = store
+                .read_confirmed(&aggregate_type, &aggregate_id, 1)
                 .await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&events)?);
@@ -283,7 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             // From the latest snapshot that does not go past the point.
-            let (loaded, used) = Loaded::load_with_snapshot(
+            let (mut loaded, used) = Loaded::load_with_snapshot(
                 &store,
                 &snapshots,
                 aggregate.as_ref(),
@@ -291,6 +286,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 until,
             )
             .await?;
+            // "No events" and the state shown must not depend on a replica
+            // that lags.
+            loaded
+                .catch_up_confirmed(&store, aggregate.as_ref(), &aggregate_id, until)
+                .await?;
             if loaded.version == 0 {
                 let point = match until {
                     Until::End => String::new(),

@@ -222,6 +222,26 @@ impl Worker {
         Ok(applied)
     }
 
+    /// Brings the slot up to everything the stream leader has for this
+    /// aggregate (see [`Loaded::catch_up_confirmed`]); always `Ok(true)`.
+    async fn confirm(
+        &self,
+        slot: &mut Slot,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+    ) -> Result<bool, ErrorBody> {
+        if slot.loaded.is_none() {
+            self.catch_up(slot, aggregate, aggregate_id).await?;
+        }
+        let loaded = slot.loaded.as_mut().expect("loaded above");
+        loaded
+            .catch_up_confirmed(&self.store, aggregate, aggregate_id, Until::End)
+            .await
+            .map_err(load_failure)?;
+        slot.stale = false;
+        Ok(true)
+    }
+
     /// The reply a command already stored got the first time.
     async fn recorded_outcome(
         &self,
@@ -275,16 +295,16 @@ impl Worker {
             .unwrap_or_else(|| causation_id.clone());
 
         let mut conflicts = 0;
-        // Whether the state was read from the store during this request. Any
-        // answer that the server's expected-sequence check does not guard (a
-        // refusal, a no-op, a version mismatch) must be given on fresh state,
-        // never on a possibly stale cache. (A command id missing from a stale
-        // cache is guarded: its append fails the sequence check.)
-        let mut fresh = false;
+        // Whether the state holds every event the stream leader had during
+        // this request. Any answer that the server's expected-sequence check
+        // does not guard (a refusal, a no-op, a version mismatch) is given
+        // only on confirmed state, never on a possibly stale cache or on a
+        // replica that lags. (A command id missing from a stale cache is
+        // guarded: its append fails the sequence check.)
+        let mut confirmed = false;
         loop {
             if slot.loaded.is_none() || slot.stale {
                 self.catch_up(&mut slot, aggregate, aggregate_id).await?;
-                fresh = true;
             }
             let loaded = slot.loaded.as_ref().expect("loaded above");
 
@@ -298,8 +318,8 @@ impl Worker {
 
             if let Some(expected) = request.expected_version {
                 if loaded.version != expected {
-                    if !fresh {
-                        slot.stale = true;
+                    if !confirmed {
+                        confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
                         continue;
                     }
                     return Err(ErrorBody::new(
@@ -319,8 +339,8 @@ impl Worker {
                     return Err(ErrorBody::invalid(e.message))
                 }
                 Err(DecideError::Domain(e)) => {
-                    if !fresh {
-                        slot.stale = true;
+                    if !confirmed {
+                        confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
                         continue;
                     }
                     return Err(ErrorBody::new(ErrorCode::Rejected, e.message));
@@ -328,8 +348,8 @@ impl Worker {
             };
 
             if decision.events.is_empty() {
-                if !fresh {
-                    slot.stale = true;
+                if !confirmed {
+                    confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
                     continue;
                 }
                 return Ok(CommandOutcome {

@@ -110,6 +110,12 @@ impl Loaded {
 
     /// Folds in every stored event after `last_sequence`, up to `until`.
     /// Returns how many events were applied.
+    ///
+    /// Reads with direct gets, which any replica may answer: on a
+    /// replicated stream the newest events may be missing. That is fine
+    /// where the server checks the result later (a command's append carries
+    /// the expected last sequence); anything else uses
+    /// [`Loaded::catch_up_confirmed`].
     pub async fn catch_up(
         &mut self,
         store: &EventStore,
@@ -125,41 +131,14 @@ impl Loaded {
                 aggregate_type,
                 aggregate_id,
                 self.last_sequence + 1,
-                |chunk| {
-                    let within = chunk
-                        .iter()
-                        .take_while(|e| match until {
-                            Until::End => true,
-                            Until::Sequence(seq) => e.sequence <= seq,
-                            Until::Time(t) => e.timestamp <= t,
-                        })
-                        .count();
-                    let mut events = chunk[..within]
-                        .iter()
-                        .map(|e| (e.event_type.as_str(), e.data.as_ref()));
-                    match aggregate.fold(&self.state, &mut events) {
-                        Ok(state) => self.state = state,
-                        Err(source) => {
-                            failure = Some(LoadError::Decode {
-                                aggregate: format!("{aggregate_type}.{aggregate_id}"),
-                                source,
-                            });
-                            return ControlFlow::Break(());
-                        }
+                |chunk| match self.fold_chunk(aggregate, aggregate_id, &chunk, until) {
+                    Ok((n, flow)) => {
+                        applied += n;
+                        flow
                     }
-                    for event in &chunk[..within] {
-                        if let Some(command_id) = &event.command_id {
-                            self.remember_command(command_id, event.sequence);
-                        }
-                        self.last_sequence = event.sequence;
-                        self.last_timestamp = Some(event.timestamp);
-                    }
-                    self.version += within as u64;
-                    applied += within as u64;
-                    if within < chunk.len() {
+                    Err(e) => {
+                        failure = Some(e);
                         ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
                     }
                 },
             )
@@ -168,6 +147,83 @@ impl Loaded {
             Some(e) => Err(e),
             None => Ok(applied),
         }
+    }
+
+    /// Like [`Loaded::catch_up`], then makes sure nothing is missing: the
+    /// stream leader is asked for the aggregate's last sequence, and
+    /// whatever a lagging replica did not return is read up to it (or up to
+    /// `until`). After this the state includes every event within `until`
+    /// acknowledged before the call. Costs one more round trip; for answers the server does not
+    /// check (a refusal, a no-op, "no such aggregate").
+    pub async fn catch_up_confirmed(
+        &mut self,
+        store: &EventStore,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+        until: Until,
+    ) -> Result<u64, LoadError> {
+        let mut applied = self.catch_up(store, aggregate, aggregate_id, until).await?;
+        let subject = crate::envelope::event_subject(aggregate.aggregate_type(), aggregate_id);
+        let last = store.leader_last_sequence(&subject).await?;
+        let target = match until {
+            Until::Sequence(n) => last.min(n),
+            Until::End | Until::Time(_) => last,
+        };
+        if target > self.last_sequence {
+            let missing = store
+                .read_through(&subject, self.last_sequence + 1, target)
+                .await?;
+            let events = missing
+                .into_iter()
+                .map(|m| m.into_event())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(crate::store::StoreError::from)?;
+            applied += self.fold_chunk(aggregate, aggregate_id, &events, until)?.0;
+        }
+        Ok(applied)
+    }
+
+    /// Folds the events of `chunk` that lie within `until`; returns how many
+    /// and whether to read on.
+    fn fold_chunk(
+        &mut self,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+        chunk: &[crate::envelope::RecordedEvent],
+        until: Until,
+    ) -> Result<(u64, ControlFlow<()>), LoadError> {
+        let within = chunk
+            .iter()
+            .take_while(|e| match until {
+                Until::End => true,
+                Until::Sequence(seq) => e.sequence <= seq,
+                Until::Time(t) => e.timestamp <= t,
+            })
+            .count();
+        let mut events = chunk[..within]
+            .iter()
+            .map(|e| (e.event_type.as_str(), e.data.as_ref()));
+        self.state =
+            aggregate
+                .fold(&self.state, &mut events)
+                .map_err(|source| LoadError::Decode {
+                    aggregate: format!("{}.{aggregate_id}", aggregate.aggregate_type()),
+                    source,
+                })?;
+        for event in &chunk[..within] {
+            if let Some(command_id) = &event.command_id {
+                self.remember_command(command_id, event.sequence);
+            }
+            self.last_sequence = event.sequence;
+            self.last_timestamp = Some(event.timestamp);
+        }
+        self.version += within as u64;
+        let flow = if within < chunk.len() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        };
+        Ok((within as u64, flow))
     }
 
     /// Folds in one event that directly follows what is loaded (the caller

@@ -4,7 +4,6 @@
 //! and a standby takes over when that copy stops pulling.
 
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -346,18 +345,24 @@ const ADVANCE_EVERY: Duration = Duration::from_millis(100);
 /// consumer and raises the watermark itself). Every sequence up to the
 /// stream's last one exists once it is read, so nothing can appear below it
 /// later.
+///
+/// Both reads are answered by the stream leader. A direct get would do for
+/// the second on a single node, but on a replicated stream any replica may
+/// answer it, and one that has not yet received the projection's next
+/// event answers "none": the watermark would then jump over an event that
+/// the consumer delivers a moment later and the batch skips as applied.
 async fn advance(
     shared: &Shared,
     projection: &dyn Projection,
     prepared: u64,
 ) -> Result<Option<u64>, jetsource_core::store::StoreError> {
-    let last = shared.store.info().await?.state.last_sequence;
+    let last = shared.store.last_sequence().await?;
     if last <= prepared {
         return Ok(None);
     }
     for filter in filter_subjects(projection) {
-        if let Some(next) = shared.store.next_matching(&filter, prepared + 1).await? {
-            if next <= last {
+        if let Some(next) = shared.store.leader_next(&filter, prepared + 1).await? {
+            if next.sequence <= last {
                 return Ok(None);
             }
         }
@@ -549,18 +554,11 @@ async fn prepare(
     if !contiguous {
         let before = messages.len();
         for filter in filter_subjects(projection) {
-            let mut missing = Vec::new();
-            shared
+            // Complete up to the newest delivered event even when the
+            // replica answering lags (see `EventStore::read_through`).
+            let missing = shared
                 .store
-                .read_subjects(&filter, prepared + 1, |chunk| {
-                    for m in chunk {
-                        if m.sequence > newest_sequence {
-                            return ControlFlow::Break(());
-                        }
-                        missing.push(m);
-                    }
-                    ControlFlow::Continue(())
-                })
+                .read_through(&filter, prepared + 1, newest_sequence)
                 .await
                 .map_err(|e| e.to_string())?;
             for m in missing {

@@ -20,10 +20,10 @@ use async_nats::header::{
     NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
     NATS_MESSAGE_ID,
 };
+use async_nats::jetstream;
 use async_nats::jetstream::context::{CreateStreamErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, PersistenceMode, RetentionPolicy, StorageType};
-use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -32,6 +32,8 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
+
+pub mod codes;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
@@ -58,6 +60,8 @@ pub enum StoreErrorKind {
     /// the duplicate window); the server stored nothing and did not say where
     /// the original is. Find it with [`EventStore::find_command`].
     DuplicateCommand,
+    /// The stream leader has no such message (internal to leader reads).
+    NotFound,
     /// The server refused the request for another reason.
     Rejected,
 }
@@ -67,6 +71,8 @@ pub enum StoreErrorKind {
 pub struct StoreError {
     kind: StoreErrorKind,
     message: String,
+    /// The JetStream API error code behind it, if the server sent one.
+    code: Option<u64>,
 }
 
 impl StoreError {
@@ -74,6 +80,17 @@ impl StoreError {
         Self {
             kind,
             message: message.into(),
+            code: None,
+        }
+    }
+
+    /// A refusal by the server with API error `code`, classed by
+    /// [`codes::kind_of`]; `fallback` for codes without a special meaning.
+    fn from_code(code: u64, fallback: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind: codes::kind_of(code).unwrap_or(fallback),
+            message: message.into(),
+            code: Some(code),
         }
     }
 
@@ -81,11 +98,17 @@ impl StoreError {
         self.kind
     }
 
+    /// The JetStream API error code, when the server refused with one.
+    pub fn code(&self) -> Option<u64> {
+        self.code
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self.kind {
             StoreErrorKind::WrongLastSequence => ErrorClass::Conflict,
             StoreErrorKind::Unavailable => ErrorClass::Transient,
             StoreErrorKind::TooLarge
+            | StoreErrorKind::NotFound
             | StoreErrorKind::IncompatibleStream
             | StoreErrorKind::Corrupt
             | StoreErrorKind::DuplicateCommand
@@ -159,9 +182,6 @@ pub struct EventStore {
 /// Atomic batches one process keeps open at once (the server allows 50 per
 /// stream, shared by every process).
 pub const MAX_OPEN_BATCHES: usize = 16;
-
-/// "atomic publish too many inflight": the stream's open-batch limit.
-const BATCH_TOO_MANY_INFLIGHT: u64 = 10210;
 
 /// The stream jetsource needs, from configuration.
 pub fn desired_stream(config: &StoreConfig) -> stream::Config {
@@ -308,7 +328,7 @@ impl EventStore {
             Err(e) => {
                 match e.kind() {
                     CreateStreamErrorKind::JetStream(api)
-                        if api.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+                        if api.error_code().0 == codes::STREAM_NAME_EXISTS =>
                     {
                         let mut existing = js.get_stream(&config.stream).await.map_err(|e| {
                             StoreError::unavailable("cannot read the event stream", e)
@@ -566,17 +586,6 @@ impl EventStore {
         self.read_stored(&filter, from, visit).await
     }
 
-    /// Reads the stored messages on subjects matching `filter` (wildcards
-    /// allowed) from stream sequence `from` on, in stream order.
-    pub async fn read_subjects(
-        &self,
-        filter: &str,
-        from: u64,
-        visit: impl FnMut(Vec<StoredMessage>) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
-        self.read_stored(filter, from, visit).await
-    }
-
     async fn read_stored(
         &self,
         subject: &str,
@@ -651,6 +660,118 @@ impl EventStore {
         Ok(())
     }
 
+    /// An aggregate's events from stream sequence `from` on, every one the
+    /// stream leader had when asked (see [`EventStore::read_through`]): for
+    /// answers that must not miss the newest events, such as a history or
+    /// "no such aggregate".
+    pub async fn read_confirmed(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        from: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let subject = event_subject(aggregate_type, aggregate_id);
+        let last = self.leader_last_sequence(&subject).await?;
+        let messages = self.read_through(&subject, from, last).await?;
+        let events = messages
+            .into_iter()
+            .map(StoredMessage::into_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(events)
+    }
+
+    /// Every stored message on subjects matching `filter` with a sequence
+    /// in `from..=through`, in stream order, none missing, even on a
+    /// replicated stream whose replicas lag.
+    ///
+    /// The bulk comes from batched direct gets, which any replica may
+    /// answer. A replica holds a prefix of the stream, so what it returns is
+    /// complete up to the last message it returned, and if that lies beyond
+    /// `through` nothing more is needed. Otherwise the replica may simply
+    /// not have the rest yet, so the stream leader, which has every
+    /// acknowledged message, is asked for the next match; only its "none
+    /// up to `through`" ends the read.
+    pub async fn read_through(
+        &self,
+        filter: &str,
+        from: u64,
+        through: u64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut out: Vec<StoredMessage> = Vec::new();
+        let mut next = from.max(1);
+        while next <= through {
+            let mut beyond = false;
+            self.read_stored(filter, next, |chunk| {
+                for message in chunk {
+                    if message.sequence > through {
+                        beyond = true;
+                        return ControlFlow::Break(());
+                    }
+                    out.push(message);
+                }
+                ControlFlow::Continue(())
+            })
+            .await?;
+            if beyond {
+                break;
+            }
+            let complete_to = out.last().map_or(next - 1, |m| m.sequence).max(next - 1);
+            match self.leader_next(filter, complete_to + 1).await? {
+                Some(message) if message.sequence <= through => {
+                    next = message.sequence + 1;
+                    out.push(message);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first message on `filter` at or after `from` as the stream
+    /// leader has it (`$JS.API.STREAM.MSG.GET`, answered by the leader
+    /// only), `None` if the leader has none. Unlike a direct get's, this
+    /// `None` means no such message has been acknowledged. One round trip
+    /// per message: for deciding that nothing is missing, not for bulk.
+    pub async fn leader_next(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let stream = self.stream().await?;
+        let got = stream
+            .raw_message_builder()
+            .sequence(from.max(1))
+            .next_by_subject(filter)
+            .send()
+            .await;
+        leader_found(
+            got,
+            &format!("reading the next message on {filter} from the leader"),
+        )
+    }
+
+    /// Sequence of the last message on `subject` as the stream leader has
+    /// it, 0 if there is none.
+    pub async fn leader_last_sequence(&self, subject: &str) -> Result<u64, StoreError> {
+        let stream = self.stream().await?;
+        let got = stream
+            .raw_message_builder()
+            .last_by_subject(subject)
+            .send()
+            .await;
+        let found = leader_found(
+            got,
+            &format!("reading the last message on {subject} from the leader"),
+        )?;
+        Ok(found.map_or(0, |m| m.sequence))
+    }
+
+    /// The stream's last sequence as the stream leader reports it (stream
+    /// info is answered by the leader).
+    pub async fn last_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.info().await?.state.last_sequence)
+    }
+
     /// A handle on the event stream, without the info round trip.
     async fn stream(&self) -> Result<jetstream::stream::Stream<()>, StoreError> {
         self.js
@@ -678,51 +799,36 @@ impl EventStore {
     }
 
     /// Version and sequence of an aggregate's last event, `None` if it has
-    /// none. One direct get.
+    /// none, as the stream leader has it.
     pub async fn last_version(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<(u64, u64)>, StoreError> {
         let stream = self.stream().await?;
-        let last = stream
-            .direct_get_last_for_subject(event_subject(aggregate_type, aggregate_id))
+        let subject = event_subject(aggregate_type, aggregate_id);
+        let got = stream
+            .raw_message_builder()
+            .last_by_subject(subject.as_str())
+            .send()
             .await;
-        Ok(found(last, "reading the last event")?.map(|m| {
+        Ok(leader_found(got, "reading the last event")?.map(|m| {
             (
-                header_u64(Some(&m.headers), envelope::AGGREGATE_VERSION).unwrap_or(0),
+                header_u64(m.headers.as_ref(), envelope::AGGREGATE_VERSION).unwrap_or(0),
                 m.sequence,
             )
         }))
     }
 
-    /// Stream sequence of the first message at or after `from` on a subject
-    /// matching `filter`, `None` if there is none (yet).
-    pub async fn next_matching(&self, filter: &str, from: u64) -> Result<Option<u64>, StoreError> {
-        let stream = self.stream().await?;
-        let next = stream
-            .direct_get_next_for_subject(filter, Some(from.max(1)))
-            .await;
-        Ok(found(next, &format!("reading the next message on {filter}"))?.map(|m| m.sequence))
-    }
-
-    /// The event at stream sequence `sequence`, `None` if there is none.
+    /// The event at stream sequence `sequence`, `None` if there is none, as
+    /// the stream leader has it.
     pub async fn get(&self, sequence: u64) -> Result<Option<RecordedEvent>, StoreError> {
         let stream = self.stream().await?;
-        let message = found(
-            stream.direct_get(sequence).await,
-            &format!("reading event {sequence}"),
-        )?;
-        Ok(match message {
-            Some(m) => Some(RecordedEvent::from_parts(
-                m.subject.as_str(),
-                m.sequence,
-                m.time,
-                Some(&m.headers),
-                m.payload,
-            )?),
-            None => None,
-        })
+        let got = stream.raw_message_builder().sequence(sequence).send().await;
+        match leader_found(got, &format!("reading event {sequence}"))? {
+            Some(message) => Ok(Some(message.into_event()?)),
+            None => Ok(None),
+        }
     }
 
     /// Scans an aggregate's history for the events of `command_id`. Slow on
@@ -770,6 +876,20 @@ impl EventStore {
         })
         .await?;
         if events.is_empty() {
+            // The replica that answered has not got the command's events
+            // yet; the leader has them.
+            let subject = event_subject(aggregate_type, aggregate_id);
+            let mut next = first_sequence;
+            while let Some(message) = self.leader_next(&subject, next).await? {
+                let event = message.into_event()?;
+                if event.command_id.as_deref() != Some(command_id) {
+                    break;
+                }
+                next = event.sequence + 1;
+                events.push(event);
+            }
+        }
+        if events.is_empty() {
             return Err(StoreError::new(
                 StoreErrorKind::Unavailable,
                 format!(
@@ -807,15 +927,35 @@ impl StoredMessage {
     }
 }
 
-/// A direct get's message, `None` when there is none.
-fn found<T>(
-    result: Result<T, jetstream::stream::DirectGetError>,
+/// A leader read's message, `None` when the leader has none.
+fn leader_found(
+    result: Result<jetstream::message::StreamMessage, jetstream::stream::RawMessageError>,
     what: &str,
-) -> Result<Option<T>, StoreError> {
+) -> Result<Option<StoredMessage>, StoreError> {
+    use jetstream::stream::RawMessageErrorKind;
     match result {
-        Ok(message) => Ok(Some(message)),
-        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
-        Err(e) => Err(StoreError::unavailable(what, e)),
+        Ok(m) => Ok(Some(StoredMessage {
+            subject: m.subject.to_string(),
+            sequence: m.sequence,
+            timestamp: m.time,
+            headers: Some(m.headers),
+            payload: m.payload,
+        })),
+        Err(e) => match e.kind() {
+            RawMessageErrorKind::NoMessageFound => Ok(None),
+            RawMessageErrorKind::JetStream(api) => {
+                let code = api.error_code().0;
+                match codes::kind_of(code) {
+                    Some(StoreErrorKind::NotFound) => Ok(None),
+                    _ => Err(StoreError::from_code(
+                        code,
+                        StoreErrorKind::Unavailable,
+                        format!("{what}: {api}; retry"),
+                    )),
+                }
+            }
+            _ => Err(StoreError::unavailable(what, e)),
+        },
     }
 }
 
@@ -853,72 +993,66 @@ fn api_error_code(e: &PublishError) -> Option<u64> {
     Some(api.error_code().0)
 }
 
-/// "atomic publish batch contains duplicate message id": for a batch whose
-/// first message carries an already stored `Nats-Msg-Id`.
-const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
-
 fn publish_error(e: PublishError) -> StoreError {
-    if api_error_code(&e) == Some(BATCH_TOO_MANY_INFLIGHT) {
-        return too_many_batches();
-    }
-    if api_error_code(&e) == Some(BATCH_DUPLICATE_MSG_ID) {
-        return StoreError::new(
-            StoreErrorKind::DuplicateCommand,
-            format!("command already stored: {e}"),
-        );
-    }
-    let kind = match e.kind() {
-        PublishErrorKind::WrongLastSequence => StoreErrorKind::WrongLastSequence,
-        PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending
-        | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
-        PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => StoreErrorKind::Rejected,
+    let kind = match api_error_code(&e) {
+        Some(code) => match codes::kind_of(code) {
+            Some(kind) => kind,
+            None => StoreErrorKind::Rejected,
+        },
+        // No API error: the client's own view of what went wrong.
+        None => match e.kind() {
+            PublishErrorKind::WrongLastSequence => StoreErrorKind::WrongLastSequence,
+            PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
+            PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
+            PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => {
+                StoreErrorKind::Rejected
+            }
+        },
     };
-    let message = match kind {
-        StoreErrorKind::WrongLastSequence => {
+    let code = api_error_code(&e);
+    let message = match (kind, code) {
+        (StoreErrorKind::WrongLastSequence, _) => {
             "the aggregate changed since it was loaded (wrong last sequence)".to_owned()
         }
-        StoreErrorKind::Unavailable => {
+        (StoreErrorKind::Unavailable, Some(codes::BATCH_TOO_MANY_INFLIGHT)) => format!(
+            "too many atomic batches open on the stream (error {}); retry",
+            codes::BATCH_TOO_MANY_INFLIGHT
+        ),
+        (StoreErrorKind::Unavailable, _) => {
             format!("append failed: {e}; the event store is not reachable, retry")
         }
+        (StoreErrorKind::DuplicateCommand, _) => format!("command already stored: {e}"),
         _ => format!("append refused by the server: {e}"),
     };
-    StoreError::new(kind, message)
-}
-
-fn too_many_batches() -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Unavailable,
-        format!(
-            "too many atomic batches open on the stream (error {BATCH_TOO_MANY_INFLIGHT}); retry"
-        ),
-    )
+    StoreError {
+        kind,
+        message,
+        code,
+    }
 }
 
 fn is_too_many_batches(e: &StoreError) -> bool {
-    e.kind == StoreErrorKind::Unavailable && e.message.contains("too many atomic batches open")
+    e.code == Some(codes::BATCH_TOO_MANY_INFLIGHT)
 }
 
 fn batch_reply_error(payload: &[u8]) -> StoreError {
     match serde_json::from_slice::<ApiErrorResponse>(payload) {
-        Ok(ApiErrorResponse { error: Some(error) }) if error.err_code == 10071 => StoreError::new(
-            StoreErrorKind::WrongLastSequence,
-            "the aggregate changed since it was loaded (wrong last sequence)",
-        ),
-        Ok(ApiErrorResponse { error: Some(error) })
-            if error.err_code == BATCH_TOO_MANY_INFLIGHT =>
-        {
-            too_many_batches()
+        Ok(ApiErrorResponse { error: Some(error) }) => {
+            let kind = codes::kind_of(error.err_code).unwrap_or(StoreErrorKind::Rejected);
+            let message = match kind {
+                StoreErrorKind::WrongLastSequence => {
+                    "the aggregate changed since it was loaded (wrong last sequence)".to_owned()
+                }
+                _ => format!(
+                    "atomic batch refused: {} (error {})",
+                    error.description, error.err_code
+                ),
+            };
+            StoreError::from_code(error.err_code, kind, message)
         }
-        Ok(ApiErrorResponse { error: Some(error) }) => StoreError::new(
-            StoreErrorKind::Rejected,
-            format!(
-                "atomic batch refused: {} (error {})",
-                error.description, error.err_code
-            ),
-        ),
         _ => StoreError::new(
             StoreErrorKind::Rejected,
             format!(
