@@ -232,3 +232,45 @@ async fn open_store(client: &async_nats::Client, urls: &str) -> jetsource_core::
         }
     }
 }
+
+/// A refusal is not checked by the server, so it must be decided on every
+/// acknowledged event, not on a replica that lags. Two workers take turns
+/// at random (queue group): each deposits 1, then a withdrawal of 1 must
+/// succeed, whichever worker gets it and whatever replica it reads from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_decided_on_every_acknowledged_event() {
+    let cluster = NatsCluster::start();
+    let client = cluster.client().await;
+    let urls = cluster.urls();
+    let _workers: Vec<Process> = (0..2)
+        .map(|_| {
+            Process::start_at(
+                "jetsource-command",
+                &urls,
+                &[("JETSOURCE__STORE__REPLICAS", "3")],
+                None,
+            )
+        })
+        .collect();
+    wait_for_service(&client, "jetsource-command", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    send(
+        &client,
+        "r1",
+        json!({"type": "OpenAccount", "data": {"owner": "o"}, "command_id": "open"}),
+        deadline,
+    )
+    .await;
+    for k in 0..300 {
+        for (kind, command) in [("Deposit", "d"), ("Withdraw", "w")] {
+            let body =
+                json!({"type": kind, "data": {"amount": 1}, "command_id": format!("{command}{k}")});
+            let reply = client
+                .request("cmd.account.r1", body.to_string().into())
+                .await
+                .unwrap();
+            let outcome = decode_reply::<CommandOutcome>(&reply.payload).unwrap();
+            assert!(outcome.is_ok(), "{kind} #{k}: {outcome:?}");
+        }
+    }
+}
