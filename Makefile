@@ -9,7 +9,7 @@ TOOLS := $(CURDIR)/tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup build run cluster test bench lint fmt clean-data
+.PHONY: help setup build run cluster test bench chaos lint fmt clean-data
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,14 @@ test: setup build ## Run every test against real servers (needs nothing running)
 bench: setup ## Full benchmark suite (release build, ~5 min); rewrites docs/BENCHMARKS.md and docs/bench/
 	cargo build --release --workspace --bins
 	target/release/jetsource-bench --out docs
+
+# `make chaos SEED=7 DURATION=300`: SEED defaults to the clock (the run
+# prints it), DURATION to the 180 s of issue 9.
+SEED ?=
+DURATION ?= 180
+
+chaos: setup build ## Chaos run on a 3-node R3 cluster: load, killed nodes/workers/Redis, every check (SEED=, DURATION=)
+	target/debug/jetsource-chaos --duration-secs $(DURATION) $(if $(SEED),--seed $(SEED))
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	cargo fmt --all -- --check

@@ -36,7 +36,8 @@ use crate::runner::Progress;
 pub const SERVICE_NAME: &str = "jetsource-projector";
 
 /// Subject on which the applying copy announces each batch:
-/// `jetsource.progress.<projection>`, body `{"generation": g, "watermark": s}`.
+/// `jetsource.progress.<projection>`, body `{"generation": g, "watermark": s,
+/// "pid": p}` (`pid`: the announcing process's id).
 pub fn progress_subject(projection: &str) -> String {
     format!("jetsource.progress.{projection}")
 }
@@ -79,7 +80,13 @@ pub struct Shared {
 
 impl Shared {
     pub(crate) async fn announce(&self, projection: &str, generation: u64, watermark: u64) {
-        let body = serde_json::json!({"generation": generation, "watermark": watermark});
+        // `pid` names the applying copy, so operators and the chaos tool
+        // can tell which process holds the pin.
+        let body = serde_json::json!({
+            "generation": generation,
+            "watermark": watermark,
+            "pid": std::process::id(),
+        });
         let _ = self
             .client
             .publish(progress_subject(projection), body.to_string().into())

@@ -355,8 +355,14 @@ impl Drop for RedisServer {
 /// built by `cargo build` into the same target directory as the running test.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary
+    // (jetsource-chaos) runs from target/<profile>/ itself.
+    let dir = exe.parent().unwrap();
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),
@@ -410,7 +416,11 @@ pub struct NatsCluster {
 #[derive(Debug)]
 struct ClusterNode {
     port: u16,
+    /// HTTP monitoring port (`/jsz`, `/varz`): lets a test compare what each
+    /// replica holds.
+    http_port: u16,
     config: PathBuf,
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -418,21 +428,23 @@ impl NatsCluster {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let binary = nats_server_binary();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
         let routes = ports
             .iter()
-            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
             .collect::<Vec<_>>()
             .join(", ");
         let mut nodes = Vec::new();
-        for (i, (port, route)) in ports.iter().enumerate() {
+        for (i, (port, route, http_port)) in ports.iter().enumerate() {
             let store = dir.path().join(format!("n{i}"));
             let config = dir.path().join(format!("n{i}.conf"));
             let log = dir.path().join(format!("n{i}.log"));
             std::fs::write(
                 &config,
                 format!(
-                    "listen: 127.0.0.1:{port}\nserver_name: n{i}\nlogfile: {log:?}\n\
+                    "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nserver_name: n{i}\nlogfile: {log:?}\n\
                      cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
                      jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"
                 ),
@@ -440,7 +452,9 @@ impl NatsCluster {
             .unwrap();
             nodes.push(ClusterNode {
                 port: *port,
+                http_port: *http_port,
                 config,
+                log,
                 child: None,
             });
         }
@@ -473,6 +487,42 @@ impl NatsCluster {
             .map(|n| format!("nats://127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Number of nodes (3).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: a cluster has nodes (clippy wants it beside `len`).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `server_name` of node `i`, as stream info names its leader.
+    pub fn node_name(&self, i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// Node `i`'s HTTP monitoring base URL, e.g. `http://127.0.0.1:8222`.
+    pub fn monitor_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].http_port)
+    }
+
+    /// Node `i`'s HTTP monitoring port.
+    pub fn monitor_port(&self, i: usize) -> u16 {
+        self.nodes[i].http_port
+    }
+
+    /// Node `i`'s log file (inside the cluster's temp directory, gone on
+    /// drop: copy it to keep it).
+    pub fn log_path(&self, i: usize) -> &Path {
+        &self.nodes[i].log
+    }
+
+    /// Whether node `i` is running (not killed).
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
     }
 
     /// Kills node `i` abruptly (SIGKILL).

@@ -1,0 +1,669 @@
+//! The checks of issue 9, each a pass/fail with a precise detail. They are
+//! judged on evidence gathered after the load stopped: the ledger of every
+//! command's outcome, the stream as the leader delivers it, each replica's
+//! state, the read models at the stream's last sequence, the fault records
+//! and the workers' exits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jetsource_core::envelope::RecordedEvent;
+use jetsource_core::protocol::ErrorCode;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::client::{self, Answer, Command, Outcome, Record};
+use crate::faults::{Fault, FaultRecord};
+use crate::fleet::{Stopped, STOP_BOUND};
+use crate::fold::{Expected, Mismatch};
+use crate::load::Stats;
+use crate::stream::{same_data, Contents, Replica};
+
+/// One check's verdict.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+fn check(name: &'static str, passed: bool, detail: String) -> Check {
+    Check {
+        name,
+        passed,
+        detail,
+    }
+}
+
+/// The read models as queried at the end.
+#[derive(Debug)]
+pub struct ReadModels {
+    /// How long the projectors took to reach the stream's last sequence
+    /// after the load stopped (`None`: not within the deadline).
+    pub caught_up: Option<Duration>,
+    pub accounts: BTreeMap<String, Result<Value, String>>,
+    pub totals: Result<Value, String>,
+}
+
+/// Waits until `query.accounts.totals` reflects `min_sequence`, then asks
+/// every account's read model at that sequence (16 at a time); each query
+/// is retried on `timeout`, `unavailable` or no reply until `within`.
+/// Catching up is timed from `load_end`.
+pub async fn query_read_models(
+    client: &async_nats::Client,
+    stats: &Stats,
+    ids: Vec<String>,
+    min_sequence: u64,
+    load_end: Instant,
+    within: Duration,
+) -> ReadModels {
+    let deadline = Instant::now() + within;
+    let totals = ask(
+        client,
+        stats,
+        "query.accounts.totals".into(),
+        min_sequence,
+        deadline,
+    )
+    .await;
+    let caught_up = totals.is_ok().then(|| load_end.elapsed());
+    let accounts = futures::stream::iter(ids)
+        .map(|id| async move {
+            let subject = format!("query.account.{id}");
+            (
+                id,
+                ask(client, stats, subject, min_sequence, deadline).await,
+            )
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    ReadModels {
+        caught_up,
+        accounts,
+        totals,
+    }
+}
+
+/// Every field of every account's read model that differs from the fold.
+pub fn mismatches(
+    expected: &BTreeMap<String, Expected>,
+    read_models: &ReadModels,
+) -> Vec<Mismatch> {
+    let not_queried = Err("not queried".to_owned());
+    expected
+        .iter()
+        .flat_map(|(id, want)| {
+            let answer = read_models.accounts.get(id).unwrap_or(&not_queried);
+            crate::fold::compare(id, want, answer)
+        })
+        .collect()
+}
+
+/// One query with `min_sequence`, retried while the answer is not definite.
+async fn ask(
+    client: &async_nats::Client,
+    stats: &Stats,
+    subject: String,
+    min_sequence: u64,
+    deadline: Instant,
+) -> Result<Value, String> {
+    loop {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let answer = client::query(client, stats, &subject, Some(min_sequence), wait).await;
+        let last = match answer {
+            Answer::Ok { data, .. } => return Ok(data),
+            Answer::Error(e) if !matches!(e.code, ErrorCode::Timeout | ErrorCode::Unavailable) => {
+                return Err(e.to_string())
+            }
+            Answer::Error(e) => e.to_string(),
+            Answer::NoReply(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!("no definite answer in time, last: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Everything the checks judge.
+#[derive(Debug)]
+pub struct Evidence<'a> {
+    pub records: &'a [Record],
+    pub stream: &'a Contents,
+    pub replicas: &'a Result<Vec<Replica>, String>,
+    pub expected: &'a BTreeMap<String, Expected>,
+    pub read_models: &'a ReadModels,
+    pub mismatches: &'a [Mismatch],
+    pub faults: &'a [FaultRecord],
+    pub stopped: &'a [Stopped],
+    pub stats: &'a Stats,
+    pub recovery_bound: Duration,
+}
+
+/// All nine checks, in report order.
+pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
+    let stored = stored_by_command(&e.stream.events);
+    vec![
+        acked_stored_once(e, &stored),
+        refused_not_stored(e.records, &stored),
+        replicas_equal(e.replicas, e.stream.last_sequence),
+        read_models(e),
+        totals(e.expected, &e.read_models.totals),
+        no_internal(e.stats),
+        recovered(e.faults, e.recovery_bound, &COMMANDS),
+        recovered(e.faults, e.recovery_bound, &QUERIES),
+        shutdown(e.stopped),
+    ]
+}
+
+type Key = (String, String);
+
+/// Stored events per (account, command id); events without a command id
+/// under an empty id (every command of ours has one).
+fn stored_by_command(events: &[RecordedEvent]) -> HashMap<Key, Vec<&RecordedEvent>> {
+    let mut map: HashMap<Key, Vec<&RecordedEvent>> = HashMap::new();
+    for event in events {
+        let id = event.command_id.clone().unwrap_or_default();
+        map.entry((event.aggregate_id.clone(), id))
+            .or_default()
+            .push(event);
+    }
+    map
+}
+
+fn key(command: &Command) -> Key {
+    (command.account.clone(), command.command_id.clone())
+}
+
+/// Events a command appends when it is accepted.
+fn events_of(command: &Command) -> usize {
+    let initial = command.data["initial_deposit"].as_u64().unwrap_or(0);
+    if command.command_type == "OpenAccount" && initial > 0 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Problems of one kind, counted, with the first few examples.
+#[derive(Default)]
+struct Tally(BTreeMap<&'static str, (usize, Vec<String>)>);
+
+impl Tally {
+    fn add(&mut self, kind: &'static str, example: String) {
+        let (n, examples) = self.0.entry(kind).or_default();
+        *n += 1;
+        if examples.len() < 3 {
+            examples.push(example);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn render(&self) -> String {
+        self.0
+            .iter()
+            .map(|(kind, (n, ex))| format!("{n} {kind} (e.g. {})", ex.join("; ")))
+            .collect::<Vec<_>>()
+            .join(". ")
+    }
+}
+
+/// Every acknowledged command is stored exactly once, as acknowledged
+/// (same last sequence and version), and nothing else is stored: no
+/// doubled undecided command, no event we never sent.
+fn acked_stored_once(e: &Evidence<'_>, stored: &HashMap<Key, Vec<&RecordedEvent>>) -> Check {
+    let mut problems = Tally::default();
+    let mut acked = 0;
+    let sent: HashMap<Key, &Record> = e.records.iter().map(|r| (key(&r.command), r)).collect();
+    for record in e.records {
+        let k = key(&record.command);
+        let found = stored.get(&k).map_or(&[][..], Vec::as_slice);
+        let want = events_of(&record.command);
+        let id = format!("{}/{}", k.0, k.1);
+        match &record.outcome {
+            Outcome::Acked {
+                version, sequence, ..
+            } => {
+                acked += 1;
+                match found.last() {
+                    None => problems.add("acknowledged but not stored", id),
+                    Some(_) if found.len() != want => problems.add(
+                        "stored more than once",
+                        format!("{id}: {} events, expected {want}", found.len()),
+                    ),
+                    Some(last)
+                        if (last.sequence, last.aggregate_version) != (*sequence, *version) =>
+                    {
+                        problems.add(
+                            "stored other than acknowledged",
+                            format!(
+                                "{id}: acked seq {sequence} v{version}, stored seq {} v{}",
+                                last.sequence, last.aggregate_version
+                            ),
+                        )
+                    }
+                    Some(_) => {}
+                }
+            }
+            Outcome::Undecided { .. } if found.len() > want => problems.add(
+                "undecided but stored more than once",
+                format!("{id}: {} events", found.len()),
+            ),
+            _ => {}
+        }
+    }
+    for (k, events) in stored {
+        if !sent.contains_key(k) {
+            problems.add(
+                "stored but never sent",
+                format!("{}/{:?} seq {}", k.0, k.1, events[0].sequence),
+            );
+        }
+    }
+    for malformed in &e.stream.malformed {
+        problems.add(
+            "stored messages that are not jetsource events",
+            malformed.clone(),
+        );
+    }
+    let detail = if problems.is_empty() {
+        format!("{acked} acknowledged commands, each stored exactly once as acknowledged; {} events, nothing else stored", e.stream.events.len())
+    } else {
+        format!("{acked} acknowledged: {}", problems.render())
+    };
+    check("acked-stored-once", problems.is_empty(), detail)
+}
+
+/// A refused command (any error reply that is not ambiguous) wrote nothing.
+fn refused_not_stored(records: &[Record], stored: &HashMap<Key, Vec<&RecordedEvent>>) -> Check {
+    let mut by_code: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut problems = Tally::default();
+    for record in records {
+        if let Outcome::Refused { code, message } = &record.outcome {
+            *by_code.entry(code.as_str()).or_default() += 1;
+            if let Some(events) = stored.get(&key(&record.command)) {
+                let id = format!("{}/{}", record.command.account, record.command.command_id);
+                problems.add(
+                    "refused but stored",
+                    format!(
+                        "{id}: answered {code} ({message}), stored at seq {}",
+                        events[0].sequence
+                    ),
+                );
+            }
+        }
+    }
+    let counts = by_code
+        .iter()
+        .map(|(c, n)| format!("{n} {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let detail = if problems.is_empty() {
+        format!(
+            "refused: {}; none stored",
+            if counts.is_empty() {
+                "none".into()
+            } else {
+                counts
+            }
+        )
+    } else {
+        format!("refused: {counts}; {}", problems.render())
+    };
+    check("refused-not-stored", problems.is_empty(), detail)
+}
+
+/// All three replicas hold the same messages, up to the last sequence.
+fn replicas_equal(replicas: &Result<Vec<Replica>, String>, last_sequence: u64) -> Check {
+    let replicas = match replicas {
+        Ok(r) => r,
+        Err(e) => {
+            return check(
+                "replicas-equal",
+                false,
+                format!("cannot read the replicas: {e}"),
+            )
+        }
+    };
+    let equal = replicas.windows(2).all(|w| same_data(&w[0], &w[1]));
+    let complete = replicas.iter().all(|r| r.last_seq >= last_sequence);
+    let states = replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: {} msgs, {} bytes, seq {}..{}",
+                r.node, r.messages, r.bytes, r.first_seq, r.last_seq
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let verdict = match (equal, complete) {
+        (true, true) => "equal".to_owned(),
+        (false, _) => "DIFFER".to_owned(),
+        (true, false) => format!("behind the stream's last sequence {last_sequence}"),
+    };
+    check(
+        "replicas-equal",
+        equal && complete,
+        format!("{} replicas {verdict}: {states}", replicas.len()),
+    )
+}
+
+/// Every account's read model equals the fold of its events.
+fn read_models(e: &Evidence<'_>) -> Check {
+    let wrong: std::collections::BTreeSet<&str> =
+        e.mismatches.iter().map(|m| m.account.as_str()).collect();
+    let mut by_field: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in e.mismatches {
+        *by_field.entry(m.field).or_default() += 1;
+    }
+    let fields = by_field
+        .iter()
+        .map(|(f, n)| format!("{f} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let caught_up = e
+        .read_models
+        .caught_up
+        .map_or("never caught up with the stream".into(), |d| {
+            format!(
+                "read models at the last sequence {:.1} s after the load stopped",
+                d.as_secs_f64()
+            )
+        });
+    let detail = if wrong.is_empty() {
+        format!(
+            "{} accounts equal to a fresh fold at sequence {}; {caught_up}",
+            e.expected.len(),
+            e.stream.last_sequence
+        )
+    } else {
+        format!(
+            "{} of {} accounts differ from a fresh fold at sequence {} (fields: {fields}); {caught_up}",
+            wrong.len(),
+            e.expected.len(),
+            e.stream.last_sequence
+        )
+    };
+    check("read-models", wrong.is_empty(), detail)
+}
+
+/// `query.accounts.totals` equals the fold's open accounts and balance sum.
+fn totals(expected: &BTreeMap<String, Expected>, answer: &Result<Value, String>) -> Check {
+    let open = expected.values().filter(|a| a.is_open()).count() as u64;
+    let sum: u64 = expected.values().map(|a| a.state.balance).sum();
+    let want = format!("open_accounts {open}, balance_sum {sum}");
+    match answer {
+        Ok(got) => {
+            let ok = got["open_accounts"].as_u64() == Some(open)
+                && got["balance_sum"].as_u64() == Some(sum);
+            let got = format!(
+                "open_accounts {}, balance_sum {}",
+                got["open_accounts"], got["balance_sum"]
+            );
+            let detail = if ok {
+                want
+            } else {
+                format!("expected {want}, got {got}")
+            };
+            check("totals", ok, detail)
+        }
+        Err(e) => check("totals", false, format!("expected {want}, got error: {e}")),
+    }
+}
+
+/// No reply, to a command or a query, was `internal`.
+fn no_internal(stats: &Stats) -> Check {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (commands, queries) = (
+        stats.internal.load(Relaxed),
+        stats.query_internal.load(Relaxed),
+    );
+    let mut detail = format!("{commands} command and {queries} query replies were internal");
+    let messages = stats.internal_messages();
+    if !messages.is_empty() {
+        let mut top: Vec<(&String, &u64)> = messages.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let shown: Vec<String> = top
+            .iter()
+            .take(3)
+            .map(|(m, n)| format!("{n}x {m:?}"))
+            .collect();
+        detail.push_str(&format!(": {}", shown.join("; ")));
+    }
+    check("no-internal", commands + queries == 0, detail)
+}
+
+/// Which side a recovery check looks at: the probe's time, and the faults
+/// whose replacement worker serves that side (the snapshotter serves
+/// command loading).
+struct Side {
+    name: &'static str,
+    time: fn(&FaultRecord) -> Option<Duration>,
+    replaced: &'static [Fault],
+}
+
+const COMMANDS: Side = Side {
+    name: "commands-recover",
+    time: |f| f.commands,
+    replaced: &[Fault::CommandWorker, Fault::Snapshotter],
+};
+
+const QUERIES: Side = Side {
+    name: "queries-recover",
+    time: |f| f.queries,
+    replaced: &[Fault::ApplyingProjector],
+};
+
+/// Each fault was injected, the side answered correctly again within the
+/// bound, and the replacement worker serving it came up.
+fn recovered(faults: &[FaultRecord], bound: Duration, side: &Side) -> Check {
+    let problems: Vec<String> = faults
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            let what = if f.target == "-" {
+                "not injected".to_owned()
+            } else if (side.time)(f).is_none_or(|d| d > bound) {
+                format!("not recovered within {} s", bound.as_secs())
+            } else if side.replaced.contains(&f.fault) && f.replacement_failed.is_some() {
+                f.replacement_failed.clone().unwrap_or_default()
+            } else {
+                return None;
+            };
+            Some(format!("fault {} ({:?}): {what}", i + 1, f.fault))
+        })
+        .collect();
+    let worst = faults
+        .iter()
+        .filter_map(|f| (side.time)(f).map(|d| (d, f.fault)))
+        .max_by_key(|(d, _)| *d)
+        .map_or("none".into(), |(d, f)| {
+            format!("{:.2} s after {f:?}", d.as_secs_f64())
+        });
+    let detail = if problems.is_empty() {
+        format!(
+            "{} faults, all within {} s; slowest {worst}",
+            faults.len(),
+            bound.as_secs()
+        )
+    } else {
+        format!("{}; slowest measured {worst}", problems.join("; "))
+    };
+    check(side.name, problems.is_empty(), detail)
+}
+
+/// Every worker running at the end exited within [`STOP_BOUND`] of SIGTERM
+/// (one that had died on its own is named, not timed).
+fn shutdown(stopped: &[Stopped]) -> Check {
+    let timed: Vec<&Stopped> = stopped.iter().filter(|s| !s.early).collect();
+    let slow: Vec<String> = timed
+        .iter()
+        .filter(|s| s.after.is_none_or(|d| d > STOP_BOUND))
+        .map(|s| match s.after {
+            Some(d) => format!("{} ({:.1} s)", s.name, d.as_secs_f64()),
+            None => format!("{} (did not stop)", s.name),
+        })
+        .collect();
+    let slowest = timed
+        .iter()
+        .filter_map(|s| s.after.map(|d| (d, &s.name)))
+        .max_by_key(|(d, _)| *d)
+        .map_or("none".into(), |(d, n)| {
+            format!("{n} {:.2} s", d.as_secs_f64())
+        });
+    let mut detail = if slow.is_empty() {
+        format!(
+            "{} workers stopped within {} s of SIGTERM; slowest {slowest}",
+            timed.len(),
+            STOP_BOUND.as_secs()
+        )
+    } else {
+        format!(
+            "slower than {} s: {}",
+            STOP_BOUND.as_secs(),
+            slow.join(", ")
+        )
+    };
+    let early: Vec<&str> = stopped
+        .iter()
+        .filter(|s| s.early)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !early.is_empty() {
+        detail.push_str(&format!("; already exited before: {}", early.join(", ")));
+    }
+    check("shutdown", !timed.is_empty() && slow.is_empty(), detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::fold::tests::event;
+
+    fn record(account: &str, id: &str, command_type: &'static str, outcome: Outcome) -> Record {
+        Record {
+            command: Command {
+                account: account.into(),
+                command_type,
+                data: json!({"amount": 5}),
+                command_id: id.into(),
+            },
+            outcome,
+            attempts: 1,
+        }
+    }
+
+    fn acked(version: u64, sequence: u64) -> Outcome {
+        Outcome::Acked {
+            version,
+            sequence,
+            events: 1,
+        }
+    }
+
+    fn judge_stream(records: &[Record], events: Vec<RecordedEvent>) -> (Check, Check) {
+        let stream = Contents {
+            last_sequence: events.len() as u64,
+            messages: events.len() as u64,
+            events,
+            malformed: vec![],
+        };
+        let stats = Stats::default();
+        let evidence = Evidence {
+            records,
+            stream: &stream,
+            replicas: &Ok(vec![]),
+            expected: &BTreeMap::new(),
+            read_models: &ReadModels {
+                caught_up: None,
+                accounts: BTreeMap::new(),
+                totals: Err("-".into()),
+            },
+            mismatches: &[],
+            faults: &[],
+            stopped: &[],
+            stats: &stats,
+            recovery_bound: Duration::from_secs(30),
+        };
+        let stored = stored_by_command(&stream.events);
+        (
+            acked_stored_once(&evidence, &stored),
+            refused_not_stored(records, &stored),
+        )
+    }
+
+    #[test]
+    fn acknowledged_commands_stored_once_as_acknowledged_pass() {
+        let records = [
+            record("a", "d1", "Deposit", acked(2, 2)),
+            record(
+                "a",
+                "w1",
+                "Withdraw",
+                Outcome::Refused {
+                    code: ErrorCode::Rejected,
+                    message: "no".into(),
+                },
+            ),
+        ];
+        let events = vec![
+            event(1, "a", 1, "open", "AccountOpened", json!({"owner": "o"})),
+            event(2, "a", 2, "d1", "Deposited", json!({"amount": 5})),
+        ];
+        let mut records = records.to_vec();
+        records.push(record("a", "open", "OpenAccount", acked(1, 1)));
+        let (once, refused) = judge_stream(&records, events);
+        assert!(once.passed, "{}", once.detail);
+        assert!(refused.passed, "{}", refused.detail);
+    }
+
+    #[test]
+    fn doubled_missing_unknown_and_refused_but_stored_commands_fail() {
+        let records = [
+            record("a", "d1", "Deposit", acked(1, 1)),
+            record("a", "d2", "Deposit", acked(3, 3)),
+            record(
+                "a",
+                "w1",
+                "Withdraw",
+                Outcome::Refused {
+                    code: ErrorCode::Internal,
+                    message: "oops".into(),
+                },
+            ),
+        ];
+        let events = vec![
+            event(1, "a", 1, "d1", "Deposited", json!({"amount": 5})),
+            event(2, "a", 2, "d1", "Deposited", json!({"amount": 5})),
+            event(3, "a", 3, "w1", "Withdrawn", json!({"amount": 5})),
+            event(4, "a", 4, "x9", "Deposited", json!({"amount": 5})),
+        ];
+        let (once, refused) = judge_stream(&records, events);
+        assert!(!once.passed);
+        for problem in [
+            "stored more than once",
+            "acknowledged but not stored",
+            "stored but never sent",
+        ] {
+            assert!(once.detail.contains(problem), "{problem}: {}", once.detail);
+        }
+        assert!(!refused.passed);
+        assert!(
+            refused
+                .detail
+                .contains("a/w1: answered internal (oops), stored at seq 3"),
+            "{}",
+            refused.detail
+        );
+    }
+}
