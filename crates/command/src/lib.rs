@@ -35,12 +35,79 @@ pub enum RunError {
 }
 
 /// Serves commands until `shutdown` resolves, then stops taking requests,
-/// finishes those in flight and returns.
+/// finishes those in flight and returns (within
+/// [`jetsource_core::STOP_BUDGET`] whatever state NATS is in). A `shutdown`
+/// during start-up (NATS not reachable yet) returns at once.
 pub async fn run(
     config: Config,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = start(&config, registry) => started?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before serving");
+            return Ok(());
+        }
+    };
+    let Started {
+        client,
+        store_client,
+        worker,
+        requests,
+        service,
+        queue_group,
+    } = started;
+    tracing::info!(
+        queue_group = %queue_group,
+        stream = %config.store.stream,
+        types = ?worker.aggregate_types(),
+        id = service.id(),
+        "command worker serving cmd.>"
+    );
+
+    let handle = move |message: async_nats::Message| {
+        let worker = worker.clone();
+        async move {
+            let reply = worker
+                .handle(message.subject.as_str(), &message.payload)
+                .await;
+            (message.reply, reply)
+        }
+    };
+    let deadline = micro::serve(
+        &client,
+        requests,
+        &service,
+        ENDPOINT,
+        config.command.max_in_flight,
+        handle,
+        async {
+            shutdown.await;
+            tracing::info!("stopping: no new requests, finishing those in flight");
+        },
+    )
+    .await;
+    service.stop();
+    // Both connections at once, by the deadline the drain had: with NATS
+    // gone, one after the other each waited its own timeout.
+    jetsource_core::flush_before_exit(&[&client, &store_client], deadline).await;
+    tracing::info!("command worker stopped");
+    Ok(())
+}
+
+/// Connections, store and subscription of a worker about to serve.
+struct Started {
+    client: async_nats::Client,
+    store_client: async_nats::Client,
+    worker: Arc<Worker>,
+    requests: async_nats::Subscriber,
+    service: MicroService,
+    queue_group: String,
+}
+
+async fn start(config: &Config, registry: Registry) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     // The event store gets a connection of its own: requests and replies on
     // one, appends, acks and reads on the other, each read by its own task.
@@ -81,39 +148,12 @@ pub async fn run(
     )
     .await
     .map_err(|e| RunError::Service(e.to_string()))?;
-    tracing::info!(
-        queue_group = %queue_group,
-        stream = %config.store.stream,
-        types = ?worker.aggregate_types(),
-        id = service.id(),
-        "command worker serving cmd.>"
-    );
-
-    let handle = move |message: async_nats::Message| {
-        let worker = worker.clone();
-        async move {
-            let reply = worker
-                .handle(message.subject.as_str(), &message.payload)
-                .await;
-            (message.reply, reply)
-        }
-    };
-    micro::serve(
-        &client,
+    Ok(Started {
+        client,
+        store_client,
+        worker,
         requests,
-        &service,
-        ENDPOINT,
-        config.command.max_in_flight,
-        handle,
-        async {
-            shutdown.await;
-            tracing::info!("stopping: no new requests, finishing those in flight");
-        },
-    )
-    .await;
-    service.stop();
-    jetsource_core::flush_before_exit(&client).await;
-    jetsource_core::flush_before_exit(&store_client).await;
-    tracing::info!("command worker stopped");
-    Ok(())
+        service,
+        queue_group,
+    })
 }

@@ -72,13 +72,32 @@ impl SnapshotConfig {
 pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
+    /// Longest a read (queries, metadata, watermarks) may take, connecting
+    /// included. A connection on which a call timed out is replaced.
+    pub timeout_ms: u64,
+    /// Longest one batch of writes (up to `projector.batch_size` events in
+    /// one round trip) may take. Batches have a connection of their own, so
+    /// reads never wait behind them.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/".into(),
+            timeout_ms: 2_000,
+            write_timeout_ms: 10_000,
         }
+    }
+}
+
+impl RedisConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 
@@ -312,6 +331,9 @@ impl Config {
         }
         if self.projector.failover_ms < 1_000 {
             return invalid("projector.failover_ms must be at least 1000");
+        }
+        if self.redis.timeout_ms == 0 || self.redis.write_timeout_ms == 0 {
+            return invalid("redis.timeout_ms and redis.write_timeout_ms must be at least 1");
         }
         if self.snapshot.cache_size == 0 {
             return invalid("snapshot.cache_size must be at least 1");

@@ -73,16 +73,77 @@ pub async fn connect(
 /// a reconnection forever.
 pub const EXIT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Flushes what `client` still has to send, for at most
-/// [`EXIT_FLUSH_TIMEOUT`]; for the last step of a shutdown.
-pub async fn flush_before_exit(client: &async_nats::Client) {
-    if tokio::time::timeout(EXIT_FLUSH_TIMEOUT, client.flush())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "NATS did not take the last messages within {EXIT_FLUSH_TIMEOUT:?}; exiting anyway"
-        );
+/// How long a stopping worker spends, at most, after the shutdown signal,
+/// finishing what it had taken (requests in flight, the current batch) and
+/// handing its last messages to NATS. With NATS and Redis healthy that takes
+/// milliseconds; with them gone, every step on the way out gives up at the
+/// one deadline this sets ([`stop_deadline`]), so the process ends about
+/// this long after SIGTERM. The fleet's standard is 10 s.
+pub const STOP_BUDGET: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Longest [`until_stopped`] lets a worker's `run` go on after the shutdown
+/// signal before it ends the process anyway: the backstop behind
+/// [`STOP_BUDGET`], for a wait nobody bounded.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The deadline of a stop that starts now: [`STOP_BUDGET`] from now.
+pub fn stop_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + STOP_BUDGET
+}
+
+/// Flushes what `clients` still have to send, all at once, until `deadline`
+/// at the latest; for the last step of a stop. A client that is not
+/// connected (NATS gone) cannot take anything until it reconnects, which
+/// may happen before the deadline (another node of a cluster).
+pub async fn flush_before_exit(clients: &[&async_nats::Client], deadline: tokio::time::Instant) {
+    let flushes = futures::future::join_all(clients.iter().map(|c| c.flush()));
+    match tokio::time::timeout_at(deadline, flushes).await {
+        Ok(results) => {
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                tracing::warn!(error = %e, "NATS did not take the last messages; exiting anyway");
+            }
+        }
+        Err(_) => tracing::warn!(
+            "NATS did not take the last messages within the stop budget ({STOP_BUDGET:?}); exiting anyway"
+        ),
+    }
+}
+
+/// Drives a worker: `run` gets the graceful-shutdown trigger (resolves on
+/// the first SIGINT or SIGTERM; the handlers are installed before `run`
+/// starts) and is awaited. If it has not returned [`STOP_GRACE`] after the
+/// signal, the process exits with status 1 without waiting any longer, so a
+/// worker ends within that of SIGTERM whatever state its servers are in.
+/// `run` is expected to finish within [`STOP_BUDGET`]; this is the backstop.
+pub async fn until_stopped<E, Fut>(
+    run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+) -> Result<(), E>
+where
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    let (signalled, mut stop) = tokio::sync::watch::channel(false);
+    let mut watched = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signalled.send_replace(true);
+    });
+    let shutdown = Box::pin(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let worker = run(shutdown);
+    tokio::pin!(worker);
+    tokio::select! {
+        result = &mut worker => return result,
+        _ = watched.wait_for(|s| *s) => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, worker).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(
+                "still stopping {STOP_GRACE:?} after the shutdown signal; exiting without finishing"
+            );
+            std::process::exit(1);
+        }
     }
 }
 

@@ -251,16 +251,17 @@ impl MicroService {
     }
 }
 
-/// How long [`serve`] waits, after `shutdown`, for requests already taken.
-pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Serves the requests of `requests` (a subscription the caller made on
 /// `endpoint`'s subject) with `handle`, at most `max_in_flight` at once,
 /// until `shutdown` resolves. Then drains, not unsubscribes: requests the
 /// server routed to this copy before it saw the unsubscribe are still
-/// delivered and served, and those in flight finish (up to
-/// [`DRAIN_TIMEOUT`]). Every reply is the `{"ok": ...}` envelope; every
-/// request is counted in the service's statistics.
+/// delivered and served, and those in flight finish. All of that ends by
+/// the stop deadline ([`crate::stop_deadline`], taken when `shutdown`
+/// resolves), which is returned for the caller's last steps (flushing):
+/// with NATS gone, no confirmation of the drain comes and a reply cannot be
+/// sent, and waiting longer would not change that. Every reply is the
+/// `{"ok": ...}` envelope; every request is counted in the service's
+/// statistics.
 pub async fn serve<T, F, Fut>(
     client: &Client,
     mut requests: async_nats::Subscriber,
@@ -269,7 +270,8 @@ pub async fn serve<T, F, Fut>(
     max_in_flight: usize,
     handle: F,
     shutdown: impl std::future::Future<Output = ()>,
-) where
+) -> tokio::time::Instant
+where
     T: Serialize + Send + 'static,
     F: Fn(async_nats::Message) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<
@@ -312,11 +314,13 @@ pub async fn serve<T, F, Fut>(
         // Taking a permit before the next request keeps at most
         // `max_in_flight` requests in this process; the rest wait in NATS
         // where other copies can take them.
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => {
+                permit.expect("semaphore is never closed")
+            }
+        };
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -326,7 +330,10 @@ pub async fn serve<T, F, Fut>(
             },
         }
     }
-    match tokio::time::timeout(crate::EXIT_FLUSH_TIMEOUT, requests.drain()).await {
+    let deadline = crate::stop_deadline();
+    // Sending the unsubscribe only queues it, unless the client's command
+    // queue is full (NATS gone for long): bounded like everything below.
+    match tokio::time::timeout_at(deadline, requests.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "could not drain the request subscription"),
         Err(_) => tracing::warn!("NATS did not take the unsubscribe; stopping anyway"),
@@ -347,10 +354,10 @@ pub async fn serve<T, F, Fut>(
         // more can arrive either.
         let disconnected = async {
             loop {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 if client.connection_state() != async_nats::connection::State::Connected {
                     break;
                 }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         };
         tokio::select! {
@@ -362,7 +369,12 @@ pub async fn serve<T, F, Fut>(
             .await
             .expect("semaphore is never closed");
     };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
-        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
+    if tokio::time::timeout_at(deadline, drain).await.is_err() {
+        tracing::warn!(
+            in_flight = max_in_flight - permits.available_permits(),
+            "requests still in flight at the stop deadline ({:?} after the signal); stopping anyway",
+            crate::STOP_BUDGET
+        );
     }
+    deadline
 }

@@ -116,12 +116,118 @@ pub fn new_generation(after: u64) -> u64 {
     (now as u64).max(after + 1)
 }
 
-/// Runs until `shutdown` resolves.
+/// Runs until `shutdown` resolves, then stops taking queries, finishes
+/// those in flight and stops the runners, by the stop deadline
+/// ([`jetsource_core::stop_deadline`]) at the latest, whatever state NATS
+/// and Redis are in. A `shutdown` during start-up returns at once.
 pub async fn run(
     config: Config,
     projections: Vec<Arc<dyn Projection>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = start(&config, projections) => started?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before running");
+            return Ok(());
+        }
+    };
+    let Started {
+        client,
+        shared,
+        mut announcements,
+        mut control,
+    } = started;
+    // Every copy follows the applying copy's announcements, so queries
+    // waiting for a sequence wake up as soon as it is applied.
+    let follower = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(message) = announcements.next().await {
+                let projection = message.subject.as_str().rsplit('.').next().unwrap_or("");
+                let watermark = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                    .ok()
+                    .and_then(|v| v["watermark"].as_u64())
+                    .unwrap_or(0);
+                // Every announcement wakes waiting queries, even a lower one
+                // (a generation rebuilding after Redis lost its data).
+                if let Some(tx) = shared.watermarks.get(projection) {
+                    tx.send_replace(watermark);
+                }
+            }
+        })
+    };
+    let waker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while control.next().await.is_some() {
+                shared.wake_managers();
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let managers: Vec<_> = shared
+        .projections
+        .iter()
+        .map(|p| tokio::spawn(manage(shared.clone(), p.clone(), stop_rx.clone())))
+        .collect();
+
+    let queries = tokio::select! {
+        queries = query::serve(shared.clone(), &config, stop_rx.clone()) => {
+            Some(queries.map_err(RunError::Setup)?)
+        }
+        () = &mut shutdown => None,
+    };
+    if queries.is_some() {
+        tracing::info!(
+            projections = ?shared.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "projector running; queries on query.>"
+        );
+        shutdown.await;
+    }
+    tracing::info!("stopping: finishing the current batches and queries");
+    stop_tx.send_replace(true);
+    // Queries drain and the managers stop their runners side by side, by
+    // one deadline: with NATS or Redis gone, their last calls give up there
+    // (a runner's unacknowledged batch is delivered again later, and
+    // applied once).
+    let deadline = jetsource_core::stop_deadline();
+    let mut tasks: Vec<_> = managers;
+    tasks.extend(queries);
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    if tokio::time::timeout_at(deadline, futures::future::join_all(tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "queries or batches still in progress at the stop deadline ({:?} after the signal); stopping anyway",
+            jetsource_core::STOP_BUDGET
+        );
+        for abort in aborts {
+            abort.abort();
+        }
+    }
+    follower.abort();
+    waker.abort();
+    jetsource_core::flush_before_exit(&[&client], deadline).await;
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+/// Connections and subscriptions of a projector about to run.
+struct Started {
+    client: async_nats::Client,
+    shared: Arc<Shared>,
+    announcements: async_nats::Subscriber,
+    control: async_nats::Subscriber,
+}
+
+async fn start(
+    config: &Config,
+    projections: Vec<Arc<dyn Projection>>,
+) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
     let js = store.jetstream().clone();
@@ -136,7 +242,7 @@ pub async fn run(
     )
     .await
     .map_err(RunError::Setup)?;
-    let redis = RedisStore::connect(&config.redis.url)
+    let redis = RedisStore::connect_with(&config.redis)
         .await
         .map_err(|source| RunError::Redis {
             url: config.redis.url.clone(),
@@ -158,69 +264,20 @@ pub async fn run(
         watermarks,
     });
 
-    // Every copy follows the applying copy's announcements, so queries
-    // waiting for a sequence wake up as soon as it is applied.
-    let mut announcements = client
+    let announcements = client
         .subscribe("jetsource.progress.*")
         .await
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let follower = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(message) = announcements.next().await {
-                let projection = message.subject.as_str().rsplit('.').next().unwrap_or("");
-                let watermark = serde_json::from_slice::<serde_json::Value>(&message.payload)
-                    .ok()
-                    .and_then(|v| v["watermark"].as_u64())
-                    .unwrap_or(0);
-                // Every announcement wakes waiting queries, even a lower one
-                // (a generation rebuilding after Redis lost its data).
-                if let Some(tx) = shared.watermarks.get(projection) {
-                    tx.send_replace(watermark);
-                }
-            }
-        })
-    };
-    let mut control = client
+    let control = client
         .subscribe("jetsource.control.*")
         .await
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let waker = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while control.next().await.is_some() {
-                shared.wake_managers();
-            }
-        })
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let managers: Vec<_> = shared
-        .projections
-        .iter()
-        .map(|p| tokio::spawn(manage(shared.clone(), p.clone(), stop_rx.clone())))
-        .collect();
-
-    let queries = query::serve(shared.clone(), &config, stop_rx.clone())
-        .await
-        .map_err(RunError::Setup)?;
-    tracing::info!(
-        projections = ?shared.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
-        "projector running; queries on query.>"
-    );
-
-    shutdown.await;
-    tracing::info!("stopping: finishing the current batches and queries");
-    stop_tx.send_replace(true);
-    let _ = queries.await;
-    for manager in managers {
-        let _ = manager.await;
-    }
-    follower.abort();
-    waker.abort();
-    jetsource_core::flush_before_exit(&client).await;
-    tracing::info!("projector stopped");
-    Ok(())
+    Ok(Started {
+        client,
+        shared,
+        announcements,
+        control,
+    })
 }
 
 struct Running {

@@ -29,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
     jetsource_core::telemetry::init(&config.log);
     let projections =
         jetsource_projector::example::projections(config.projector.recent_transactions);
-    jetsource_projector::run(config, projections, jetsource_core::shutdown_signal()).await?;
+    jetsource_core::until_stopped(|shutdown| {
+        jetsource_projector::run(config, projections, shutdown)
+    })
+    .await?;
     Ok(())
 }

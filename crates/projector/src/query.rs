@@ -77,8 +77,18 @@ fn route(subject: &str) -> Result<(&'static str, Route<'_>), ErrorBody> {
     Ok(route)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Unavailable, format!("Redis: {e}; retry"))
+/// The reply to a failed Redis call. Every call is bounded in time (a
+/// connection that stops answering is replaced), so an outage or a slow
+/// Redis answers `unavailable` promptly: retry. An error that a retry
+/// cannot cure (an unexpected reply) is `internal`.
+fn unavailable(e: redis::RedisError) -> ErrorBody {
+    match crate::redis_store::class(&e) {
+        jetsource_core::ErrorClass::Permanent => {
+            tracing::error!(error = %e, "query failed in Redis");
+            ErrorBody::new(ErrorCode::Internal, format!("Redis: {e}"))
+        }
+        _ => ErrorBody::new(ErrorCode::Unavailable, format!("Redis: {e}; retry")),
+    }
 }
 
 /// Subscribes to `query.>` and serves until `stop`; the returned task drains

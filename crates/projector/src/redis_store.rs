@@ -1,8 +1,19 @@
 //! Redis access for projections: atomic batch application with checkpoints,
 //! watermarks and generation metadata, as Lua scripts.
+//!
+//! Two [`Connection`]s, each bounding every call and replacing itself when a
+//! call times out or breaks it: one for batches of writes (large, may take a
+//! while), one for everything small (metadata, watermarks, queries), which
+//! so never waits behind a batch of its own process.
 
-use redis::aio::ConnectionManager;
+mod connection;
+
+use std::time::Duration;
+
+use jetsource_core::config::RedisConfig;
 use redis::{RedisError, Script};
+
+pub use connection::{class, Connection, RECONNECT_PAUSE};
 
 use crate::keys::{meta_key, watermark_key};
 use crate::projection::Op;
@@ -290,7 +301,10 @@ impl Meta {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    con: ConnectionManager,
+    /// Metadata, watermarks, queries: small and quick.
+    reads: Connection,
+    /// Batches (apply, replay, deleting a generation).
+    writes: Connection,
     apply: Script,
     raise: Script,
     replay: Script,
@@ -310,11 +324,33 @@ fn is_noscript(e: &RedisError) -> bool {
 }
 
 impl RedisStore {
+    /// Connects to `url` with the default timeouts ([`RedisConfig`]).
     pub async fn connect(url: &str) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let con = client.get_connection_manager().await?;
+        Self::connect_with(&RedisConfig {
+            url: url.to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Connects as `config` says and checks that Redis answers, so a wrong
+    /// URL fails at start. Later outages are survived: every call is
+    /// bounded and fails with a transient error while Redis is away, and
+    /// the connections come back by themselves.
+    pub async fn connect_with(config: &RedisConfig) -> Result<Self, RedisError> {
+        let store = Self::lazy(config)?;
+        let mut con = store.reads.clone();
+        let _: String = redis::cmd("PING").query_async(&mut con).await?;
+        Ok(store)
+    }
+
+    /// Like [`RedisStore::connect_with`], without waiting for Redis: the
+    /// connections open on first use.
+    pub fn lazy(config: &RedisConfig) -> Result<Self, RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
         Ok(Self {
-            con,
+            reads: Connection::new(client.clone(), "reads", config.timeout()),
+            writes: Connection::new(client, "writes", config.write_timeout()),
             apply: Script::new(APPLY),
             raise: Script::new(RAISE),
             replay: Script::new(REPLAY),
@@ -324,12 +360,19 @@ impl RedisStore {
         })
     }
 
-    pub fn connection(&self) -> ConnectionManager {
-        self.con.clone()
+    /// The connection for reads (queries, metadata): every call on it ends
+    /// within [`RedisConfig::timeout_ms`].
+    pub fn connection(&self) -> Connection {
+        self.reads.clone()
+    }
+
+    /// Longest a read takes before it fails.
+    pub fn read_timeout(&self) -> Duration {
+        self.reads.timeout()
     }
 
     async fn load_scripts(&self) -> Result<(), RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.writes.clone();
         for script in [&self.apply, &self.raise, &self.replay] {
             script.prepare_invoke().load_async(&mut con).await?;
         }
@@ -457,7 +500,7 @@ impl RedisStore {
         generation: u64,
         applies: usize,
     ) -> Result<Option<Written>, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.writes.clone();
         let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
             Err(e) if is_noscript(&e) => {
                 self.load_scripts().await?;
@@ -495,7 +538,7 @@ impl RedisStore {
     }
 
     pub async fn watermark(&self, projection: &str, generation: u64) -> Result<u64, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.reads.clone();
         let value: Option<u64> = redis::cmd("GET")
             .arg(watermark_key(projection, generation))
             .query_async(&mut con)
@@ -510,7 +553,7 @@ impl RedisStore {
         sequence: u64,
         ops: &[Op],
     ) -> Result<bool, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.writes.clone();
         let json = serde_json::to_string(&ops.iter().map(|o| &o.0).collect::<Vec<_>>())
             .unwrap_or_default();
         let applied: u64 = self
@@ -526,7 +569,7 @@ impl RedisStore {
     /// The projection's metadata, `None` when Redis has none (never started,
     /// or Redis lost its data).
     pub async fn meta(&self, projection: &str) -> Result<Option<Meta>, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.reads.clone();
         let fields: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(meta_key(projection))
             .query_async(&mut con)
@@ -541,7 +584,7 @@ impl RedisStore {
         generation: u64,
         partitions: u32,
     ) -> Result<u64, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.reads.clone();
         self.init
             .key(meta_key(projection))
             .arg(generation)
@@ -557,7 +600,7 @@ impl RedisStore {
         generation: u64,
         partitions: u32,
     ) -> Result<String, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.reads.clone();
         self.start_rebuild
             .key(meta_key(projection))
             .arg(generation)
@@ -568,7 +611,7 @@ impl RedisStore {
 
     /// Makes `generation` active if it is the one being built.
     pub async fn switch(&self, projection: &str, generation: u64) -> Result<bool, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.reads.clone();
         let switched: u64 = self
             .switch
             .key(meta_key(projection))
@@ -584,7 +627,7 @@ impl RedisStore {
         projection: &str,
         generation: u64,
     ) -> Result<u64, RedisError> {
-        let mut con = self.con.clone();
+        let mut con = self.writes.clone();
         let pattern = crate::keys::generation_pattern(projection, generation);
         let mut cursor: u64 = 0;
         let mut deleted = 0;

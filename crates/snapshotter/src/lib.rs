@@ -23,6 +23,7 @@ use jetsource_core::micro::{Endpoint, MicroService};
 use jetsource_core::snapshot::{SnapshotStore, Written};
 use jetsource_core::store::{EventStore, StoreError};
 use lru::LruCache;
+use tokio::sync::watch;
 
 pub const SERVICE_NAME: &str = "jetsource-snapshotter";
 /// Durable consumer shared by all copies.
@@ -121,12 +122,34 @@ struct Shared {
 /// Aggregate states kept by the snapshotter, by `(type, id)`.
 type States = LruCache<(String, String), Loaded>;
 
+/// Turns true when the snapshotter is stopping.
+type Stop = watch::Receiver<bool>;
+
+/// Resolves once `stop` is true.
+async fn stopping_now(stop: &mut Stop) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Waits `backoff` before a retry; `false` (at once) when stopping: a
+/// stopping snapshotter does not retry (snapshots are a cache, and with
+/// NATS gone the retries only held the stop up).
+async fn pause(backoff: Duration, stop: &Stop) -> bool {
+    let mut stop = stop.clone();
+    if *stop.borrow_and_update() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(backoff) => true,
+        () = stopping_now(&mut stop) => false,
+    }
+}
+
 impl Shared {
     /// Folds `event` into the aggregate's state kept in `states` (loading
     /// it, from its snapshot and the store, when it is not there or has a
     /// gap, e.g. events handled by another snapshotter copy) and writes a
     /// snapshot when one falls due.
-    async fn follow(&self, states: &mut States, event: &RecordedEvent) {
+    async fn follow(&self, states: &mut States, event: &RecordedEvent, stop: &Stop) {
         let Some(aggregate) = self.registry.get(&event.aggregate_type) else {
             return;
         };
@@ -194,14 +217,16 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::warn!(aggregate = %format_args!("{}.{}", event.aggregate_type, event.aggregate_id), attempt, error = %e, "snapshot failed");
-                    tokio::time::sleep(backoff).await;
+                    if !pause(backoff, stop).await {
+                        return;
+                    }
                     backoff *= 2;
                 }
             }
         }
     }
 
-    async fn snapshot(&self, aggregate_type: &str, aggregate_id: &str, until: Until) {
+    async fn snapshot(&self, aggregate_type: &str, aggregate_id: &str, until: Until, stop: &Stop) {
         let Some(aggregate) = self.registry.get(aggregate_type) else {
             return;
         };
@@ -226,7 +251,9 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::warn!(aggregate = %format_args!("{aggregate_type}.{aggregate_id}"), attempt, error = %e, "snapshot failed");
-                    tokio::time::sleep(backoff).await;
+                    if !pause(backoff, stop).await {
+                        return;
+                    }
                     backoff *= 2;
                 }
             }
@@ -235,12 +262,145 @@ impl Shared {
     }
 }
 
-/// Runs until `shutdown` resolves.
+/// Runs until `shutdown` resolves, then finishes the events and snapshot
+/// requests it had taken, by the stop deadline
+/// ([`jetsource_core::stop_deadline`]) at the latest: with NATS gone, what
+/// is left unacknowledged is delivered again later, to this or another
+/// copy. A `shutdown` during start-up returns at once.
 pub async fn run(
     config: Config,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = start(&config, registry) => started?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before running");
+            return Ok(());
+        }
+    };
+    let Started {
+        client,
+        shared,
+        consumer,
+        mut requests,
+        service,
+    } = started;
+    tracing::info!(bucket = %config.snapshot.bucket, every = config.snapshot.every, "snapshotter running");
+
+    // Aggregate states folded from the consumer's own events: a snapshot
+    // that falls due is written from memory. Reading each aggregate's tail
+    // back from the store instead cost a scan of the stream per snapshot
+    // (an aggregate's events are spread thinly over it): 594 s for a
+    // 1,000,000-event backlog in the benchmark.
+    let mut states: States =
+        LruCache::new(NonZeroUsize::new(config.snapshot.cache_size).unwrap_or(NonZeroUsize::MIN));
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?
+        .ready_chunks(256);
+    // The work watches `stop` (retries end, no new chunk is taken); a step
+    // in progress is not cut short but bounded by the stop deadline below.
+    let (stopping, stop) = watch::channel(false);
+    let work = async {
+        let mut stopped = stop.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = stopping_now(&mut stopped) => break,
+                request = requests.next() => {
+                    let Some(request) = request else { break };
+                    let started = Instant::now();
+                    let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
+                    if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
+                        shared.snapshot(t, id, Until::End, &stop).await;
+                    }
+                    service.record("requests", started.elapsed(), None);
+                }
+                chunk = messages.next() => {
+                    let Some(chunk) = chunk else { break };
+                    for message in chunk.into_iter().flatten() {
+                        if let Ok(info) = message.info() {
+                            let event = RecordedEvent::from_parts(
+                                message.subject.as_str(),
+                                info.stream_sequence,
+                                info.published,
+                                message.headers.as_ref(),
+                                message.payload.clone(),
+                            );
+                            if let Ok(event) = event {
+                                shared.follow(&mut states, &event, &stop).await;
+                            }
+                        }
+                        if let Err(e) = message.ack().await {
+                            tracing::debug!(error = %e, "ack failed; the event will come again");
+                        }
+                    }
+                }
+            }
+        }
+        // Snapshot requests routed to this copy before it unsubscribed.
+        match requests.drain().await {
+            Ok(()) => {
+                let pending = async {
+                    while let Some(request) = requests.next().await {
+                        let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
+                        if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
+                            shared.snapshot(t, id, Until::End, &stop).await;
+                        }
+                    }
+                };
+                // The end of the drain is confirmed by the server: with NATS
+                // gone it never comes, and nothing more can arrive either.
+                let disconnected = async {
+                    while client.connection_state() == async_nats::connection::State::Connected {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                tokio::select! {
+                    () = pending => {}
+                    () = disconnected => {}
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not drain the snapshot requests"),
+        }
+    };
+    tokio::pin!(work);
+    let deadline = tokio::select! {
+        () = &mut work => jetsource_core::stop_deadline(),
+        () = &mut shutdown => {
+            tracing::info!("stopping: finishing the events and requests taken");
+            stopping.send_replace(true);
+            let deadline = jetsource_core::stop_deadline();
+            if tokio::time::timeout_at(deadline, &mut work).await.is_err() {
+                tracing::warn!(
+                    "events or snapshot requests still in progress at the stop deadline ({:?} after the signal); stopping anyway",
+                    jetsource_core::STOP_BUDGET
+                );
+            }
+            deadline
+        }
+    };
+    service.stop();
+    jetsource_core::flush_before_exit(&[&client], deadline).await;
+    tracing::info!("snapshotter stopped");
+    Ok(())
+}
+
+/// Connections, consumer and subscription of a snapshotter about to run.
+struct Started {
+    client: async_nats::Client,
+    shared: Arc<Shared>,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    requests: async_nats::Subscriber,
+    service: MicroService,
+}
+
+async fn start(config: &Config, registry: Registry) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
     let snapshots =
@@ -269,8 +429,7 @@ pub async fn run(
         registry,
         config: config.snapshot.clone(),
     });
-
-    let mut requests = client
+    let requests = client
         .queue_subscribe(
             "jetsource.snapshot.request.>",
             config.snapshot.queue_group.clone(),
@@ -290,68 +449,11 @@ pub async fn run(
     )
     .await
     .map_err(|e| RunError::Setup(e.to_string()))?;
-    tracing::info!(bucket = %config.snapshot.bucket, every = config.snapshot.every, "snapshotter running");
-
-    // Aggregate states folded from the consumer's own events: a snapshot
-    // that falls due is written from memory. Reading each aggregate's tail
-    // back from the store instead cost a scan of the stream per snapshot
-    // (an aggregate's events are spread thinly over it): 594 s for a
-    // 1,000,000-event backlog in the benchmark.
-    let mut states: States =
-        LruCache::new(NonZeroUsize::new(config.snapshot.cache_size).unwrap_or(NonZeroUsize::MIN));
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .messages()
-        .await
-        .map_err(|e| RunError::Setup(e.to_string()))?
-        .ready_chunks(256);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            request = requests.next() => {
-                let Some(request) = request else { break };
-                let started = Instant::now();
-                let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
-                if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
-                    shared.snapshot(t, id, Until::End).await;
-                }
-                service.record("requests", started.elapsed(), None);
-            }
-            chunk = messages.next() => {
-                let Some(chunk) = chunk else { break };
-                for message in chunk.into_iter().flatten() {
-                    if let Ok(info) = message.info() {
-                        let event = RecordedEvent::from_parts(
-                            message.subject.as_str(),
-                            info.stream_sequence,
-                            info.published,
-                            message.headers.as_ref(),
-                            message.payload.clone(),
-                        );
-                        if let Ok(event) = event {
-                            shared.follow(&mut states, &event).await;
-                        }
-                    }
-                    if let Err(e) = message.ack().await {
-                        tracing::debug!(error = %e, "ack failed; the event will come again");
-                    }
-                }
-            }
-        }
-    }
-    tracing::info!("stopping");
-    let _ = tokio::time::timeout(jetsource_core::EXIT_FLUSH_TIMEOUT, requests.drain()).await;
-    while let Some(request) = requests.next().await {
-        let mut tokens = request.subject.as_str().splitn(5, '.').skip(3);
-        if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
-            shared.snapshot(t, id, Until::End).await;
-        }
-    }
-    service.stop();
-    jetsource_core::flush_before_exit(&client).await;
-    tracing::info!("snapshotter stopped");
-    Ok(())
+    Ok(Started {
+        client,
+        shared,
+        consumer,
+        requests,
+        service,
+    })
 }

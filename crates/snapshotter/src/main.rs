@@ -26,11 +26,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = jetsource_core::config::Config::load(args.config.as_deref())?;
     jetsource_core::telemetry::init(&config.log);
-    jetsource_snapshotter::run(
-        config,
-        jetsource_example::registry(),
-        jetsource_core::shutdown_signal(),
-    )
+    jetsource_core::until_stopped(|shutdown| {
+        jetsource_snapshotter::run(config, jetsource_example::registry(), shutdown)
+    })
     .await?;
     Ok(())
 }

@@ -26,6 +26,8 @@ pub(crate) struct Spec {
 
 enum Op {
     Restart(std_mpsc::Sender<Result<(), String>>),
+    Stop(std_mpsc::Sender<Result<(), String>>),
+    Start(std_mpsc::Sender<Result<(), String>>),
     Remove,
 }
 
@@ -39,6 +41,8 @@ impl std::fmt::Debug for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Op::Restart(_) => "Restart",
+            Op::Stop(_) => "Stop",
+            Op::Start(_) => "Start",
             Op::Remove => "Remove",
         })
     }
@@ -107,6 +111,17 @@ impl Container {
                             .await;
                             let _ = done.send(result);
                         }
+                        Op::Stop(done) => {
+                            let result = container
+                                .stop_with_timeout(Some(0))
+                                .await
+                                .map_err(|e| e.to_string());
+                            let _ = done.send(result);
+                        }
+                        Op::Start(done) => {
+                            let result = container.start().await.map_err(|e| e.to_string());
+                            let _ = done.send(result);
+                        }
                         Op::Remove => break,
                     }
                 }
@@ -129,9 +144,23 @@ impl Container {
     /// Kills the container (no grace period) and starts it again; its file
     /// system, and so the server's data, is kept.
     pub(crate) fn restart(&self) -> Result<(), String> {
+        self.run(Op::Restart)
+    }
+
+    /// Kills the container (no grace period); [`Container::start_again`]
+    /// starts it again with its file system.
+    pub(crate) fn stop(&self) -> Result<(), String> {
+        self.run(Op::Stop)
+    }
+
+    pub(crate) fn start_again(&self) -> Result<(), String> {
+        self.run(Op::Start)
+    }
+
+    fn run(&self, op: fn(std_mpsc::Sender<Result<(), String>>) -> Op) -> Result<(), String> {
         let (done_tx, done_rx) = std_mpsc::channel();
         self.control
-            .send(Op::Restart(done_tx))
+            .send(op(done_tx))
             .map_err(|_| "the container thread is gone".to_owned())?;
         done_rx
             .recv()

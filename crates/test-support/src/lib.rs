@@ -104,6 +104,8 @@ pub enum Sync {
 #[derive(Debug)]
 enum Backend {
     Process(Child),
+    /// A process server that was killed and not started again.
+    Down,
     Docker(docker::Container),
 }
 
@@ -111,6 +113,7 @@ impl Backend {
     fn kill(&mut self) {
         if let Backend::Process(child) = self {
             kill(child);
+            *self = Backend::Down;
         }
     }
 }
@@ -246,8 +249,8 @@ impl NatsServer {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            Backend::Process(child) => {
-                kill(child);
+            Backend::Process(_) | Backend::Down => {
+                self.backend.kill();
                 let binary = nats_server_binary();
                 loop {
                     if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port, self.sync)
@@ -259,6 +262,16 @@ impl NatsServer {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+        }
+    }
+
+    /// Kills the server abruptly (SIGKILL) and leaves it down: clients see
+    /// the connection drop and nothing answering on the port.
+    /// [`NatsServer::restart`] brings it back with its store.
+    pub fn kill(&mut self) {
+        match &mut self.backend {
+            Backend::Docker(container) => container.stop().unwrap(),
+            _ => self.backend.kill(),
         }
     }
 
@@ -282,11 +295,23 @@ impl Drop for NatsServer {
 }
 
 /// A redis-server without persistence, reachable on 127.0.0.1.
+///
+/// It can crash and come back: [`RedisServer::kill`] stops it abruptly,
+/// [`RedisServer::start_again`] starts a fresh, empty one on the same port,
+/// [`RedisServer::restart_empty`] does both. Clients keep their URL and see
+/// what a Redis crash without persistence looks like: the connection drops,
+/// connections are refused while it is down, and the data is gone after.
 #[derive(Debug)]
 pub struct RedisServer {
     backend: Backend,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+fn redis_server_binary() -> PathBuf {
+    find_binary("JETSOURCE_REDIS_SERVER", "redis-server").unwrap_or_else(|| {
+        panic!("redis-server not found: run `make setup` (installs it with apt) or set JETSOURCE_REDIS_SERVER")
+    })
 }
 
 impl RedisServer {
@@ -310,30 +335,32 @@ impl RedisServer {
             return Self {
                 backend: Backend::Docker(container),
                 port,
-                _dir: tempfile::tempdir().unwrap(),
+                dir: tempfile::tempdir().unwrap(),
             };
         }
-        let binary = find_binary("JETSOURCE_REDIS_SERVER", "redis-server").unwrap_or_else(|| {
-            panic!("redis-server not found: run `make setup` (installs it with apt) or set JETSOURCE_REDIS_SERVER")
-        });
+        let binary = redis_server_binary();
         let dir = tempfile::tempdir().unwrap();
         for _attempt in 0..5 {
             let port = free_port();
-            let mut command = Command::new(&binary);
-            command
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .arg("--dir")
-                .arg(dir.path());
-            if let Some(child) = spawn_and_wait(command, port, "redis-server") {
+            if let Some(child) = Self::spawn(&binary, dir.path(), port) {
                 return Self {
                     backend: Backend::Process(child),
                     port,
-                    _dir: dir,
+                    dir,
                 };
             }
         }
         panic!("redis-server would not start on any free port (see its output above)");
+    }
+
+    fn spawn(binary: &Path, dir: &Path, port: u16) -> Option<Child> {
+        let mut command = Command::new(binary);
+        command
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir);
+        spawn_and_wait(command, port, "redis-server")
     }
 
     pub fn url(&self) -> String {
@@ -343,11 +370,166 @@ impl RedisServer {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// Kills the server abruptly (SIGKILL), as a crash would, and leaves it
+    /// down: open connections drop and new ones are refused until
+    /// [`RedisServer::start_again`]. Nothing happens if it is down already.
+    pub fn kill(&mut self) {
+        match &mut self.backend {
+            Backend::Docker(container) => container.stop().unwrap(),
+            _ => self.backend.kill(),
+        }
+    }
+
+    /// Starts the server again on the same port, empty (it keeps nothing on
+    /// disk), and waits until it accepts connections. Kills the running one
+    /// first if there is one.
+    pub fn start_again(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        match &mut self.backend {
+            Backend::Docker(container) => {
+                // Stopping an already stopped container is harmless.
+                container.stop().unwrap();
+                container.start_again().unwrap();
+                let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+                while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+                    assert!(Instant::now() < deadline, "redis container did not restart");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Backend::Process(_) | Backend::Down => {
+                self.backend.kill();
+                let binary = redis_server_binary();
+                loop {
+                    if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port) {
+                        self.backend = Backend::Process(child);
+                        return;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "redis-server did not start again on port {}",
+                        self.port
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// A crash and restart without persistence: [`RedisServer::kill`], then
+    /// [`RedisServer::start_again`] on the same port, empty.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.start_again();
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.backend.kill();
+    }
+}
+
+/// A TCP proxy on a free loopback port in front of a server on
+/// `127.0.0.1:upstream`: point a client at [`TcpProxy::port`] instead of the
+/// server's port. [`TcpProxy::freeze`] makes the connections open at that
+/// moment go silent (bytes are swallowed both ways, the sockets stay open),
+/// as a half-open connection or a partition would; connections opened
+/// afterwards are forwarded normally. Threads and sockets end on drop.
+#[derive(Debug)]
+pub struct TcpProxy {
+    port: u16,
+    shared: std::sync::Arc<ProxyShared>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyShared {
+    /// Connections with a lower number are frozen.
+    frozen_below: std::sync::atomic::AtomicU64,
+    next: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    sockets: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = std::sync::Arc::new(ProxyShared::default());
+        let accepting = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if accepting.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue; // the client sees its connection closed
+                };
+                let n = accepting.next.fetch_add(1, Ordering::SeqCst);
+                let mut sockets = accepting.sockets.lock().unwrap();
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let shared = accepting.clone();
+                    std::thread::spawn(move || pump(from, to, n, &shared));
+                }
+                sockets.push(client);
+                sockets.push(server);
+            }
+        });
+        Self { port, shared }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://` URL of the proxy, for a Redis server behind it.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Silences every connection open now; later ones are forwarded.
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        let next = self.shared.next.load(Ordering::SeqCst);
+        self.shared.frozen_below.store(next, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, n: u64, shared: &ProxyShared) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        if n < shared.frozen_below.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..read]).is_err() {
+            break;
+        }
+    }
+    if n >= shared.frozen_below.load(Ordering::SeqCst) {
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for socket in self.shared.sockets.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 

@@ -45,6 +45,7 @@ impl Env {
             },
             redis: RedisConfig {
                 url: self.redis.url(),
+                ..Default::default()
             },
             ..Default::default()
         };
