@@ -192,7 +192,10 @@ async fn send_until_definite(
         if let Ok(reply) = reply {
             match decode_reply::<CommandOutcome>(&reply.payload).unwrap() {
                 Ok(outcome) => return Some(outcome),
-                Err(ErrorBody { code, .. }) if code == ErrorCode::Conflict => return None,
+                Err(ErrorBody {
+                    code: ErrorCode::Conflict,
+                    ..
+                }) => return None,
                 Err(ErrorBody { code, message, .. }) => assert!(
                     matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout),
                     "{id}: {code:?} {message}"
