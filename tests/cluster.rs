@@ -277,3 +277,46 @@ async fn a_refusal_is_decided_on_every_acknowledged_event() {
         }
     }
 }
+
+/// A worker started while the cluster has no quorum (nodes restarting)
+/// waits for the event stream instead of exiting, and serves once a
+/// majority is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_without_quorum_waits_for_the_stream() {
+    let mut cluster = NatsCluster::start();
+    let client = cluster.client().await;
+    let urls = cluster.urls();
+    cluster.kill_node(1);
+    cluster.kill_node(2);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let mut worker = Process::start_at(
+        "jetsource-command",
+        &urls,
+        &[("JETSOURCE__STORE__REPLICAS", "3")],
+        Some(&log),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("not available yet; retrying")
+    {
+        assert!(
+            worker.try_status().is_none(),
+            "the worker exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "the worker never retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.start_node(1);
+    wait_for_service(&client, "jetsource-command", 1).await;
+    let outcome = send(
+        &client,
+        "q1",
+        json!({"type": "OpenAccount", "data": {"owner": "o"}, "command_id": "open"}),
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(outcome.version, 1);
+}

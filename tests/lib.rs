@@ -75,6 +75,11 @@ impl Process {
         assert!(status.success(), "kill -{signal} {} failed", self.pid());
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -179,6 +179,10 @@ pub struct EventStore {
     batch_permits: Arc<Semaphore>,
 }
 
+/// How long [`EventStore::open`] keeps retrying a stream that is not
+/// available yet.
+pub const OPEN_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// Atomic batches one process keeps open at once (the server allows 50 per
 /// stream, shared by every process).
 pub const MAX_OPEN_BATCHES: usize = 16;
@@ -313,7 +317,33 @@ impl EventStore {
     /// Connects to the event stream, creating it when missing. An existing
     /// stream is never changed: if its settings differ in a way that matters,
     /// this fails and names each difference.
+    ///
+    /// Transient failures are retried for up to [`OPEN_RETRY_FOR`]: a worker
+    /// started while the cluster elects its leaders (a node restarting, a
+    /// whole cluster coming up) waits for it instead of exiting.
     pub async fn open(
+        client: Client,
+        nats: &NatsConfig,
+        config: &StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + OPEN_RETRY_FOR;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match Self::open_once(client.clone(), nats, config).await {
+                Err(e)
+                    if e.class() == ErrorClass::Transient
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::warn!(error = %e, "event stream not available yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(
         client: Client,
         nats: &NatsConfig,
         config: &StoreConfig,
@@ -349,7 +379,8 @@ impl EventStore {
                         }
                     }
                     CreateStreamErrorKind::JetStream(api) => {
-                        return Err(StoreError::new(
+                        return Err(StoreError::from_code(
+                            api.error_code().0,
                             StoreErrorKind::Rejected,
                             format!("cannot create stream {}: {api}", config.stream),
                         ))
