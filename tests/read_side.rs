@@ -331,6 +331,11 @@ async fn cli_rebuild_switches_without_downtime_and_status_reports_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cli_lists_dead_letters_and_keeps_those_that_still_fail() {
     let fleet = Fleet::start().await;
+    // Before any projector ran there is no dead-letter stream: that is an
+    // empty list (the server's "stream not found", 10059), not an error.
+    let (code, out, err) = fleet.cli(&["dlq", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no dead letters"), "{out}");
     let _projector = fleet.projector();
     wait_for_service(&fleet.client, "jetsource-projector", 1).await;
     let (code, out, _) = fleet.cli(&["dlq", "list"]);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jetsource_core::protocol::{decode_reply, CommandOutcome};
-use jetsource_test_support::{NatsServer, RedisServer};
+use jetsource_test_support::{NatsCluster, NatsServer, RedisServer};
 use jetsource_tests::{wait_for_service, Process};
 use serde_json::{json, Value};
 
@@ -22,8 +22,17 @@ use serde_json::{json, Value};
 /// stream).
 const RECOVERY: Duration = Duration::from_secs(30);
 
+/// The NATS side: one node, or a 3-node cluster with the stream at R3.
+#[allow(dead_code)] // held so the servers stop on drop
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
 struct Fleet {
-    nats: NatsServer,
+    _nats: Nats,
+    nats_url: String,
+    replicas: &'static str,
     redis: RedisServer,
     client: async_nats::Client,
     _worker: Process,
@@ -39,14 +48,41 @@ impl Fleet {
         fleet
     }
 
+    /// Like [`Fleet::start`], on a 3-node cluster with replicas 3.
+    async fn start_on_cluster() -> Self {
+        let cluster = NatsCluster::start();
+        let client = cluster.client().await;
+        let url = cluster.urls();
+        let mut fleet = Self::with(Nats::Cluster(cluster), url, client, "3").await;
+        fleet.start_projectors(&[]).await;
+        fleet
+    }
+
     async fn without_projectors() -> Self {
         let nats = NatsServer::start();
-        let redis = RedisServer::start();
         let client = nats.client().await;
-        let worker = Process::start("jetsource-command", &nats, &[]);
+        let url = nats.url();
+        Self::with(Nats::Single(nats), url, client, "1").await
+    }
+
+    async fn with(
+        nats: Nats,
+        nats_url: String,
+        client: async_nats::Client,
+        replicas: &'static str,
+    ) -> Self {
+        let redis = RedisServer::start();
+        let worker = Process::start_at(
+            "jetsource-command",
+            &nats_url,
+            &[("JETSOURCE__STORE__REPLICAS", replicas)],
+            None,
+        );
         wait_for_service(&client, "jetsource-command", 1).await;
         Self {
-            nats,
+            _nats: nats,
+            nats_url,
+            replicas,
             redis,
             client,
             _worker: worker,
@@ -62,11 +98,12 @@ impl Fleet {
             ("JETSOURCE__REDIS__URL", url.as_str()),
             ("JETSOURCE__PROJECTOR__PARTITIONS", "4"),
             ("JETSOURCE__PROJECTOR__FAILOVER_MS", "1000"),
+            ("JETSOURCE__STORE__REPLICAS", self.replicas),
         ];
         env.extend_from_slice(extra);
         self._projectors = vec![
-            Process::start("jetsource-projector", &self.nats, &env),
-            Process::start("jetsource-projector", &self.nats, &env),
+            Process::start_at("jetsource-projector", &self.nats_url, &env, None),
+            Process::start_at("jetsource-projector", &self.nats_url, &env, None),
         ];
         wait_for_service(&self.client, "jetsource-projector", 2).await;
     }
@@ -265,7 +302,15 @@ impl Fleet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_projector_copies_answer_exactly_after_redis_restarts_empty() {
-    let mut fleet = Fleet::start().await;
+    redis_restarts_empty(Fleet::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_both_projector_copies_answer_exactly_after_redis_restarts_empty() {
+    redis_restarts_empty(Fleet::start_on_cluster().await).await;
+}
+
+async fn redis_restarts_empty(mut fleet: Fleet) {
     fleet.load(8, 10).await;
     fleet
         .wait_until_both_copies_answer_exactly(Instant::now())

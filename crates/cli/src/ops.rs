@@ -270,7 +270,15 @@ async fn dlq_stream(
     let js = async_nats::jetstream::new(client.clone());
     match js.get_stream(&config.projector.dead_letter_stream).await {
         Ok(stream) => Ok(Some(stream)),
-        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(api)
+                    if api.error_code().0 == jetsource_core::store::codes::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(anyhow!("cannot open the dead-letter stream: {e}")),
     }
 }
