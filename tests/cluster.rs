@@ -279,13 +279,16 @@ async fn a_refusal_is_decided_on_every_acknowledged_event() {
 }
 
 /// A worker started while the cluster has no quorum (nodes restarting)
-/// waits for the event stream instead of exiting, and serves once a
-/// majority is back.
+/// waits for the event stream instead of exiting, and serves once the
+/// nodes are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_without_quorum_waits_for_the_stream() {
     let mut cluster = NatsCluster::start();
     let client = cluster.client().await;
     let urls = cluster.urls();
+    // The stream exists (an R3 stream cannot be created on two nodes);
+    // then the cluster loses its majority.
+    open_store(&client, &urls).await;
     cluster.kill_node(1);
     cluster.kill_node(2);
     let dir = tempfile::tempdir().unwrap();
@@ -310,6 +313,7 @@ async fn a_worker_started_without_quorum_waits_for_the_stream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster.start_node(1);
+    cluster.start_node(2);
     wait_for_service(&client, "jetsource-command", 1).await;
     let outcome = send(
         &client,

@@ -114,7 +114,8 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
     // On one shared connection a single task parsed everything, and the
     // worker's latency tail grew with the load (docs/bench/NOTES.md).
     let store_client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
-    let store = EventStore::open(store_client.clone(), &config.nats, &config.store).await?;
+    let store =
+        EventStore::open_when_available(store_client.clone(), &config.nats, &config.store).await?;
     let snapshots = handler::Snapshots {
         store: SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas)
             .await?,

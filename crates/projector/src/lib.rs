@@ -229,7 +229,8 @@ async fn start(
     projections: Vec<Arc<dyn Projection>>,
 ) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
-    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let store =
+        EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
     let js = store.jetstream().clone();
     let events = js
         .get_stream(&config.store.stream)

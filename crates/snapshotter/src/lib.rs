@@ -402,7 +402,8 @@ struct Started {
 
 async fn start(config: &Config, registry: Registry) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
-    let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
+    let store =
+        EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
     let snapshots =
         SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
     let events = store

@@ -714,8 +714,23 @@ impl NatsCluster {
         }
     }
 
-    /// Starts node `i` again with its store directory.
+    /// Starts node `i` again with its store directory, once the running
+    /// nodes have dropped their routes to its previous process: a node
+    /// started while a peer still holds the old route can be refused as a
+    /// duplicate and stay without a meta leader for a long time.
     pub fn start_node(&mut self, i: usize) {
+        let name = self.node_name(i);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while (0..self.nodes.len())
+            .filter(|&j| j != i && self.is_up(j))
+            .any(|j| routes_to(self.nodes[j].http_port, &name))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the running nodes kept their routes to {name}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.start_node_with(&nats_server_binary(), i);
     }
 
@@ -736,6 +751,30 @@ impl NatsCluster {
         }
         client
     }
+}
+
+/// Whether the node with monitoring port `http_port` has a route to the
+/// server named `name` (its `/routez`). An unreachable monitor counts as
+/// "no": that node is not holding anything.
+fn routes_to(http_port: u16, name: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let Ok(mut socket) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET /routez HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut response = String::new();
+    if socket.write_all(request.as_bytes()).is_err()
+        || socket.read_to_string(&mut response).is_err()
+    {
+        return false;
+    }
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["routes"].as_array().cloned())
+        .is_some_and(|routes| routes.iter().any(|r| r["remote_name"] == name))
 }
 
 impl Drop for NatsCluster {

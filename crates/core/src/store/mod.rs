@@ -318,21 +318,44 @@ impl EventStore {
     /// stream is never changed: if its settings differ in a way that matters,
     /// this fails and names each difference.
     ///
-    /// Transient failures are retried for up to [`OPEN_RETRY_FOR`]: a worker
-    /// started while the cluster elects its leaders (a node restarting, a
-    /// whole cluster coming up) waits for it instead of exiting.
+    /// Transient failures are retried for up to [`OPEN_RETRY_FOR`] (a
+    /// cluster electing its leaders), then reported. Workers use
+    /// [`EventStore::open_when_available`].
     pub async fn open(
         client: Client,
         nats: &NatsConfig,
         config: &StoreConfig,
     ) -> Result<Self, StoreError> {
-        let deadline = tokio::time::Instant::now() + OPEN_RETRY_FOR;
+        Self::open_retrying(client, nats, config, Some(OPEN_RETRY_FOR)).await
+    }
+
+    /// Like [`EventStore::open`], retrying transient failures for as long as
+    /// it takes, with a warning each time: a worker started while the
+    /// cluster has no quorum (nodes restarting, a whole cluster coming up)
+    /// waits for it instead of exiting. Permanent failures (an incompatible
+    /// stream, a refused creation) return at once. Callers race it against
+    /// their shutdown signal.
+    pub async fn open_when_available(
+        client: Client,
+        nats: &NatsConfig,
+        config: &StoreConfig,
+    ) -> Result<Self, StoreError> {
+        Self::open_retrying(client, nats, config, None).await
+    }
+
+    async fn open_retrying(
+        client: Client,
+        nats: &NatsConfig,
+        config: &StoreConfig,
+        retry_for: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let deadline = retry_for.map(|d| tokio::time::Instant::now() + d);
         let mut backoff = Duration::from_millis(100);
         loop {
             match Self::open_once(client.clone(), nats, config).await {
                 Err(e)
                     if e.class() == ErrorClass::Transient
-                        && tokio::time::Instant::now() + backoff < deadline =>
+                        && deadline.is_none_or(|d| tokio::time::Instant::now() + backoff < d) =>
                 {
                     tracing::warn!(error = %e, "event stream not available yet; retrying");
                     tokio::time::sleep(backoff).await;
