@@ -117,8 +117,12 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
     let store =
         EventStore::open_when_available(store_client.clone(), &config.nats, &config.store).await?;
     let snapshots = handler::Snapshots {
-        store: SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas)
-            .await?,
+        store: SnapshotStore::open_when_available(
+            store.jetstream(),
+            &config.snapshot,
+            config.store.replicas,
+        )
+        .await?,
         client: client.clone(),
         slow_load: (config.snapshot.slow_load_ms > 0)
             .then(|| Duration::from_millis(config.snapshot.slow_load_ms)),

@@ -147,6 +147,35 @@ where
     }
 }
 
+/// Runs a worker's start-up step until it does not fail transiently:
+/// `transient` says which errors are worth another attempt (the cluster
+/// electing leaders, a replicated stream or bucket being created by another
+/// copy at the same moment). Logs a warning per attempt and backs off up to
+/// 2 s. Workers race their whole start-up against the stop signal, so this
+/// never holds up a shutdown.
+pub async fn until_available<T, E, F, Fut>(
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut step: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match step().await {
+            Err(e) if transient(&e) => {
+                tracing::warn!(error = %e, "{what} not available yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM: the graceful-shutdown
 /// trigger every worker binary passes to its `run`.
 pub async fn shutdown_signal() {

@@ -121,6 +121,22 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 impl SnapshotStore {
     /// Opens the bucket, creating it when missing.
+    /// Like [`SnapshotStore::open`], retrying while the bucket is not
+    /// available (see [`crate::until_available`]): for workers starting on
+    /// a cluster that elects leaders or while another copy creates it.
+    pub async fn open_when_available(
+        js: &jetstream::Context,
+        config: &SnapshotConfig,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
+        crate::until_available(
+            "the snapshot bucket",
+            |e: &StoreError| e.class() == crate::ErrorClass::Transient,
+            || Self::open(js, config, replicas),
+        )
+        .await
+    }
+
     pub async fn open(
         js: &jetstream::Context,
         config: &SnapshotConfig,

@@ -50,9 +50,23 @@ pub async fn ensure_stream(
     name: &str,
     replicas: usize,
 ) -> Result<stream::Stream, String> {
-    js.get_or_create_stream(stream_config(name, replicas))
-        .await
-        .map_err(|e| format!("cannot open dead-letter stream {name}: {e}"))
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    // Copies starting together on a cluster race to create the replicated
+    // stream; the loser's request can time out while the winner's is
+    // placed. Only a refusal the server gives for good ends the wait.
+    let transient = |e: &async_nats::jetstream::context::CreateStreamError| match e.kind() {
+        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+        CreateStreamErrorKind::JetStream(api) => matches!(
+            jetsource_core::store::codes::kind_of(api.error_code().0),
+            Some(jetsource_core::store::StoreErrorKind::Unavailable)
+        ),
+        _ => false,
+    };
+    jetsource_core::until_available("the dead-letter stream", transient, || {
+        js.get_or_create_stream(stream_config(name, replicas))
+    })
+    .await
+    .map_err(|e| format!("cannot open dead-letter stream {name}: {e}"))
 }
 
 /// An event a projection gives up on.

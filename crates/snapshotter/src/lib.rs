@@ -404,8 +404,12 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
-    let snapshots =
-        SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
+    let snapshots = SnapshotStore::open_when_available(
+        store.jetstream(),
+        &config.snapshot,
+        config.store.replicas,
+    )
+    .await?;
     let events = store
         .jetstream()
         .get_stream(&config.store.stream)
