@@ -343,6 +343,8 @@ impl EventStore {
         Self::open_retrying(client, nats, config, None).await
     }
 
+    /// Opens, retrying transient failures (see [`crate::until_available`])
+    /// until `retry_for` has passed, or for as long as it takes.
     async fn open_retrying(
         client: Client,
         nats: &NatsConfig,
@@ -350,20 +352,14 @@ impl EventStore {
         retry_for: Option<Duration>,
     ) -> Result<Self, StoreError> {
         let deadline = retry_for.map(|d| tokio::time::Instant::now() + d);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match Self::open_once(client.clone(), nats, config).await {
-                Err(e)
-                    if e.class() == ErrorClass::Transient
-                        && deadline.is_none_or(|d| tokio::time::Instant::now() + backoff < d) =>
-                {
-                    tracing::warn!(error = %e, "event stream not available yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                other => return other,
-            }
-        }
+        let transient = |e: &StoreError| {
+            e.class() == ErrorClass::Transient
+                && deadline.is_none_or(|d| tokio::time::Instant::now() < d)
+        };
+        crate::until_available("the event stream", transient, || {
+            Self::open_once(client.clone(), nats, config)
+        })
+        .await
     }
 
     async fn open_once(
