@@ -2,6 +2,7 @@
 //! aggregate types chosen at start-up by name.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -60,18 +61,29 @@ pub struct DecodeError {
     pub message: String,
 }
 
+/// A stored event as the domain sees it: type, the schema version it was
+/// written under, and its data as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredEvent<'a> {
+    pub event_type: &'a str,
+    pub schema_version: u32,
+    pub data: &'a [u8],
+}
+
 /// Object-safe view of an [`Aggregate`], used by the runtime.
 pub trait DynAggregate: Send + Sync + std::fmt::Debug {
     fn aggregate_type(&self) -> &'static str;
     fn event_schema_version(&self) -> u32;
     fn initial(&self) -> State;
-    /// Folds stored events, given as (event type, JSON data), into a copy of
-    /// `state`.
+    /// Folds stored events into a copy of `state`, upcasting each first.
     fn fold(
         &self,
         state: &State,
-        events: &mut dyn Iterator<Item = (&str, &[u8])>,
+        events: &mut dyn Iterator<Item = StoredEvent<'_>>,
     ) -> Result<State, DecodeError>;
+    /// A stored event's data in the current schema's shape (borrowed when
+    /// it already is), through the aggregate's upcasters.
+    fn upcast<'a>(&self, event: StoredEvent<'a>) -> Result<Cow<'a, [u8]>, DecodeError>;
     /// Decodes `{"type": command_type, "data": data}`. Needs no state, so a
     /// malformed command is refused before anything is loaded.
     fn parse(&self, command_type: &str, data: Value) -> Result<ParsedCommand, DecideError>;
@@ -152,15 +164,30 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
     fn fold(
         &self,
         state: &State,
-        events: &mut dyn Iterator<Item = (&str, &[u8])>,
+        events: &mut dyn Iterator<Item = StoredEvent<'_>>,
     ) -> Result<State, DecodeError> {
         let mut current = downcast::<A>(state).clone();
         let mut buf = Vec::with_capacity(256);
-        for (event_type, data) in events {
-            let event: A::Event = decode_event(&mut buf, event_type, data)?;
+        for stored in events {
+            let data = self.upcast(stored)?;
+            let event: A::Event = decode_event(&mut buf, stored.event_type, &data)?;
             current = A::apply(current, &event);
         }
         Ok(Arc::new(current))
+    }
+
+    fn upcast<'a>(&self, event: StoredEvent<'a>) -> Result<Cow<'a, [u8]>, DecodeError> {
+        crate::upcast::upcast(
+            A::UPCASTERS,
+            A::EVENT_SCHEMA_VERSION,
+            event.event_type,
+            event.schema_version,
+            event.data,
+        )
+        .map_err(|message| DecodeError {
+            event_type: event.event_type.to_owned(),
+            message,
+        })
     }
 
     fn parse(&self, command_type: &str, data: Value) -> Result<ParsedCommand, DecideError> {
@@ -233,6 +260,7 @@ impl Registry {
             "aggregate type {:?} is not a valid subject token",
             A::TYPE
         );
+        crate::upcast::check(A::TYPE, A::EVENT_SCHEMA_VERSION, A::UPCASTERS);
         let previous = self
             .aggregates
             .insert(A::TYPE, Arc::new(Erased::<A>(PhantomData)));

@@ -12,13 +12,16 @@
 
 mod dynamic;
 pub mod testing;
+mod upcast;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use dynamic::{
     DecideError, Decision, DecodeError, DynAggregate, NewEvent, ParsedCommand, Registry, State,
+    StoredEvent,
 };
+pub use upcast::Upcaster;
 
 /// A consistency boundary of the domain, written in decide/evolve style.
 ///
@@ -32,8 +35,15 @@ pub trait Aggregate: Send + Sync + 'static {
     const TYPE: &'static str;
 
     /// Schema version stamped on every event this aggregate writes. Bump it
-    /// when an event's data changes shape, and teach `apply` to read both.
+    /// when an event's data changes shape, and declare in [`Self::UPCASTERS`]
+    /// how the old shape becomes the new one: `Event` then only ever sees
+    /// the current shape.
     const EVENT_SCHEMA_VERSION: u32 = 1;
+
+    /// How events stored under older schema versions are read: one
+    /// [`Upcaster`] per event type and version step that changed its data.
+    /// Every read path applies them (see the `upcast` module docs).
+    const UPCASTERS: &'static [Upcaster] = &[];
 
     /// Schema version of `State` as stored in snapshots. Bump it when the
     /// state's shape changes: snapshots of another version are ignored (and

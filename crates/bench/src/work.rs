@@ -562,7 +562,7 @@ async fn seed(
 /// another task while the previous batch is written. No NATS, no Lua, no
 /// checkpoints, no watermark. The keys are deleted afterwards.
 async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Result<f64> {
-    use jetsource_projector::example::Accounts;
+    use jetsource_bank::read_models::Accounts;
     use jetsource_projector::keys::{partition_of, KeySpace};
     use jetsource_projector::projection::{Op, Projection};
 
@@ -746,7 +746,7 @@ pub async fn read_suite(
     // Loading an aggregate whose events are spread thinly over the stream
     // (one in every `accounts` messages): the common shape in production.
     {
-        let registry = jetsource_example::registry();
+        let registry = jetsource_bank::registry();
         let account = registry
             .get("account")
             .context("account aggregate")?
@@ -912,7 +912,7 @@ pub async fn read_suite(
         "seeding the big aggregate",
     )
     .await?;
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let account = registry
         .get("account")
         .context("account aggregate")?

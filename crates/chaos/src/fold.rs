@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use jetsource_aggregate::Aggregate;
+use jetsource_bank::account::{Account, AccountEvent, AccountState, AccountStatus};
 use jetsource_core::envelope::RecordedEvent;
-use jetsource_example::account::{Account, AccountEvent, AccountState, AccountStatus};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 

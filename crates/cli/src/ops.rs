@@ -8,11 +8,11 @@ use jetsource_core::config::Config;
 use jetsource_core::protocol::decode_reply;
 use jetsource_core::store::EventStore;
 use jetsource_projector::redis_store::RedisStore;
-use jetsource_projector::{control_subject, dlq, example, new_generation};
+use jetsource_projector::{control_subject, dlq, new_generation};
 use serde_json::{json, Value};
 
-use crate::rfc3339;
 use crate::table::Table;
+use crate::{rfc3339, Domain};
 
 async fn redis(config: &Config) -> anyhow::Result<RedisStore> {
     RedisStore::connect(&config.redis.url)
@@ -25,11 +25,8 @@ async fn redis(config: &Config) -> anyhow::Result<RedisStore> {
         })
 }
 
-fn projection_names(config: &Config) -> Vec<&'static str> {
-    example::projections(config.projector.recent_transactions)
-        .iter()
-        .map(|p| p.name())
-        .collect()
+fn projection_names(domain: &Domain) -> Vec<&'static str> {
+    domain.projections.iter().map(|p| p.name()).collect()
 }
 
 pub async fn query(
@@ -74,6 +71,7 @@ pub async fn query(
 pub async fn projection_status(
     client: &async_nats::Client,
     config: &Config,
+    domain: &Domain,
     json: bool,
 ) -> anyhow::Result<()> {
     let redis = redis(config).await?;
@@ -81,7 +79,7 @@ pub async fn projection_status(
     let last = store.info().await?.state.last_sequence;
     let now = time::OffsetDateTime::now_utc();
     let mut rows = Vec::new();
-    for name in projection_names(config) {
+    for name in projection_names(domain) {
         let meta = redis.meta(name).await?;
         let Some(meta) = meta else {
             rows.push(json!({"projection": name, "state": "not built (no projector has run)"}));
@@ -163,13 +161,14 @@ pub async fn projection_status(
 pub async fn projection_rebuild(
     client: &async_nats::Client,
     config: &Config,
+    domain: &Domain,
     name: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    if !projection_names(config).contains(&name) {
+    if !projection_names(domain).contains(&name) {
         bail!(
             "unknown projection {name:?}; known: {}",
-            projection_names(config).join(", ")
+            projection_names(domain).join(", ")
         );
     }
     let redis = redis(config).await?;
@@ -318,6 +317,7 @@ pub async fn dlq_list(
 pub async fn dlq_replay(
     client: &async_nats::Client,
     config: &Config,
+    domain: &Domain,
     only: Option<u64>,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -327,7 +327,7 @@ pub async fn dlq_replay(
     };
     let redis = redis(config).await?;
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
-    let projections = example::projections(config.projector.recent_transactions);
+    let projections = domain.projections.clone();
     let results = dlq::replay(&mut stream, &store, &redis, &projections, only)
         .await
         .map_err(|e| anyhow!(e))?;
@@ -360,13 +360,14 @@ pub async fn dlq_replay(
 pub async fn snapshot_status(
     client: &async_nats::Client,
     config: &Config,
+    domain: &Domain,
     json: bool,
 ) -> anyhow::Result<()> {
     use jetsource_core::snapshot::{Snapshot, SnapshotStore};
     let store = EventStore::open(client.clone(), &config.nats, &config.store).await?;
     let snapshots =
         SnapshotStore::open(store.jetstream(), &config.snapshot, config.store.replicas).await?;
-    let registry = jetsource_example::registry();
+    let registry = &domain.registry;
     let now = time::OffsetDateTime::now_utc();
     #[derive(Default)]
     struct Row {
@@ -453,11 +454,12 @@ pub async fn snapshot_status(
 pub async fn snapshot_rebuild(
     client: &async_nats::Client,
     config: &Config,
+    domain: &Domain,
     only_type: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
     use jetsource_core::snapshot::SnapshotStore;
-    let registry = jetsource_example::registry();
+    let registry = &domain.registry;
     if let Some(t) = only_type {
         if registry.get(t).is_none() {
             bail!(
@@ -473,7 +475,7 @@ pub async fn snapshot_rebuild(
     let tty = std::io::stderr().is_terminal();
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let written =
-        jetsource_snapshotter::rebuild(&store, &snapshots, &registry, only_type, |done, total| {
+        jetsource_snapshotter::rebuild(&store, &snapshots, registry, only_type, |done, total| {
             let secs = began.elapsed().as_secs_f64().max(1e-3);
             let rate = done as f64 / secs;
             let eta = (total - done) as f64 / rate.max(1e-9);

@@ -136,7 +136,7 @@ async fn concurrent_clients_on_two_workers_lose_no_update() {
     )
     .await
     .unwrap();
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let aggregate = registry.get("account").unwrap();
     for a in 0..ACCOUNTS {
         let id = format!("hot-{a}");

@@ -75,6 +75,15 @@ pub struct EnvelopeError {
 }
 
 impl RecordedEvent {
+    /// The part the domain reads: type, schema version, data as stored.
+    pub fn stored(&self) -> jetsource_aggregate::StoredEvent<'_> {
+        jetsource_aggregate::StoredEvent {
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            data: &self.data,
+        }
+    }
+
     /// Builds an event from a stored message's subject, sequence, time,
     /// headers and body.
     pub fn from_parts(

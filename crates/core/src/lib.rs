@@ -18,7 +18,7 @@ pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 
-pub use error::ErrorClass;
+pub use error::{error_chain, ErrorClass};
 pub use jetsource_aggregate as aggregate;
 
 /// Connects to NATS with the settings every jetsource process shares.

@@ -8,6 +8,7 @@ use std::ops::ControlFlow;
 use jetsource_aggregate::{DecodeError, DynAggregate, State};
 use time::OffsetDateTime;
 
+use crate::envelope::RecordedEvent;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{EventStore, StoreError};
 use crate::ErrorClass;
@@ -189,7 +190,7 @@ impl Loaded {
         &mut self,
         aggregate: &dyn DynAggregate,
         aggregate_id: &str,
-        chunk: &[crate::envelope::RecordedEvent],
+        chunk: &[RecordedEvent],
         until: Until,
     ) -> Result<(u64, ControlFlow<()>), LoadError> {
         let within = chunk
@@ -200,9 +201,7 @@ impl Loaded {
                 Until::Time(t) => e.timestamp <= t,
             })
             .count();
-        let mut events = chunk[..within]
-            .iter()
-            .map(|e| (e.event_type.as_str(), e.data.as_ref()));
+        let mut events = chunk[..within].iter().map(RecordedEvent::stored);
         self.state =
             aggregate
                 .fold(&self.state, &mut events)
@@ -232,9 +231,9 @@ impl Loaded {
     pub fn apply(
         &mut self,
         aggregate: &dyn DynAggregate,
-        event: &crate::envelope::RecordedEvent,
+        event: &RecordedEvent,
     ) -> Result<(), LoadError> {
-        let mut events = std::iter::once((event.event_type.as_str(), event.data.as_ref()));
+        let mut events = std::iter::once(event.stored());
         self.state =
             aggregate
                 .fold(&self.state, &mut events)

@@ -61,7 +61,11 @@ fn fold(
     let mut loaded = from;
     let mut iter = events
         .iter()
-        .map(|e| (e.event_type.as_str(), e.data.as_slice()));
+        .map(|e| jetsource_core::aggregate::StoredEvent {
+            event_type: &e.event_type,
+            schema_version: 1,
+            data: &e.data,
+        });
     loaded.state = account.fold(&loaded.state, &mut iter).unwrap();
     loaded.version += events.len() as u64;
     if !events.is_empty() {
@@ -78,7 +82,7 @@ proptest! {
 
     #[test]
     fn snapshot_plus_tail_equals_full_replay(initial in 0u64..500, commands in prop::collection::vec(cmd(), 0..60)) {
-        let registry = jetsource_example::registry();
+        let registry = jetsource_bank::registry();
         let account = registry.get("account").unwrap().as_ref();
         let events = history(account, initial, &commands);
         let full = fold(account, Loaded::empty(account), &events, 1);
@@ -101,7 +105,7 @@ proptest! {
 
 #[test]
 fn a_damaged_snapshot_is_refused_with_a_reason() {
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let account = registry.get("account").unwrap().as_ref();
     let events = history(account, 10, &[Cmd::Deposit(5)]);
     let loaded = fold(account, Loaded::empty(account), &events, 1);

@@ -47,10 +47,7 @@ fn append<'a>(id: &'a str, expected: u64, version: u64, events: &'a [NewEvent]) 
 }
 
 fn account() -> std::sync::Arc<dyn DynAggregate> {
-    jetsource_example::registry()
-        .get("account")
-        .unwrap()
-        .clone()
+    jetsource_bank::registry().get("account").unwrap().clone()
 }
 
 async fn balance(store: &EventStore, id: &str) -> (u64, u64, serde_json::Value) {

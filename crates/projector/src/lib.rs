@@ -10,12 +10,17 @@
 //! every copy (queue group `jetsource-projector`).
 
 pub mod dlq;
-pub mod example;
 pub mod keys;
 pub mod projection;
 mod query;
+pub mod read;
 pub mod redis_store;
 pub mod runner;
+
+pub use query::Router;
+/// The Redis client crate the projector is built with: queries read through
+/// its types ([`read::ReadView::connection`]).
+pub use redis;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -73,6 +78,7 @@ pub struct Shared {
     pub store: EventStore,
     pub redis: RedisStore,
     pub projections: Vec<Arc<dyn Projection>>,
+    pub(crate) router: Router,
     wake: Notify,
     /// Latest announced watermark per projection: wakes queries that wait.
     watermarks: HashMap<&'static str, watch::Sender<u64>>,
@@ -228,6 +234,7 @@ async fn start(
     config: &Config,
     projections: Vec<Arc<dyn Projection>>,
 ) -> Result<Started, RunError> {
+    let router = Router::new(&projections).map_err(RunError::Setup)?;
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
@@ -260,6 +267,7 @@ async fn start(
         events,
         store,
         redis,
+        router,
         projections,
         wake: Notify::new(),
         watermarks,

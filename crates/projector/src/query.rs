@@ -1,30 +1,25 @@
-//! Queries on the example read models, over NATS request-reply in the queue
-//! group `jetsource-projector`:
+//! The query service: requests on `query.>` (queue group
+//! `jetsource-projector`) routed to the projection that declares the query
+//! ([`crate::read`]), answered from its active generation.
 //!
-//! | subject | data |
-//! |---|---|
-//! | `query.account.<id>` | the account, with its recent transactions |
-//! | `query.accounts.top` | open accounts by balance, highest first (`limit`, default 10, at most 1000) |
-//! | `query.accounts.totals` | `open_accounts`, `balance_sum` |
-//! | `query.user.<id>` | the user |
-//!
-//! Body (optional): `{"min_sequence": N, "timeout_ms": T, "limit": L}`.
+//! Body (optional): `{"min_sequence": N, "timeout_ms": T, ...parameters}`.
 //! Reply: `{"ok": true, "sequence": W, "data": ...}` where every event up to
 //! stream sequence W is reflected; with `min_sequence`, W >= N or the reply
 //! is error `timeout`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jetsource_core::aggregate::is_valid_token;
 use jetsource_core::config::Config;
 use jetsource_core::micro::{self, Endpoint, MicroService};
 use jetsource_core::protocol::{ErrorBody, ErrorCode};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use crate::keys::{partition_of, KeySpace};
+use crate::projection::Projection;
+use crate::read::{QueryCall, QueryError, QuerySpec, ReadView};
 use crate::redis_store::Meta;
 use crate::{Shared, SERVICE_NAME};
 
@@ -32,12 +27,11 @@ use crate::{Shared, SERVICE_NAME};
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 const MAX_IN_FLIGHT: usize = 1024;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The framework's own body fields.
+#[derive(Debug, Default)]
 struct QueryRequest {
     min_sequence: Option<u64>,
     timeout_ms: Option<u64>,
-    limit: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,34 +41,109 @@ struct QueryReply {
     data: Value,
 }
 
-enum Route<'a> {
-    Account(&'a str),
-    Top,
-    Totals,
-    User(&'a str),
+/// Every declared query of an application, by subject.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<(QuerySpec, Arc<dyn Projection>)>,
 }
 
-fn route(subject: &str) -> Result<(&'static str, Route<'_>), ErrorBody> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let route = match tokens.as_slice() {
-        ["query", "account", id] => ("accounts", Route::Account(id)),
-        ["query", "accounts", "top"] => ("accounts", Route::Top),
-        ["query", "accounts", "totals"] => ("accounts", Route::Totals),
-        ["query", "user", id] => ("users", Route::User(id)),
-        _ => {
-            return Err(ErrorBody::invalid(format!(
-                "unknown query {subject:?}; known: query.account.<id>, query.accounts.top, query.accounts.totals, query.user.<id>"
-            )))
+/// A subject token pattern: a fixed token, or the key's place.
+fn pattern(spec: &QuerySpec) -> Vec<Option<&'static str>> {
+    spec.name
+        .split('.')
+        .map(Some)
+        .chain(spec.key.map(|_| None))
+        .collect()
+}
+
+impl Router {
+    /// Collects the projections' queries. Refuses malformed names and two
+    /// queries that one subject could reach.
+    pub fn new(projections: &[Arc<dyn Projection>]) -> Result<Self, String> {
+        let mut routes: Vec<(QuerySpec, Arc<dyn Projection>)> = Vec::new();
+        for projection in projections {
+            for spec in projection.queries() {
+                if !spec.name.split('.').all(is_valid_token) {
+                    return Err(format!(
+                        "query name {:?} of projection {}: use dot-separated tokens of A-Z a-z 0-9 _ -",
+                        spec.name,
+                        projection.name()
+                    ));
+                }
+                let mine = pattern(spec);
+                if let Some((other, owner)) = routes.iter().find(|(o, _)| {
+                    let theirs = pattern(o);
+                    theirs.len() == mine.len()
+                        && theirs
+                            .iter()
+                            .zip(&mine)
+                            .all(|(a, b)| a.is_none() || b.is_none() || a == b)
+                }) {
+                    return Err(format!(
+                        "queries {} (projection {}) and {} (projection {}) overlap: one subject would reach both",
+                        other.subject_pattern(),
+                        owner.name(),
+                        spec.subject_pattern(),
+                        projection.name()
+                    ));
+                }
+                routes.push((*spec, projection.clone()));
+            }
         }
-    };
-    if let Route::Account(id) | Route::User(id) = route.1 {
-        if !jetsource_core::aggregate::is_valid_token(id) {
+        Ok(Self { routes })
+    }
+
+    /// Every declared query with its projection.
+    pub fn queries(&self) -> impl Iterator<Item = (&QuerySpec, &Arc<dyn Projection>)> {
+        self.routes.iter().map(|(s, p)| (s, p))
+    }
+
+    /// The query a subject asks, with its key.
+    pub fn route<'s>(&self, subject: &'s str) -> Result<Route<'_, 's>, ErrorBody> {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let found = match tokens.split_first() {
+            Some((&"query", rest)) => self.routes.iter().find_map(|(spec, projection)| {
+                let want = pattern(spec);
+                let fits = want.len() == rest.len()
+                    && want
+                        .iter()
+                        .zip(rest)
+                        .all(|(w, t)| w.is_none_or(|w| w == *t));
+                fits.then(|| (spec, projection, spec.key.and(rest.last().copied())))
+            }),
+            _ => None,
+        };
+        let Some((spec, projection, key)) = found else {
+            let known: Vec<_> = self
+                .routes
+                .iter()
+                .map(|(s, _)| s.subject_pattern())
+                .collect();
             return Err(ErrorBody::invalid(format!(
-                "id {id:?} is invalid: use 1 to 64 characters of A-Z a-z 0-9 _ -"
+                "unknown query {subject:?}; known: {}",
+                known.join(", ")
+            )));
+        };
+        if let Some(key) = key.filter(|k| !is_valid_token(k)) {
+            return Err(ErrorBody::invalid(format!(
+                "{} {key:?} is invalid: use 1 to 64 characters of A-Z a-z 0-9 _ -",
+                spec.key.unwrap_or("key")
             )));
         }
+        Ok(Route {
+            spec,
+            projection,
+            key,
+        })
     }
-    Ok(route)
+}
+
+/// Where a subject leads.
+#[derive(Debug)]
+pub struct Route<'r, 's> {
+    pub spec: &'r QuerySpec,
+    pub projection: &'r Arc<dyn Projection>,
+    pub key: Option<&'s str>,
 }
 
 /// The reply to a failed Redis call. Every call is bounded in time (a
@@ -88,6 +157,14 @@ fn unavailable(e: redis::RedisError) -> ErrorBody {
             ErrorBody::new(ErrorCode::Internal, format!("Redis: {e}"))
         }
         _ => ErrorBody::new(ErrorCode::Unavailable, format!("Redis: {e}; retry")),
+    }
+}
+
+fn answer_error(e: QueryError) -> ErrorBody {
+    match e {
+        QueryError::NotFound(m) => ErrorBody::new(ErrorCode::NotFound, m),
+        QueryError::Invalid(m) => ErrorBody::invalid(m),
+        QueryError::Redis(e) => unavailable(e),
     }
 }
 
@@ -142,30 +219,65 @@ pub(crate) async fn serve(
     }))
 }
 
-async fn handle(shared: &Shared, subject: &str, payload: &[u8]) -> Result<QueryReply, ErrorBody> {
-    let (projection, route) = route(subject)?;
-    let request: QueryRequest = if payload.iter().all(u8::is_ascii_whitespace) {
-        QueryRequest::default()
-    } else {
-        serde_json::from_slice(payload)
-            .map_err(|e| ErrorBody::invalid(format!("query body is not valid: {e}")))?
+/// Splits a body into the framework's fields and the query's parameters.
+fn parse_body(
+    spec: &QuerySpec,
+    payload: &[u8],
+) -> Result<(QueryRequest, Map<String, Value>), ErrorBody> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        let params = spec.params_from(Map::new()).map_err(ErrorBody::invalid)?;
+        return Ok((QueryRequest::default(), params));
+    }
+    let invalid = |m: String| ErrorBody::invalid(format!("query body is not valid: {m}"));
+    let mut body: Map<String, Value> =
+        serde_json::from_slice(payload).map_err(|e| invalid(e.to_string()))?;
+    let mut number = |name: &str| -> Result<Option<u64>, ErrorBody> {
+        match body.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| invalid(format!("{name} must be a non-negative integer, not {v}"))),
+        }
     };
+    let request = QueryRequest {
+        min_sequence: number("min_sequence")?,
+        timeout_ms: number("timeout_ms")?,
+    };
+    let params = spec.params_from(body).map_err(invalid)?;
+    Ok((request, params))
+}
+
+async fn handle(shared: &Shared, subject: &str, payload: &[u8]) -> Result<QueryReply, ErrorBody> {
+    let Route {
+        spec,
+        projection,
+        key,
+    } = shared.router.route(subject)?;
+    let (request, params) = parse_body(spec, payload)?;
+    let call = QueryCall {
+        name: spec.name,
+        key: key.map(str::to_owned),
+        params,
+    };
+    let name = projection.name();
     // A rebuild may switch generations and delete the old keys while this
     // query reads them. Reading the metadata again afterwards tells: if the
     // generation is still active, the keys were intact when read.
     let mut attempts = 0;
     let (sequence, data) = loop {
         attempts += 1;
-        let (meta, sequence) = wait_for(shared, projection, &request).await?;
-        let data = match &route {
-            Route::Account(id) => account(shared, &meta, id).await,
-            Route::User(id) => user(shared, &meta, id).await,
-            Route::Top => top(shared, &meta, request.limit.unwrap_or(10).clamp(1, 1000)).await,
-            Route::Totals => totals(shared, &meta).await,
+        let (meta, sequence) = wait_for(shared, name, &request).await?;
+        let view = ReadView {
+            projection: name,
+            generation: meta.active,
+            partitions: meta.partitions,
+            connection: shared.redis.connection(),
         };
-        let still = shared.redis.meta(projection).await.map_err(unavailable)?;
+        let data = projection.answer(&call, &view).await;
+        let still = shared.redis.meta(name).await.map_err(unavailable)?;
         if still.is_some_and(|m| m.active == meta.active) || attempts >= 5 {
-            break (sequence, data?);
+            break (sequence, data.map_err(answer_error)?);
         }
     };
     Ok(QueryReply { sequence, data })
@@ -232,118 +344,4 @@ async fn wait_for(
             return Err(timed_out);
         }
     }
-}
-
-fn not_found(what: &str, id: &str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::NotFound, format!("{what} {id} not found"))
-}
-
-fn number(fields: &HashMap<String, String>, name: &str) -> Value {
-    fields
-        .get(name)
-        .and_then(|v| v.parse::<i64>().ok())
-        .map_or(Value::Null, Value::from)
-}
-
-async fn account(shared: &Shared, meta: &Meta, id: &str) -> Result<Value, ErrorBody> {
-    let keys = KeySpace::new(
-        "accounts",
-        meta.active,
-        partition_of("account", id, meta.partitions),
-    );
-    let mut con = shared.redis.connection();
-    let (fields, transactions): (HashMap<String, String>, Vec<String>) = redis::pipe()
-        .atomic()
-        .cmd("HGETALL")
-        .arg(keys.key(&format!("account:{id}")))
-        .cmd("LRANGE")
-        .arg(keys.key(&format!("account:{id}:transactions")))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut con)
-        .await
-        .map_err(unavailable)?;
-    if fields.is_empty() {
-        return Err(not_found("account", id));
-    }
-    let transactions: Vec<Value> = transactions
-        .iter()
-        .filter_map(|t| serde_json::from_str(t).ok())
-        .collect();
-    Ok(json!({
-        "id": id,
-        "owner": fields.get("owner"),
-        "status": fields.get("status"),
-        "balance": number(&fields, "balance"),
-        "version": number(&fields, "version"),
-        "sequence": number(&fields, "sequence"),
-        "updated_at": fields.get("updated_at"),
-        "recent_transactions": transactions,
-    }))
-}
-
-async fn user(shared: &Shared, meta: &Meta, id: &str) -> Result<Value, ErrorBody> {
-    let keys = KeySpace::new(
-        "users",
-        meta.active,
-        partition_of("user", id, meta.partitions),
-    );
-    let mut con = shared.redis.connection();
-    let fields: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(keys.key(&format!("user:{id}")))
-        .query_async(&mut con)
-        .await
-        .map_err(unavailable)?;
-    if fields.is_empty() {
-        return Err(not_found("user", id));
-    }
-    Ok(json!({
-        "id": id,
-        "name": fields.get("name"),
-        "version": number(&fields, "version"),
-        "sequence": number(&fields, "sequence"),
-        "updated_at": fields.get("updated_at"),
-    }))
-}
-
-/// Merges each partition's top `limit` into the overall top `limit`.
-async fn top(shared: &Shared, meta: &Meta, limit: usize) -> Result<Value, ErrorBody> {
-    let mut pipe = redis::pipe();
-    for partition in 0..meta.partitions {
-        let keys = KeySpace::new("accounts", meta.active, partition);
-        pipe.cmd("ZREVRANGE")
-            .arg(keys.key("accounts:by_balance"))
-            .arg(0)
-            .arg(limit - 1)
-            .arg("WITHSCORES");
-    }
-    let mut con = shared.redis.connection();
-    let pages: Vec<Vec<(String, i64)>> = pipe.query_async(&mut con).await.map_err(unavailable)?;
-    let mut all: Vec<(String, i64)> = pages.into_iter().flatten().collect();
-    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    all.truncate(limit);
-    Ok(Value::from(
-        all.into_iter()
-            .map(|(id, balance)| json!({"id": id, "balance": balance}))
-            .collect::<Vec<_>>(),
-    ))
-}
-
-/// Sums the per-partition totals.
-async fn totals(shared: &Shared, meta: &Meta) -> Result<Value, ErrorBody> {
-    let mut pipe = redis::pipe();
-    for partition in 0..meta.partitions {
-        let keys = KeySpace::new("accounts", meta.active, partition);
-        pipe.cmd("HMGET")
-            .arg(keys.key("totals"))
-            .arg("open_accounts")
-            .arg("balance_sum");
-    }
-    let mut con = shared.redis.connection();
-    let rows: Vec<(Option<i64>, Option<i64>)> =
-        pipe.query_async(&mut con).await.map_err(unavailable)?;
-    let (open, sum) = rows.iter().fold((0i64, 0i64), |(o, s), (a, b)| {
-        (o + a.unwrap_or(0), s + b.unwrap_or(0))
-    });
-    Ok(json!({"open_accounts": open, "balance_sum": sum}))
 }

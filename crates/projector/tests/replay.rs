@@ -73,7 +73,12 @@ async fn total(redis: &RedisStore, id: &str) -> i64 {
 async fn a_dead_letter_replays_once_the_projection_is_fixed() {
     let mut env = Env::start().await;
     let fixed = Arc::new(AtomicBool::new(false));
-    let mut projections = jetsource_projector::example::projections(5);
+    let mut projections: Vec<Arc<dyn Projection>> = vec![
+        Arc::new(jetsource_bank::read_models::Accounts {
+            recent_transactions: 5,
+        }),
+        Arc::new(jetsource_bank::read_models::Users),
+    ];
     projections.push(Arc::new(Picky {
         fixed: fixed.clone(),
     }));

@@ -52,7 +52,7 @@ impl Env {
         let mut rx = env.stop.subscribe();
         let c = config(&env.server);
         env.tasks.push(tokio::spawn(async move {
-            jetsource_command::run(c, jetsource_example::registry(), async move {
+            jetsource_command::run(c, jetsource_bank::registry(), async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -61,7 +61,7 @@ impl Env {
         let mut rx = env.stop.subscribe();
         let c = config(&env.server);
         env.tasks.push(tokio::spawn(async move {
-            jetsource_snapshotter::run(c, jetsource_example::registry(), async move {
+            jetsource_snapshotter::run(c, jetsource_bank::registry(), async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -144,7 +144,7 @@ async fn snapshot_plus_tail_equals_full_replay_at_every_version() {
         "every 10 events: the last one is at 90"
     );
     let (store, snapshots) = env.stores().await;
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let account = registry.get("account").unwrap().as_ref();
 
     let mut events = Vec::new();
@@ -221,7 +221,7 @@ async fn damaged_snapshots_are_ignored_then_replaced() {
     }
     let good = env.wait_for_snapshot("s2", 10).await;
     let (store, snapshots) = env.stores().await;
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let account = registry.get("account").unwrap().as_ref();
     let full = Loaded::load(&store, account, "s2", Until::End)
         .await
@@ -279,7 +279,7 @@ async fn rebuild_writes_a_snapshot_of_every_aggregate() {
         .await;
     }
     let (store, snapshots) = env.stores().await;
-    let registry = jetsource_example::registry();
+    let registry = jetsource_bank::registry();
     let mut calls = Vec::new();
     let written = jetsource_snapshotter::rebuild(
         &store,

@@ -55,7 +55,7 @@ impl Fleet {
         let mut stop = self.stop.subscribe();
         self.workers.push(tokio::spawn(jetsource_command::run(
             config,
-            jetsource_example::registry(),
+            jetsource_bank::registry(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

@@ -60,7 +60,7 @@ impl Env {
         let (stop, mut rx) = watch::channel(false);
         let config = self.config();
         let task = tokio::spawn(async move {
-            jetsource_command::run(config, jetsource_example::registry(), async move {
+            jetsource_command::run(config, jetsource_bank::registry(), async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -72,8 +72,7 @@ impl Env {
 
     pub async fn add_projector(&mut self) {
         let config = self.config();
-        let projections =
-            jetsource_projector::example::projections(config.projector.recent_transactions);
+        let projections = jetsource_bank::projections(&config);
         self.add_projector_with(projections).await;
     }
 
@@ -146,7 +145,7 @@ impl Env {
 
     /// The state of an aggregate folded from the event stream.
     pub async fn fold(&self, aggregate_type: &str, id: &str) -> (u64, Value) {
-        let registry = jetsource_example::registry();
+        let registry = jetsource_bank::registry();
         let aggregate = registry.get(aggregate_type).unwrap();
         let loaded = Loaded::load(&self.store().await, aggregate.as_ref(), id, Until::End)
             .await

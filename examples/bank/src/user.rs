@@ -1,7 +1,7 @@
 //! A user with a display name. A deleted user does not exist any more:
 //! renaming or deleting it is rejected, and its id may be created afresh.
 
-use jetsource_aggregate::{Aggregate, DomainError};
+use jetsource::domain::{Aggregate, DomainError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
@@ -114,7 +114,7 @@ mod tests {
     use super::UserCommand as C;
     use super::UserEvent::*;
     use super::*;
-    use jetsource_aggregate::testing::given;
+    use jetsource::domain::testing::given;
 
     fn created() -> UserEvent {
         UserCreated { name: "Ada".into() }

@@ -1,7 +1,7 @@
 //! A bank account. Amounts are positive integers in minor units (cents);
 //! the balance never goes negative and never overflows.
 
-use jetsource_aggregate::{Aggregate, DomainError};
+use jetsource::domain::{Aggregate, DomainError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
@@ -174,7 +174,7 @@ mod tests {
     use super::AccountCommand as C;
     use super::AccountEvent::*;
     use super::*;
-    use jetsource_aggregate::testing::given;
+    use jetsource::domain::testing::given;
 
     fn opened() -> AccountEvent {
         AccountOpened {
@@ -305,7 +305,7 @@ mod tests {
         let registry = crate::registry();
         let account = registry.get("account").expect("registered");
         let state = account.initial();
-        let decide = |state: &jetsource_aggregate::State, t: &str, data: serde_json::Value| {
+        let decide = |state: &jetsource::domain::State, t: &str, data: serde_json::Value| {
             account
                 .parse(t, data)
                 .and_then(|c| account.decide(state, &c))
@@ -351,7 +351,11 @@ mod tests {
                 &mut decision
                     .events
                     .iter()
-                    .map(|e| (e.event_type.as_str(), e.data.as_slice())),
+                    .map(|e| jetsource::domain::StoredEvent {
+                        event_type: &e.event_type,
+                        schema_version: 1,
+                        data: &e.data,
+                    }),
             )
             .expect("fold");
         assert_eq!(

@@ -1,4 +1,6 @@
-//! `jetsource`: the operator's and developer's view of the event store.
+//! The CLI of a jetsource application: the operator's and developer's view
+//! of the event store. An application's CLI binary calls [`main`] with its
+//! aggregates and projections.
 
 mod ops;
 mod table;
@@ -8,12 +10,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
 use jetsource_core::envelope::RecordedEvent;
 use jetsource_core::loader::{Loaded, Until};
 use jetsource_core::protocol::{command_subject, decode_reply, CommandOutcome, CommandRequest};
 use jetsource_core::store::EventStore;
+use jetsource_projector::projection::Projection;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -140,13 +146,38 @@ enum DlqCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
+/// What the CLI knows of the application it belongs to.
+pub(crate) struct Domain {
+    pub registry: Registry,
+    pub projections: Vec<Arc<dyn Projection>>,
+}
+
+/// Runs the CLI of the application `name` (used in help), with its
+/// aggregates and the projections it keeps for a configuration.
+pub fn main(
+    name: &str,
+    registry: Registry,
+    projections: impl FnOnce(&Config) -> Vec<Arc<dyn Projection>>,
+) -> ExitCode {
+    let matches = Cli::command().name(name.to_owned()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, registry, projections)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", jetsource_core::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -156,8 +187,16 @@ pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(
+    cli: Cli,
+    registry: Registry,
+    projections: impl FnOnce(&Config) -> Vec<Arc<dyn Projection>>,
+) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    let domain = Domain {
+        projections: projections(&config),
+        registry,
+    };
     if let Some(url) = cli.url {
         config.nats.url = url;
     }
@@ -254,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             at_seq,
             at_time,
         } => {
-            let registry = jetsource_example::registry();
+            let registry = &domain.registry;
             let aggregate = registry.get(&aggregate_type).ok_or_else(|| {
                 anyhow!(
                     "unknown aggregate type {aggregate_type:?}; known types: {}",
@@ -330,22 +369,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => ops::query(&client, cli.json, &what, id.as_deref(), min_sequence, limit).await?,
         Command::Projection {
             command: ProjectionCommand::Status,
-        } => ops::projection_status(&client, &config, cli.json).await?,
+        } => ops::projection_status(&client, &config, &domain, cli.json).await?,
         Command::Projection {
             command: ProjectionCommand::Rebuild { name },
-        } => ops::projection_rebuild(&client, &config, &name, cli.json).await?,
+        } => ops::projection_rebuild(&client, &config, &domain, &name, cli.json).await?,
         Command::Dlq {
             command: DlqCommand::List,
         } => ops::dlq_list(&client, &config, cli.json).await?,
         Command::Dlq {
             command: DlqCommand::Replay { seq },
-        } => ops::dlq_replay(&client, &config, seq, cli.json).await?,
+        } => ops::dlq_replay(&client, &config, &domain, seq, cli.json).await?,
         Command::Snapshot {
             command: SnapshotCommand::Status,
-        } => ops::snapshot_status(&client, &config, cli.json).await?,
+        } => ops::snapshot_status(&client, &config, &domain, cli.json).await?,
         Command::Snapshot {
             command: SnapshotCommand::Rebuild { aggregate_type },
-        } => ops::snapshot_rebuild(&client, &config, aggregate_type.as_deref(), cli.json).await?,
+        } => {
+            ops::snapshot_rebuild(
+                &client,
+                &config,
+                &domain,
+                aggregate_type.as_deref(),
+                cli.json,
+            )
+            .await?
+        }
         Command::Stream => {
             let store = EventStore::open(client, &config.nats, &config.store).await?;
             let info = store.info().await?;
