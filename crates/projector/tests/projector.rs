@@ -273,3 +273,84 @@ async fn a_read_model_waits_only_for_its_own_types() {
     }
     assert!(names.iter().any(|n| n.starts_with("users-g")), "{names:?}");
 }
+
+/// The bank's query subjects and bodies, as clients used them before
+/// queries were declared by projections: same data, same error codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bank_queries_answer_as_before() {
+    let mut env = Env::start().await;
+    env.add_projector().await;
+    let mut last = 0;
+    for (id, amount) in [("q1", 50u64), ("q2", 70)] {
+        env.send(
+            "account",
+            id,
+            json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+        )
+        .await
+        .unwrap();
+        last = env
+            .send(
+                "account",
+                id,
+                json!({"type": "Deposit", "data": {"amount": amount}}),
+            )
+            .await
+            .unwrap()
+            .sequence;
+    }
+    let wait = json!({"min_sequence": last});
+    let account = env.query("query.account.q1", wait.clone()).await.unwrap();
+    assert_eq!(account["data"]["balance"], 50);
+    assert_eq!(account["data"]["id"], "q1");
+    let top = env
+        .query(
+            "query.accounts.top",
+            json!({"min_sequence": last, "limit": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(top["data"], json!([{"id": "q2", "balance": 70}]));
+    // `limit` was accepted (and ignored) by every query; it still is.
+    let totals = env
+        .query("query.accounts.totals", json!({"limit": 3}))
+        .await
+        .unwrap();
+    assert_eq!(
+        totals["data"],
+        json!({"open_accounts": 2, "balance_sum": 120})
+    );
+    let code = |r: Result<serde_json::Value, jetsource_core::protocol::ErrorBody>| {
+        r.expect_err("an error reply").code
+    };
+    use jetsource_core::protocol::ErrorCode;
+    assert_eq!(
+        code(env.query("query.account.nobody", json!({})).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(env.query("query.user.nobody", json!({})).await),
+        ErrorCode::NotFound
+    );
+    for (subject, body) in [
+        ("query.accounts.top", json!({"limit": -1})),
+        ("query.accounts.top", json!({"limit": "ten"})),
+        ("query.account.q1", json!({"offset": 1})),
+        ("query.account.q1", json!([1])),
+        ("query.accounts.everything", json!({})),
+        ("query.account", json!({})),
+    ] {
+        let reply = env.query(subject, body.clone()).await;
+        assert_eq!(code(reply), ErrorCode::Invalid, "{subject} {body}");
+    }
+    let unknown = env
+        .query("query.nothing.here", json!({}))
+        .await
+        .expect_err("unknown query");
+    assert!(
+        unknown.message.contains("query.account.<id>")
+            && unknown.message.contains("query.accounts.top"),
+        "lists the known queries: {}",
+        unknown.message
+    );
+}

@@ -149,8 +149,13 @@ impl Projection for Accounts {
             match call.name {
                 "account" => account(view, call.key()).await,
                 "accounts.top" => {
-                    let limit = call.integer("limit").unwrap_or(10).clamp(1, 1000);
-                    top(view, limit as usize).await
+                    let limit = call.integer("limit").unwrap_or(10);
+                    if limit < 0 {
+                        return Err(QueryError::Invalid(format!(
+                            "limit must be a non-negative integer, not {limit}"
+                        )));
+                    }
+                    top(view, limit.clamp(1, 1000) as usize).await
                 }
                 _ => totals(view).await,
             }
@@ -158,11 +163,20 @@ impl Projection for Accounts {
     }
 }
 
+/// Before queries were declared, every bank query accepted `limit` (and
+/// only `accounts.top` used it): clients that send it everywhere keep
+/// working.
+const IGNORED_LIMIT: &[Param] = &[Param {
+    name: "limit",
+    kind: ParamKind::Integer { default: None },
+    about: "accepted for compatibility, ignored",
+}];
+
 const ACCOUNT_QUERIES: &[QuerySpec] = &[
     QuerySpec {
         name: "account",
         key: Some("id"),
-        params: &[],
+        params: IGNORED_LIMIT,
         about: "an account with its recent transactions",
     },
     QuerySpec {
@@ -178,7 +192,7 @@ const ACCOUNT_QUERIES: &[QuerySpec] = &[
     QuerySpec {
         name: "accounts.totals",
         key: None,
-        params: &[],
+        params: IGNORED_LIMIT,
         about: "number of open accounts and the sum of their balances",
     },
 ];
@@ -303,7 +317,7 @@ impl Projection for Users {
         &[QuerySpec {
             name: "user",
             key: Some("id"),
-            params: &[],
+            params: IGNORED_LIMIT,
             about: "a user",
         }]
     }
