@@ -102,3 +102,25 @@ where
         }
     }
 }
+
+/// Reads an event stored under an older schema version the way every
+/// jetsource reader does: through `A::UPCASTERS`, then decoded as
+/// `A::Event`. For testing upcasters:
+/// `assert_eq!(read_stored::<Ticket>("TicketOpened", 1, json!({..})), Ok(..))`.
+pub fn read_stored<A: Aggregate>(
+    event_type: &str,
+    stored_version: u32,
+    data: serde_json::Value,
+) -> Result<A::Event, String> {
+    let data = serde_json::to_vec(&data).map_err(|e| e.to_string())?;
+    let data = crate::upcast::upcast(
+        A::UPCASTERS,
+        A::EVENT_SCHEMA_VERSION,
+        event_type,
+        stored_version,
+        &data,
+    )?;
+    let data: serde_json::Value = serde_json::from_slice(&data).map_err(|e| e.to_string())?;
+    serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
+        .map_err(|e| format!("cannot decode {event_type}: {e}"))
+}
