@@ -95,6 +95,7 @@ fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
             .iter()
             .map(|e| reply_event(&e.event_type, &e.data))
             .collect(),
+        duplicate: false,
     }
 }
 
@@ -168,7 +169,7 @@ impl Worker {
         match &reply {
             Ok(outcome) => {
                 span.record("sequence", outcome.sequence);
-                tracing::debug!(parent: &span, version = outcome.version, events = outcome.events.len(), "accepted");
+                tracing::debug!(parent: &span, version = outcome.version, events = outcome.events.len(), duplicate = outcome.duplicate, "accepted");
             }
             Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Internal) => {
                 tracing::warn!(parent: &span, code = %e.code, error = %e.message, "failed");
@@ -242,7 +243,9 @@ impl Worker {
         Ok(true)
     }
 
-    /// The reply a command already stored got the first time.
+    /// The reply a command already stored got the first time, marked
+    /// `duplicate`. Every answer from history (the aggregate's recent
+    /// command ids, a JetStream duplicate ack, error 10201) comes from here.
     async fn recorded_outcome(
         &self,
         aggregate: &dyn DynAggregate,
@@ -269,7 +272,10 @@ impl Worker {
                     )
                 })?,
         };
-        Ok(outcome_from_events(&events))
+        Ok(CommandOutcome {
+            duplicate: true,
+            ..outcome_from_events(&events)
+        })
     }
 
     async fn decide_and_append(
@@ -356,6 +362,7 @@ impl Worker {
                     version: loaded.version,
                     sequence: loaded.last_sequence,
                     events: vec![],
+                    duplicate: false,
                 });
             }
 
@@ -403,6 +410,7 @@ impl Worker {
                         version,
                         sequence: appended.last_sequence,
                         events,
+                        duplicate: false,
                     });
                 }
                 Err(e) if e.kind() == StoreErrorKind::WrongLastSequence => {

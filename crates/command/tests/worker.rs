@@ -6,8 +6,17 @@
 mod common;
 
 use common::Fleet;
-use jetsource_core::protocol::ErrorCode;
-use serde_json::json;
+use jetsource_core::protocol::{CommandOutcome, ErrorCode};
+use serde_json::{json, Value};
+
+/// What a resend of the command that got `first` is answered.
+fn resent(first: &CommandOutcome) -> CommandOutcome {
+    assert!(!first.duplicate, "the first outcome is not a duplicate");
+    CommandOutcome {
+        duplicate: true,
+        ..first.clone()
+    }
+}
 
 #[tokio::test]
 async fn commands_end_to_end() {
@@ -145,7 +154,7 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
     let withdraw = json!({"type": "Withdraw", "data": {"amount": 30}, "command_id": "w-1"});
     let first = fleet.send("account", "a1", withdraw.clone()).await.unwrap();
     let again = fleet.send("account", "a1", withdraw.clone()).await.unwrap();
-    assert_eq!(first, again);
+    assert_eq!(again, resent(&first));
     assert_eq!(fleet.stream_messages().await, 3);
 
     // A multi-event command resent.
@@ -153,7 +162,7 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
     let first_open = fleet.send("account", "a2", open.clone()).await.unwrap();
     assert_eq!(
         fleet.send("account", "a2", open.clone()).await.unwrap(),
-        first_open
+        resent(&first_open)
     );
     assert_eq!(fleet.stream_messages().await, 5);
 
@@ -172,14 +181,142 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
         // Queue groups spread these over both copies.
         assert_eq!(
             fleet.send("account", "a1", withdraw.clone()).await.unwrap(),
-            first
+            resent(&first)
         );
         assert_eq!(
             fleet.send("account", "a2", open.clone()).await.unwrap(),
-            first_open
+            resent(&first_open)
         );
     }
     assert_eq!(fleet.stream_messages().await, 6);
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resend_answered_from_history_says_duplicate() {
+    let fleet = Fleet::start(1).await;
+    fleet
+        .send(
+            "account",
+            "a1",
+            json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        )
+        .await
+        .unwrap();
+    let deposit =
+        json!({"type": "Deposit", "data": {"amount": 5}, "command_id": "dep-x"}).to_string();
+    let first = fleet.raw("cmd.account.a1", deposit.clone()).await;
+    assert_eq!(first["ok"], true, "{first}");
+    assert!(
+        first.get("duplicate").is_none(),
+        "a fresh append carries no duplicate field: {first}"
+    );
+    let again = fleet.raw("cmd.account.a1", deposit).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    // Otherwise the very same reply.
+    let mut without = again.clone();
+    without.as_object_mut().unwrap().remove("duplicate");
+    assert_eq!(without, first);
+    assert_eq!(
+        fleet.stream_messages().await,
+        2,
+        "the deposit is stored once"
+    );
+    fleet.shutdown().await;
+}
+
+/// Past the aggregate's recent command ids (64), a resend is decided again
+/// and JetStream's `Nats-Msg-Id` deduplication drops its append: that answer
+/// comes from history too.
+#[tokio::test]
+async fn a_resend_deduplicated_by_jetstream_says_duplicate() {
+    let fleet = Fleet::start(1).await;
+    fleet
+        .send(
+            "account",
+            "a1",
+            json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        )
+        .await
+        .unwrap();
+    let deposit = json!({"type": "Deposit", "data": {"amount": 5}, "command_id": "old"});
+    let first = fleet.send("account", "a1", deposit.clone()).await.unwrap();
+    let later = jetsource_core::loader::RECENT_COMMANDS as u64 + 1;
+    for k in 0..later {
+        fleet
+            .send(
+                "account",
+                "a1",
+                json!({"type": "Deposit", "data": {"amount": 1}, "command_id": format!("d{k}")}),
+            )
+            .await
+            .unwrap();
+    }
+    let stored = fleet.stream_messages().await;
+    assert_eq!(stored, 2 + later);
+    let again = fleet.send("account", "a1", deposit).await.unwrap();
+    assert_eq!(again, resent(&first));
+    assert_eq!(fleet.stream_messages().await, stored, "nothing appended");
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn service_stats_count_refusals_apart_from_errors() {
+    let fleet = Fleet::start(1).await;
+    let ok = [
+        json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        json!({"type": "Deposit", "data": {"amount": 10}}),
+        json!({"type": "Withdraw", "data": {"amount": 4}}),
+    ];
+    for body in &ok {
+        fleet.send("account", "a1", body.clone()).await.unwrap();
+    }
+    // Refusals of every kind: the domain's, the client's, a version mismatch.
+    let refused = [
+        (
+            json!({"type": "Withdraw", "data": {"amount": 500}}),
+            ErrorCode::Rejected,
+        ),
+        (json!({"type": "CloseAccount"}), ErrorCode::Rejected),
+        (
+            json!({"type": "Deposit", "data": {"amount": 0}}),
+            ErrorCode::Invalid,
+        ),
+        (json!({"type": "Teleport"}), ErrorCode::Invalid),
+        (
+            json!({"type": "Deposit", "data": {"amount": 1}, "expected_version": 1}),
+            ErrorCode::Conflict,
+        ),
+    ];
+    for (body, code) in &refused {
+        let err = fleet.send("account", "a1", body.clone()).await.unwrap_err();
+        assert_eq!(err.code, *code, "{body}");
+    }
+
+    // Counted before the reply is sent: no waiting needed.
+    let stats = fleet.raw("$SRV.STATS.jetsource-command", "").await;
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    let endpoint = &stats["endpoints"][0];
+    assert_eq!(endpoint["name"], "commands");
+    assert_eq!(
+        endpoint["num_requests"],
+        (ok.len() + refused.len()) as u64,
+        "{stats}"
+    );
+    assert_eq!(endpoint["num_errors"], 0, "refusals are no errors: {stats}");
+    assert_eq!(endpoint["last_error"], "", "{stats}");
+    assert_eq!(
+        endpoint["data"]["num_rejections"],
+        refused.len() as u64,
+        "{stats}"
+    );
+    let last = endpoint["data"]["last_rejection"].as_str().unwrap();
+    assert!(last.starts_with("conflict: expected version 1"), "{last}");
+    // Still the micro stats shape other tools read.
+    for field in ["processing_time", "average_processing_time", "subject"] {
+        assert!(endpoint.get(field).is_some(), "{field} missing: {stats}");
+    }
+    assert!(matches!(endpoint["data"], Value::Object(_)));
     fleet.shutdown().await;
 }
 

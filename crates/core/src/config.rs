@@ -1,7 +1,10 @@
-//! Configuration, layered: built-in defaults < file (`--config` or
-//! `JETSOURCE_CONFIG`) < environment (`JETSOURCE__NATS__URL` style: prefix
-//! `JETSOURCE`, `__` between levels). `jetsource.example.toml` at the
-//! repository root documents every key.
+//! Configuration, layered, later layers winning: built-in defaults < file
+//! (`--config` or `JETSOURCE_CONFIG`) < `NATS_URL` (the variable NATS tools
+//! share; sets `nats.url` only) < `JETSOURCE__...` variables
+//! (`JETSOURCE__NATS__URL` style: prefix `JETSOURCE`, `__` between levels).
+//! Every binary loads through [`Config::load`], so the rule is the same for
+//! all of them. `jetsource.example.toml` at the repository root documents
+//! every key.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -277,25 +280,139 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The environment variable NATS tools (the `nats` CLI, client libraries)
+/// read the server URL from. It sets `nats.url`, above the file and below
+/// [`JETSOURCE_NATS_URL_VAR`].
+pub const NATS_URL_VAR: &str = "NATS_URL";
+
+/// jetsource's own variable for `nats.url`: the explicit one, it wins over
+/// [`NATS_URL_VAR`].
+pub const JETSOURCE_NATS_URL_VAR: &str = "JETSOURCE__NATS__URL";
+
+/// Prefix of the variables that set any key (`JETSOURCE__<SECTION>__<KEY>`).
+const ENV_PREFIX: &str = "JETSOURCE";
+const ENV_SEPARATOR: &str = "__";
+
+/// `NATS_URL` as a configuration layer of its own (only `nats.url`), placed
+/// between the file and the `JETSOURCE__` variables.
+#[derive(Debug, Clone)]
+struct NatsUrlVar(String);
+
+impl config::Source for NatsUrlVar {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        let origin = format!("environment variable {NATS_URL_VAR}");
+        let mut map = config::Map::new();
+        map.insert(
+            "nats.url".to_owned(),
+            config::Value::new(Some(&origin), self.0.clone()),
+        );
+        Ok(map)
+    }
+}
+
+/// Checks a `nats.url` value: one or more comma-separated servers, each
+/// `nats://`, `tls://`, `ws://` or `wss://` URL with a host, or a bare
+/// `host:port`. A bare word (`garbage`, `localhost`) is refused: the client
+/// would read it as a host name and only fail, later, to reach it.
+pub fn check_nats_url(url: &str) -> Result<(), String> {
+    let expected = "expected nats://host:port, tls://host:port or host:port \
+                    (ws:// and wss:// too), several comma-separated";
+    if url.trim().is_empty() {
+        return Err(format!("it is empty; {expected}"));
+    }
+    for server in url.split(',').map(str::trim) {
+        if server.is_empty() {
+            return Err(format!("{url:?} has an empty entry; {expected}"));
+        }
+        if !server.contains("://") {
+            let port_given = server
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_given {
+                return Err(format!("{server:?} is not a NATS server URL; {expected}"));
+            }
+        }
+        let address: async_nats::ServerAddr = server
+            .parse()
+            .map_err(|e| format!("{server:?} is not a NATS server URL ({e}); {expected}"))?;
+        if address.host().is_empty() {
+            return Err(format!("{server:?} has no host; {expected}"));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
-    /// Loads defaults, then `file` (or `$JETSOURCE_CONFIG`), then the
-    /// environment.
+    /// Loads, each layer overriding the ones before it: the built-in
+    /// defaults, then `file` (or `$JETSOURCE_CONFIG`), then `$NATS_URL`
+    /// (for `nats.url`), then the `JETSOURCE__...` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env_file = std::env::var_os("JETSOURCE_CONFIG").map(PathBuf::from);
-        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut env = config::Map::new();
+        for (key, value) in std::env::vars_os() {
+            // Skipped like the config crate skips them: a key that is not
+            // Unicode cannot name one of ours.
+            let Ok(key) = key.into_string() else { continue };
+            match value.into_string() {
+                Ok(value) => {
+                    env.insert(key, value);
+                }
+                Err(_) if is_ours(&key) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "environment variable {key} is not valid UTF-8"
+                    )))
+                }
+                Err(_) => {}
+            }
+        }
+        Self::load_with_env(file, env)
+    }
+
+    /// [`Config::load`] with `env` standing in for the process environment.
+    fn load_with_env(
+        file: Option<&Path>,
+        env: config::Map<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("JETSOURCE_CONFIG").map(PathBuf::from));
+        // An empty NATS_URL is unset, as for the NATS tools.
+        let nats_url = env.get(NATS_URL_VAR).filter(|url| !url.is_empty()).cloned();
+        // The config crate matches the prefix in any case; so does this, to
+        // name the variable as the user spelled it.
+        let jetsource_url_var = env
+            .keys()
+            .find(|k| k.eq_ignore_ascii_case(JETSOURCE_NATS_URL_VAR))
+            .cloned();
         let mut builder = config::Config::builder();
         if let Some(file) = &file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
         }
+        if let Some(url) = &nats_url {
+            builder = builder.add_source(NatsUrlVar(url.clone()));
+        }
         let layered = builder
             .add_source(
-                config::Environment::with_prefix("JETSOURCE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator(ENV_SEPARATOR)
+                    .separator(ENV_SEPARATOR)
+                    .try_parsing(true)
+                    .source(Some(env)),
             )
             .build()?;
         let config: Config = layered.try_deserialize()?;
+        if let Err(why) = check_nats_url(&config.nats.url) {
+            let origin = match (&jetsource_url_var, &nats_url, &file) {
+                (Some(var), _, _) => format!("environment variable {var}"),
+                (None, Some(_), _) => format!("environment variable {NATS_URL_VAR}"),
+                (None, None, Some(file)) => format!("nats.url in {}", file.display()),
+                (None, None, None) => "nats.url".to_owned(),
+            };
+            return Err(ConfigError::Invalid(format!("{origin}: {why}")));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -353,23 +470,42 @@ impl Config {
     }
 }
 
+/// Whether an environment variable is one [`Config::load`] reads.
+fn is_ours(key: &str) -> bool {
+    key == NATS_URL_VAR
+        || key == "JETSOURCE_CONFIG"
+        || key
+            .to_ascii_uppercase()
+            .starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_file_then_environment() {
+    /// An environment of exactly these variables (tests never read or
+    /// change the process's).
+    fn env(vars: &[(&str, &str)]) -> config::Map<String, String> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn file_with(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j.toml");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_file_then_environment() {
+        let (_dir, path) = file_with(
             "[nats]\nurl = \"nats://file:1\"\n[store]\nreplicas = 3\n[command]\nmax_retries = 2\n",
-        )
-        .expect("write");
-        // Only this test touches these variables.
-        std::env::set_var("JETSOURCE__STORE__REPLICAS", "5");
-        let config = Config::load(Some(&path)).expect("load");
-        std::env::remove_var("JETSOURCE__STORE__REPLICAS");
+        );
+        let config =
+            Config::load_with_env(Some(&path), env(&[("JETSOURCE__STORE__REPLICAS", "5")]))
+                .expect("load");
         assert_eq!(config.nats.url, "nats://file:1", "file beats default");
         assert_eq!(config.store.replicas, 5, "environment beats file");
         assert_eq!(config.command.max_retries, 2);
@@ -377,21 +513,151 @@ mod tests {
     }
 
     #[test]
+    fn the_file_can_come_from_jetsource_config() {
+        let (_dir, path) = file_with("[command]\nmax_retries = 2\n");
+        let path = path.to_str().expect("utf-8 path");
+        let config = Config::load_with_env(None, env(&[("JETSOURCE_CONFIG", path)])).expect("load");
+        assert_eq!(config.command.max_retries, 2);
+    }
+
+    #[test]
+    fn nats_url_sits_between_the_file_and_jetsource_variables() {
+        let (_dir, path) = file_with("[nats]\nurl = \"nats://file:1\"\n");
+        let no_file = None;
+        let load = |file: Option<&Path>, vars: &[(&str, &str)]| {
+            Config::load_with_env(file, env(vars))
+                .expect("load")
+                .nats
+                .url
+        };
+        assert_eq!(load(no_file, &[]), NatsConfig::default().url);
+        assert_eq!(
+            load(no_file, &[("NATS_URL", "nats://plain:2")]),
+            "nats://plain:2",
+            "NATS_URL beats the default"
+        );
+        assert_eq!(load(Some(&path), &[]), "nats://file:1");
+        assert_eq!(
+            load(Some(&path), &[("NATS_URL", "nats://plain:2")]),
+            "nats://plain:2",
+            "NATS_URL beats the file"
+        );
+        assert_eq!(
+            load(
+                Some(&path),
+                &[
+                    ("NATS_URL", "nats://plain:2"),
+                    ("JETSOURCE__NATS__URL", "nats://ours:3")
+                ]
+            ),
+            "nats://ours:3",
+            "JETSOURCE__NATS__URL beats NATS_URL"
+        );
+        assert_eq!(
+            load(Some(&path), &[("NATS_URL", "")]),
+            "nats://file:1",
+            "an empty NATS_URL is unset"
+        );
+        assert_eq!(
+            load(
+                no_file,
+                &[("NATS_URL", "nats://a:4222, nats://b:4222,tls://c:4443")]
+            ),
+            "nats://a:4222, nats://b:4222,tls://c:4443",
+            "a cluster list is one value"
+        );
+        // NATS_URL sets nats.url only; other NATS_ variables are not ours.
+        let config = Config::load_with_env(
+            None,
+            env(&[("NATS_URL", "nats://plain:2"), ("NATS_CREDS", "/x.creds")]),
+        )
+        .expect("load");
+        assert_eq!(config.nats.credentials, None);
+    }
+
+    #[test]
+    fn a_bad_nats_url_is_refused_at_load_naming_where_it_came_from() {
+        for (vars, named) in [
+            (
+                vec![("JETSOURCE__NATS__URL", "garbage")],
+                "JETSOURCE__NATS__URL",
+            ),
+            (vec![("NATS_URL", "garbage")], "NATS_URL"),
+            (
+                vec![("NATS_URL", "nats://ok:4222"), ("JETSOURCE__NATS__URL", "")],
+                "JETSOURCE__NATS__URL",
+            ),
+            (vec![("NATS_URL", "http://web:80")], "NATS_URL"),
+        ] {
+            let err = Config::load_with_env(None, env(&vars)).expect_err("refused");
+            let text = err.to_string();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{text}");
+            assert!(
+                text.contains(&format!("environment variable {named}")),
+                "{vars:?}: {text}"
+            );
+            assert!(
+                text.contains("nats://host:port"),
+                "says what is expected: {text}"
+            );
+        }
+        let (_dir, path) = file_with("[nats]\nurl = \"localhost\"\n");
+        let err = Config::load_with_env(Some(&path), env(&[])).expect_err("refused");
+        assert!(err.to_string().contains("nats.url in "), "{err}");
+    }
+
+    #[test]
+    fn nats_urls_accepted_and_refused() {
+        for good in [
+            "nats://127.0.0.1:4222",
+            "nats://server",
+            "tls://nats.example.com:4443",
+            "ws://127.0.0.1:8080",
+            "wss://nats.example.com",
+            "nats://user:pass@127.0.0.1:4222",
+            "127.0.0.1:4222",
+            "localhost:4222",
+            "[::1]:4222",
+            "nats://[::1]:4222",
+            "nats://a:4222,nats://b:4222, nats://c:4222",
+        ] {
+            assert_eq!(check_nats_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            " ",
+            "garbage",
+            "localhost",
+            "nats://",
+            "nats://:4222",
+            "http://127.0.0.1:4222",
+            "127.0.0.1:notaport",
+            "127.0.0.1:99999",
+            ":4222",
+            "nats://a:4222,",
+            "nats://a:4222,,nats://b:4222",
+            "nats://a:4222,garbage",
+            "nats://a b:4222",
+        ] {
+            assert!(check_nats_url(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("j.toml");
-        std::fs::write(&path, "[nats]\nurll = \"x\"\n").expect("write");
-        let err = Config::load(Some(&path)).expect_err("typo");
+        let (_dir, path) = file_with("[nats]\nurll = \"x\"\n");
+        let err = Config::load_with_env(Some(&path), env(&[])).expect_err("typo");
         assert!(err.to_string().contains("urll"), "{err}");
         std::fs::write(&path, "[store]\nstream = \"a.b\"\n").expect("write");
-        let err = Config::load(Some(&path)).expect_err("bad stream");
+        let err = Config::load_with_env(Some(&path), env(&[])).expect_err("bad stream");
         assert!(err.to_string().contains("store.stream"), "{err}");
     }
 
     #[test]
     fn the_shipped_example_parses_to_the_defaults() {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../jetsource.example.toml");
-        let config = Config::load(Some(Path::new(example))).expect("example config loads");
+        let config = Config::load_with_env(Some(Path::new(example)), env(&[]))
+            .expect("example config loads");
         assert_eq!(config.nats.url, NatsConfig::default().url);
         assert_eq!(config.store.stream, StoreConfig::default().stream);
         assert_eq!(

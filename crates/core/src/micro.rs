@@ -8,6 +8,16 @@
 //! every request it was handed is answered. So workers subscribe themselves
 //! and use this module only to answer the discovery verbs and keep the
 //! per-endpoint statistics, errors included.
+//!
+//! Statistics tell faults from refusals: `num_errors` and `last_error` count
+//! only replies whose error is the server side's fault (`unavailable`,
+//! `timeout`, `internal`: [`ErrorCode::is_fault`]), so they read as a
+//! failure rate. Refusals the request earned (`invalid`, `rejected`,
+//! `conflict`, `not_found`) are counted apart, in the endpoint's `data`
+//! object, which the micro protocol leaves to the service:
+//! `{"num_rejections": n, "last_rejection": "code: message"}`.
+//!
+//! [`ErrorCode::is_fault`]: crate::protocol::ErrorCode::is_fault
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +27,8 @@ use async_nats::Client;
 use futures::StreamExt;
 use serde::Serialize;
 use time::OffsetDateTime;
+
+use crate::protocol::ErrorBody;
 
 /// One endpoint as announced in `$SRV.INFO`.
 #[derive(Debug, Clone)]
@@ -31,7 +43,23 @@ struct Counters {
     requests: u64,
     errors: u64,
     last_error: String,
+    rejections: u64,
+    last_rejection: String,
     processing: Duration,
+}
+
+impl Counters {
+    fn count_reply_error(&mut self, error: Option<&ErrorBody>) {
+        let Some(error) = error else { return };
+        let text = format!("{}: {}", error.code, error.message);
+        if error.code.is_fault() {
+            self.errors += 1;
+            self.last_error = text;
+        } else {
+            self.rejections += 1;
+            self.last_rejection = text;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -83,14 +111,26 @@ struct Info<'a> {
     endpoints: Vec<EndpointInfo<'a>>,
 }
 
+/// The `data` of an endpoint's stats: what the micro protocol leaves to the
+/// service.
+#[derive(Serialize)]
+struct EndpointData {
+    /// Requests refused because of the request or the domain (not faults).
+    num_rejections: u64,
+    /// The last of them, `code: message`.
+    last_rejection: String,
+}
+
 #[derive(Serialize)]
 struct EndpointStats<'a> {
     name: &'a str,
     subject: &'a str,
     queue_group: &'a str,
     num_requests: u64,
+    /// Faults only, see the module documentation.
     num_errors: u64,
     last_error: String,
+    data: EndpointData,
     processing_time: u128,
     average_processing_time: u128,
 }
@@ -109,6 +149,14 @@ struct Stats<'a> {
 }
 
 impl Shared {
+    fn count(&self, endpoint: &str, elapsed: Duration, outcome: impl FnOnce(&mut Counters)) {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let c = counters.entry(endpoint.to_owned()).or_default();
+        c.requests += 1;
+        c.processing += elapsed;
+        outcome(c);
+    }
+
     fn answer(&self, verb: &str) -> Vec<u8> {
         let encoded = match verb {
             "PING" => serde_json::to_vec(&Ping {
@@ -157,6 +205,10 @@ impl Shared {
                                 num_requests: c.requests,
                                 num_errors: c.errors,
                                 last_error: c.last_error,
+                                data: EndpointData {
+                                    num_rejections: c.rejections,
+                                    last_rejection: c.last_rejection,
+                                },
                                 processing_time: c.processing.as_nanos(),
                                 average_processing_time: c
                                     .processing
@@ -229,20 +281,25 @@ impl MicroService {
         &self.shared.id
     }
 
-    /// Counts one handled request on `endpoint`, with its error if it failed.
+    /// Counts one handled request on `endpoint`, with its error if it
+    /// failed; the error counts as a fault (`num_errors`).
     pub fn record(&self, endpoint: &str, elapsed: Duration, error: Option<&str>) {
-        let mut counters = self
-            .shared
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let c = counters.entry(endpoint.to_owned()).or_default();
-        c.requests += 1;
-        c.processing += elapsed;
-        if let Some(error) = error {
-            c.errors += 1;
-            error.clone_into(&mut c.last_error);
-        }
+        self.shared.count(endpoint, elapsed, |c| {
+            if let Some(error) = error {
+                c.errors += 1;
+                error.clone_into(&mut c.last_error);
+            }
+        });
+    }
+
+    /// Counts one handled request on `endpoint` by the error of its reply,
+    /// if any: a fault ([`ErrorCode::is_fault`]) in `num_errors`, a refusal
+    /// in `data.num_rejections`.
+    ///
+    /// [`ErrorCode::is_fault`]: crate::protocol::ErrorCode::is_fault
+    pub fn record_reply(&self, endpoint: &str, elapsed: Duration, error: Option<&ErrorBody>) {
+        self.shared
+            .count(endpoint, elapsed, |c| c.count_reply_error(error));
     }
 
     /// Stops answering discovery requests.
@@ -261,7 +318,8 @@ impl MicroService {
 /// with NATS gone, no confirmation of the drain comes and a reply cannot be
 /// sent, and waiting longer would not change that. Every reply is the
 /// `{"ok": ...}` envelope; every request is counted in the service's
-/// statistics.
+/// statistics ([`MicroService::record_reply`]) before its reply is sent, so
+/// a client that has its reply finds it counted.
 pub async fn serve<T, F, Fut>(
     client: &Client,
     mut requests: async_nats::Subscriber,
@@ -293,10 +351,7 @@ where
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let (reply_to, reply) = handle(message).await;
-            let error = reply
-                .as_ref()
-                .err()
-                .map(|e| format!("{}: {}", e.code, e.message));
+            service.record_reply(&endpoint, started.elapsed(), reply.as_ref().err());
             if let Some(to) = reply_to {
                 if let Err(e) = client
                     .publish(to, crate::protocol::encode_reply(&reply))
@@ -305,7 +360,6 @@ where
                     tracing::warn!(error = %e, "could not send a reply");
                 }
             }
-            service.record(&endpoint, started.elapsed(), error.as_deref());
             drop(permit);
         });
     };
@@ -377,4 +431,52 @@ where
         );
     }
     deadline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    #[test]
+    fn stats_count_faults_as_errors_and_refusals_apart() {
+        let shared = Shared {
+            name: "svc".into(),
+            id: "id1".into(),
+            version: "1.0.0".into(),
+            description: String::new(),
+            started: OffsetDateTime::UNIX_EPOCH,
+            endpoints: vec![Endpoint {
+                name: "commands".into(),
+                subject: "cmd.>".into(),
+                queue_group: "q".into(),
+            }],
+            counters: Mutex::new(BTreeMap::new()),
+        };
+        let ms = Duration::from_millis(1);
+        let replies = [
+            None,
+            Some(ErrorBody::new(ErrorCode::Rejected, "no funds")),
+            Some(ErrorBody::new(ErrorCode::Unavailable, "store down")),
+            Some(ErrorBody::new(ErrorCode::Invalid, "bad")),
+            Some(ErrorBody::new(ErrorCode::Conflict, "raced")),
+            Some(ErrorBody::new(ErrorCode::NotFound, "none")),
+            Some(ErrorBody::new(ErrorCode::Timeout, "slow")),
+            None,
+        ];
+        for error in &replies {
+            shared.count("commands", ms, |c| c.count_reply_error(error.as_ref()));
+        }
+        let stats: serde_json::Value =
+            serde_json::from_slice(&shared.answer("STATS")).expect("json");
+        assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+        let endpoint = &stats["endpoints"][0];
+        assert_eq!(endpoint["num_requests"], 8);
+        assert_eq!(endpoint["num_errors"], 2);
+        assert_eq!(endpoint["last_error"], "timeout: slow");
+        assert_eq!(endpoint["data"]["num_rejections"], 4);
+        assert_eq!(endpoint["data"]["last_rejection"], "not_found: none");
+        assert_eq!(endpoint["processing_time"], 8_000_000);
+        assert_eq!(endpoint["average_processing_time"], 1_000_000);
+    }
 }

@@ -56,6 +56,11 @@ pub struct CommandOutcome {
     /// `min_sequence` to a query to read your own write.
     pub sequence: u64,
     pub events: Vec<ReplyEvent>,
+    /// The command (same `command_id`) had been stored already: this is the
+    /// outcome it got then, read back from the stream, and nothing was
+    /// appended now. On the wire only when true (`"duplicate": true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 /// Error codes on the wire. Clients branch on these, never on messages.
@@ -83,6 +88,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Whether the error is the server side's fault (`unavailable`,
+    /// `timeout`, `internal`) rather than a refusal the request itself
+    /// earned (`invalid`, `rejected`, `conflict`, `not_found`). `$SRV.STATS`
+    /// counts faults in `num_errors`, refusals apart in `num_rejections`.
+    pub fn is_fault(self) -> bool {
+        match self {
+            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal => true,
+            ErrorCode::Invalid
+            | ErrorCode::Rejected
+            | ErrorCode::Conflict
+            | ErrorCode::NotFound => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Invalid => "invalid",
@@ -214,12 +233,26 @@ mod tests {
                 event_type: "Deposited".into(),
                 data: serde_json::json!({"amount": 5}),
             }],
+            duplicate: false,
         });
         let bytes = encode_reply(&ok);
         let value: Value = serde_json::from_slice(&bytes).expect("json");
         assert_eq!(value["ok"], true);
         assert_eq!(value["events"][0]["type"], "Deposited");
+        assert!(value.get("duplicate").is_none(), "omitted when false");
         assert_eq!(decode_reply::<CommandOutcome>(&bytes).expect("decodes"), ok);
+
+        let resent = ok.clone().map(|o| CommandOutcome {
+            duplicate: true,
+            ..o
+        });
+        let bytes = encode_reply(&resent);
+        let value: Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(value["duplicate"], true);
+        assert_eq!(
+            decode_reply::<CommandOutcome>(&bytes).expect("decodes"),
+            resent
+        );
 
         let err: Result<CommandOutcome, ErrorBody> =
             Err(ErrorBody::new(ErrorCode::NotFound, "nope"));
@@ -232,6 +265,24 @@ mod tests {
             decode_reply::<CommandOutcome>(&bytes).expect("decodes"),
             err
         );
+    }
+
+    #[test]
+    fn faults_and_refusals() {
+        let faults: Vec<_> = [
+            ErrorCode::Invalid,
+            ErrorCode::Rejected,
+            ErrorCode::Conflict,
+            ErrorCode::Unavailable,
+            ErrorCode::NotFound,
+            ErrorCode::Timeout,
+            ErrorCode::Internal,
+        ]
+        .into_iter()
+        .filter(|c| c.is_fault())
+        .map(ErrorCode::as_str)
+        .collect();
+        assert_eq!(faults, ["unavailable", "timeout", "internal"]);
     }
 
     #[test]
