@@ -60,7 +60,8 @@ async fn cli_against_two_worker_processes() {
     assert_eq!(code, 0);
     let reply: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(reply["sequence"], 4);
-    // Resent through the CLI: same answer, nothing appended.
+    // Resent through the CLI: same answer, marked as a duplicate, nothing
+    // appended.
     let (_, again, _) = cli(
         &server,
         &[
@@ -74,7 +75,10 @@ async fn cli_against_two_worker_processes() {
             "w1",
         ],
     );
-    assert_eq!(serde_json::from_str::<Value>(&again).unwrap(), reply);
+    let mut again: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    again.as_object_mut().unwrap().remove("duplicate");
+    assert_eq!(again, reply);
 
     // Refusals: non-zero exit and one line naming the code.
     let (code, out, err) = cli(
@@ -243,7 +247,7 @@ async fn json_logs_and_service_stats() {
         .await
         .unwrap();
 
-    // $SRV.STATS counts requests and error replies.
+    // $SRV.STATS counts requests; a business refusal is not an error.
     let stats = client
         .request("$SRV.STATS.jetsource-command", "".into())
         .await
@@ -255,8 +259,10 @@ async fn json_logs_and_service_stats() {
     assert_eq!(endpoint["subject"], "cmd.>");
     assert_eq!(endpoint["queue_group"], "jetsource-command");
     assert_eq!(endpoint["num_requests"], 2);
-    assert_eq!(endpoint["num_errors"], 1);
-    assert!(endpoint["last_error"]
+    assert_eq!(endpoint["num_errors"], 0);
+    assert_eq!(endpoint["last_error"], "");
+    assert_eq!(endpoint["data"]["num_rejections"], 1, "{endpoint}");
+    assert!(endpoint["data"]["last_rejection"]
         .as_str()
         .unwrap()
         .starts_with("rejected:"));
