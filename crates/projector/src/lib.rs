@@ -21,6 +21,7 @@ pub use query::Router;
 /// The Redis client crate the projector is built with: queries read through
 /// its types ([`read::ReadView::connection`]).
 pub use redis;
+pub use shared::Shared;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,14 +29,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use futures::StreamExt;
-use jetsource_core::config::{Config, ProjectorConfig};
+use jetsource_core::config::Config;
 use jetsource_core::store::{EventStore, StoreError};
 use tokio::sync::{watch, Notify};
 
 use crate::projection::Projection;
-use crate::redis_store::RedisStore;
+use crate::redis_store::{Meta, RedisStore};
 use crate::runner::Progress;
 
 pub const SERVICE_NAME: &str = "jetsource-projector";
@@ -68,49 +68,66 @@ pub enum RunError {
 }
 
 /// State shared by the managers, runners and the query service of one
-/// process.
-#[derive(Debug)]
-pub struct Shared {
-    pub config: ProjectorConfig,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-    pub events: jetstream::stream::Stream,
-    pub store: EventStore,
-    pub redis: RedisStore,
-    pub projections: Vec<Arc<dyn Projection>>,
-    pub(crate) router: Router,
-    wake: Notify,
-    /// Latest announced watermark per projection: wakes queries that wait.
-    watermarks: HashMap<&'static str, watch::Sender<u64>>,
-}
+/// process. A module of its own, so that [`runner`] and the query service
+/// depend on it rather than on the crate root that starts them.
+mod shared {
+    use std::collections::HashMap;
+    use std::sync::Arc;
 
-impl Shared {
-    pub(crate) async fn announce(&self, projection: &str, generation: u64, watermark: u64) {
-        // `pid` names the applying copy, so operators and the chaos tool
-        // can tell which process holds the pin.
-        let body = serde_json::json!({
-            "generation": generation,
-            "watermark": watermark,
-            "pid": std::process::id(),
-        });
-        let _ = self
-            .client
-            .publish(progress_subject(projection), body.to_string().into())
-            .await;
+    use async_nats::jetstream;
+    use jetsource_core::config::ProjectorConfig;
+    use jetsource_core::store::EventStore;
+    use tokio::sync::{watch, Notify};
+
+    use crate::projection::Projection;
+    use crate::redis_store::RedisStore;
+    use crate::Router;
+
+    /// State shared by the managers, runners and the query service of one
+    /// process.
+    #[derive(Debug)]
+    pub struct Shared {
+        pub config: ProjectorConfig,
+        pub client: async_nats::Client,
+        pub js: jetstream::Context,
+        pub events: jetstream::stream::Stream,
+        pub store: EventStore,
+        pub redis: RedisStore,
+        pub projections: Vec<Arc<dyn Projection>>,
+        pub(crate) router: Router,
+        pub(crate) wake: Notify,
+        /// Latest announced watermark per projection: wakes queries that wait.
+        pub(crate) watermarks: HashMap<&'static str, watch::Sender<u64>>,
     }
 
-    pub(crate) fn wake_managers(&self) {
-        self.wake.notify_waiters();
-    }
+    impl Shared {
+        pub(crate) async fn announce(&self, projection: &str, generation: u64, watermark: u64) {
+            // `pid` names the applying copy, so operators and the chaos tool
+            // can tell which process holds the pin.
+            let body = serde_json::json!({
+                "generation": generation,
+                "watermark": watermark,
+                "pid": std::process::id(),
+            });
+            let _ = self
+                .client
+                .publish(crate::progress_subject(projection), body.to_string().into())
+                .await;
+        }
 
-    pub(crate) fn watermark_updates(&self, projection: &str) -> Option<watch::Receiver<u64>> {
-        self.watermarks
-            .get(projection)
-            .map(watch::Sender::subscribe)
-    }
+        pub(crate) fn wake_managers(&self) {
+            self.wake.notify_waiters();
+        }
 
-    pub fn projection(&self, name: &str) -> Option<&Arc<dyn Projection>> {
-        self.projections.iter().find(|p| p.name() == name)
+        pub(crate) fn watermark_updates(&self, projection: &str) -> Option<watch::Receiver<u64>> {
+            self.watermarks
+                .get(projection)
+                .map(watch::Sender::subscribe)
+        }
+
+        pub fn projection(&self, name: &str) -> Option<&Arc<dyn Projection>> {
+            self.projections.iter().find(|p| p.name() == name)
+        }
     }
 }
 
@@ -142,51 +159,27 @@ pub async fn run(
     let Started {
         client,
         shared,
-        mut announcements,
-        mut control,
+        announcements,
+        control,
     } = started;
-    // Every copy follows the applying copy's announcements, so queries
-    // waiting for a sequence wake up as soon as it is applied.
-    let follower = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(message) = announcements.next().await {
-                let projection = message.subject.as_str().rsplit('.').next().unwrap_or("");
-                let watermark = serde_json::from_slice::<serde_json::Value>(&message.payload)
-                    .ok()
-                    .and_then(|v| v["watermark"].as_u64())
-                    .unwrap_or(0);
-                // Every announcement wakes waiting queries, even a lower one
-                // (a generation rebuilding after Redis lost its data).
-                if let Some(tx) = shared.watermarks.get(projection) {
-                    tx.send_replace(watermark);
-                }
-            }
-        })
-    };
-    let waker = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while control.next().await.is_some() {
-                shared.wake_managers();
-            }
-        })
-    };
-
+    let listeners = [
+        tokio::spawn(follow_announcements(shared.clone(), announcements)),
+        tokio::spawn(wake_on_control(shared.clone(), control)),
+    ];
     let (stop_tx, stop_rx) = watch::channel(false);
-    let managers: Vec<_> = shared
+    let mut tasks: Vec<_> = shared
         .projections
         .iter()
         .map(|p| tokio::spawn(manage(shared.clone(), p.clone(), stop_rx.clone())))
         .collect();
-
     let queries = tokio::select! {
         queries = query::serve(shared.clone(), &config, stop_rx.clone()) => {
             Some(queries.map_err(RunError::Setup)?)
         }
         () = &mut shutdown => None,
     };
-    if queries.is_some() {
+    if let Some(queries) = queries {
+        tasks.push(queries);
         tracing::info!(
             projections = ?shared.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "projector running; queries on query.>"
@@ -200,8 +193,42 @@ pub async fn run(
     // (a runner's unacknowledged batch is delivered again later, and
     // applied once).
     let deadline = jetsource_core::stop_deadline();
-    let mut tasks: Vec<_> = managers;
-    tasks.extend(queries);
+    finish_by(deadline, tasks).await;
+    for listener in listeners {
+        listener.abort();
+    }
+    jetsource_core::flush_before_exit(&[&client], deadline).await;
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+/// Every copy follows the applying copy's announcements, so queries
+/// waiting for a sequence wake up as soon as it is applied.
+async fn follow_announcements(shared: Arc<Shared>, mut announcements: async_nats::Subscriber) {
+    while let Some(message) = announcements.next().await {
+        let projection = message.subject.as_str().rsplit('.').next().unwrap_or("");
+        let watermark = serde_json::from_slice::<serde_json::Value>(&message.payload)
+            .ok()
+            .and_then(|v| v["watermark"].as_u64())
+            .unwrap_or(0);
+        // Every announcement wakes waiting queries, even a lower one
+        // (a generation rebuilding after Redis lost its data).
+        if let Some(tx) = shared.watermarks.get(projection) {
+            tx.send_replace(watermark);
+        }
+    }
+}
+
+/// Wakes the managers on every control message (`jetsource projection
+/// rebuild`).
+async fn wake_on_control(shared: Arc<Shared>, mut control: async_nats::Subscriber) {
+    while control.next().await.is_some() {
+        shared.wake_managers();
+    }
+}
+
+/// Waits for `tasks` until `deadline`, then aborts those still running.
+async fn finish_by(deadline: tokio::time::Instant, tasks: Vec<tokio::task::JoinHandle<()>>) {
     let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     if tokio::time::timeout_at(deadline, futures::future::join_all(tasks))
         .await
@@ -215,11 +242,6 @@ pub async fn run(
             abort.abort();
         }
     }
-    follower.abort();
-    waker.abort();
-    jetsource_core::flush_before_exit(&[&client], deadline).await;
-    tracing::info!("projector stopped");
-    Ok(())
 }
 
 /// Connections and subscriptions of a projector about to run.
@@ -304,50 +326,59 @@ async fn manage(
     projection: Arc<dyn Projection>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let name = projection.name();
-    let mut running: HashMap<u64, Running> = HashMap::new();
-    let mut seen_meta = false;
-    let mut cleaned = false;
+    let mut manager = Manager {
+        shared,
+        projection,
+        running: HashMap::new(),
+        seen_meta: false,
+        cleaned: false,
+    };
+    let name = manager.projection.name();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {}
-            _ = shared.wake.notified() => {}
+            _ = manager.shared.wake.notified() => {}
         }
-        let meta = match shared.redis.meta(name).await {
-            Ok(meta) => meta,
+        match manager.shared.redis.meta(name).await {
+            Ok(Some(meta)) => manager.follow(&meta).await,
+            Ok(None) => {
+                manager.start_over().await;
+                tick.reset_immediately();
+            }
             Err(e) => {
                 tracing::warn!(projection = name, error = %e, "cannot read projection metadata");
-                continue;
             }
-        };
-        let Some(meta) = meta else {
-            if seen_meta {
-                tracing::warn!(
-                    projection = name,
-                    "Redis lost this read model; rebuilding it from the event stream"
-                );
-            }
-            let generation = new_generation(running.keys().copied().max().unwrap_or(0));
-            if let Err(e) = shared
-                .redis
-                .init_meta(name, generation, shared.config.partitions)
-                .await
-            {
-                tracing::warn!(projection = name, error = %e, "cannot initialise projection metadata");
-            }
-            seen_meta = false;
-            cleaned = false;
-            tick.reset_immediately();
-            continue;
-        };
-        seen_meta = true;
+        }
+    }
+    for (_, r) in manager.running.drain() {
+        r.stop.send_replace(true);
+        let _ = r.task.await;
+    }
+}
+
+/// The state of one projection's manager.
+struct Manager {
+    shared: Arc<Shared>,
+    projection: Arc<dyn Projection>,
+    /// Runners by generation.
+    running: HashMap<u64, Running>,
+    /// The metadata was there at the last look.
+    seen_meta: bool,
+    /// Generations older than the active one were retired.
+    cleaned: bool,
+}
+
+impl Manager {
+    /// Brings the runners in line with `meta`.
+    async fn follow(&mut self, meta: &Meta) {
+        self.seen_meta = true;
         let mut wanted = vec![meta.active];
         if let Some((building, _)) = meta.building {
             wanted.push(building);
         }
-        running.retain(|generation, r| {
+        self.running.retain(|generation, r| {
             let keep = wanted.contains(generation) && !r.progress.stopped.load(Ordering::SeqCst);
             if !keep {
                 r.stop.send_replace(true);
@@ -355,59 +386,94 @@ async fn manage(
             keep
         });
         for &generation in &wanted {
-            running.entry(generation).or_insert_with(|| {
-                let progress = Arc::new(Progress::default());
-                let (stop_tx, stop_rx) = watch::channel(false);
-                let task = tokio::spawn(runner::run(
-                    shared.clone(),
-                    projection.clone(),
-                    generation,
-                    progress.clone(),
-                    stop_rx,
-                ));
-                Running {
-                    task,
-                    stop: stop_tx,
-                    progress,
-                }
-            });
+            if !self.running.contains_key(&generation) {
+                let running = self.start_runner(generation);
+                self.running.insert(generation, running);
+            }
         }
-        if !cleaned {
-            retire_older(&shared, name, meta.active).await;
-            cleaned = true;
+        let name = self.projection.name();
+        if !self.cleaned {
+            retire_older(&self.shared, name, meta.active).await;
+            self.cleaned = true;
         }
         if let Some((building, _)) = meta.building {
-            let caught_up = running
-                .get(&building)
-                .is_some_and(|r| r.progress.caught_up.load(Ordering::SeqCst));
-            if caught_up {
-                match shared.redis.switch(name, building).await {
-                    Ok(true) => {
-                        tracing::info!(
-                            projection = name,
-                            from = meta.active,
-                            to = building,
-                            "rebuild caught up; switched"
-                        );
-                        if let Some(old) = running.remove(&meta.active) {
-                            old.stop.send_replace(true);
-                            let _ = old.task.await;
-                        }
-                        // Queries that read the old generation just before
-                        // the switch see it whole; they re-check and retry.
-                        retire(&shared, name, meta.active).await;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(projection = name, error = %e, "switch failed; will retry")
-                    }
+            self.switch_if_caught_up(meta.active, building).await;
+        }
+    }
+
+    fn start_runner(&self, generation: u64) -> Running {
+        let progress = Arc::new(Progress::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(runner::run(
+            self.shared.clone(),
+            self.projection.clone(),
+            generation,
+            progress.clone(),
+            stop_rx,
+        ));
+        Running {
+            task,
+            stop,
+            progress,
+        }
+    }
+
+    /// Makes the rebuilt generation `building` active once it caught up,
+    /// then stops and retires `active`.
+    async fn switch_if_caught_up(&mut self, active: u64, building: u64) {
+        let caught_up = self
+            .running
+            .get(&building)
+            .is_some_and(|r| r.progress.caught_up.load(Ordering::SeqCst));
+        if !caught_up {
+            return;
+        }
+        let name = self.projection.name();
+        match self.shared.redis.switch(name, building).await {
+            Ok(true) => {
+                tracing::info!(
+                    projection = name,
+                    from = active,
+                    to = building,
+                    "rebuild caught up; switched"
+                );
+                if let Some(old) = self.running.remove(&active) {
+                    old.stop.send_replace(true);
+                    let _ = old.task.await;
                 }
+                // Queries that read the old generation just before
+                // the switch see it whole; they re-check and retry.
+                retire(&self.shared, name, active).await;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "switch failed; will retry")
             }
         }
     }
-    for (_, r) in running.drain() {
-        r.stop.send_replace(true);
-        let _ = r.task.await;
+
+    /// The metadata is missing (never created, or lost by Redis): records a
+    /// new generation, which the next look starts from the stream's
+    /// beginning.
+    async fn start_over(&mut self) {
+        let name = self.projection.name();
+        if self.seen_meta {
+            tracing::warn!(
+                projection = name,
+                "Redis lost this read model; rebuilding it from the event stream"
+            );
+        }
+        let generation = new_generation(self.running.keys().copied().max().unwrap_or(0));
+        if let Err(e) = self
+            .shared
+            .redis
+            .init_meta(name, generation, self.shared.config.partitions)
+            .await
+        {
+            tracing::warn!(projection = name, error = %e, "cannot initialise projection metadata");
+        }
+        self.seen_meta = false;
+        self.cleaned = false;
     }
 }
 

@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use crate::projection::Projection;
 use crate::read::{QueryCall, QueryError, QuerySpec, ReadView};
 use crate::redis_store::Meta;
-use crate::{Shared, SERVICE_NAME};
+use crate::shared::Shared;
+use crate::SERVICE_NAME;
 
 /// Default wait for `min_sequence` when the query names no `timeout_ms`.
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);

@@ -18,9 +18,9 @@ use jetsource_core::store::StoredMessage;
 use tokio::sync::{mpsc, watch};
 
 use crate::keys::{partition_of, KeySpace};
-use crate::projection::Projection;
+use crate::projection::{Op, Projection};
 use crate::redis_store::{PartitionBatch, PreparedWrite};
-use crate::Shared;
+use crate::shared::Shared;
 
 /// Priority group every projector copy pulls in.
 pub const PRIORITY_GROUP: &str = "projectors";
@@ -98,6 +98,58 @@ struct Batch {
     pending: u64,
 }
 
+/// One running generation of one projection: what every step of its runner
+/// needs.
+struct Run {
+    shared: Arc<Shared>,
+    projection: Arc<dyn Projection>,
+    generation: u64,
+    /// The generation's partition count (fixed when it was created).
+    partitions: u32,
+    progress: Arc<Progress>,
+}
+
+impl Run {
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// Tells the manager this generation stopped by itself (retired, or
+    /// Redis lost its metadata).
+    fn report_stopped(&self) {
+        self.progress.stopped.store(true, Ordering::SeqCst);
+        self.shared.wake_managers();
+    }
+}
+
+/// Turns true when the runner is to stop.
+type Stop = watch::Receiver<bool>;
+
+/// Waits `delay` before a retry: `false` (at once) when `stop` turns true
+/// meanwhile.
+async fn pause(stop: &mut Stop, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
+/// Exponential back-off between retries: 100 ms, doubling, at most 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+
+    /// Waits the current delay (see [`pause`]) and doubles it.
+    async fn pause(&mut self, stop: &mut Stop) -> bool {
+        let go_on = pause(stop, self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        go_on
+    }
+}
+
 /// Runs until `stop` turns true or the generation is retired.
 ///
 /// Two stages run side by side: the puller reads messages, fills gaps,
@@ -109,229 +161,332 @@ pub async fn run(
     projection: Arc<dyn Projection>,
     generation: u64,
     progress: Arc<Progress>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
-    let name = projection.name();
-    let failover = shared.config.failover();
-    let consumer = loop {
-        match shared
-            .events
-            .create_consumer(consumer_config(projection.as_ref(), generation, failover))
-            .await
-        {
-            Ok(consumer) => break consumer,
-            Err(e) => {
-                tracing::warn!(projection = name, generation, error = %e, "cannot create consumer; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        }
+    let Some(consumer) = create_consumer(&shared, projection.as_ref(), generation, &mut stop).await
+    else {
+        return;
     };
-    // An empty stream (or a consumer with nothing left) is caught up before
-    // the first batch; a rebuild of it can switch at once.
-    if let Ok(info) = consumer.clone().info().await {
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            progress.caught_up.store(true, Ordering::SeqCst);
-            shared.wake_managers();
-        }
-    }
-    // The watermark and the partition count (fixed per generation).
-    let (watermark, partitions) = loop {
-        let read = async {
-            let watermark = shared.redis.watermark(name, generation).await?;
-            let meta = shared.redis.meta(name).await?;
-            Ok::<_, redis::RedisError>((watermark, meta.and_then(|m| m.partitions_of(generation))))
-        };
-        match read.await {
-            Ok((watermark, Some(partitions))) => break (watermark, partitions),
-            Ok((_, None)) => {
-                progress.stopped.store(true, Ordering::SeqCst);
-                shared.wake_managers();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(projection = name, error = %e, "cannot read the watermark; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        }
+    report_if_empty(&shared, &consumer, &progress).await;
+    let run = Run {
+        shared,
+        projection,
+        generation,
+        partitions: 0,
+        progress,
     };
+    let Some((watermark, partitions)) = read_start(&run, &mut stop).await else {
+        return;
+    };
+    let run = Arc::new(Run { partitions, ..run });
     // Two batches in flight keep both stages busy; more would only hold
     // memory.
     let (batches, queue) = mpsc::channel::<Batch>(2);
-    let writer = tokio::spawn(write_batches(
-        shared.clone(),
-        name,
-        generation,
-        progress.clone(),
-        queue,
-        stop.clone(),
-    ));
+    let writer = tokio::spawn(write_batches(run.clone(), queue, stop.clone()));
     let abort = writer.abort_handle();
-    let puller = pull_batches(
-        &shared,
-        projection.as_ref(),
-        generation,
-        partitions,
-        watermark,
-        &consumer,
-        batches,
-        stop,
-    );
+    let puller = Puller::new(&run, watermark).pull(&consumer, batches, stop);
     tokio::select! {
         _ = puller => abort.abort(),
         _ = writer => {}
     }
 }
 
-/// Pulls messages and turns them into prepared batches, gap-free from the
-/// watermark, until `stop` or until the writer is gone.
+/// The generation's durable consumer, created (or found) with retries;
+/// `None` when `stop` turned true first.
+async fn create_consumer(
+    shared: &Shared,
+    projection: &dyn Projection,
+    generation: u64,
+    stop: &mut Stop,
+) -> Option<PullConsumer> {
+    let config = consumer_config(projection, generation, shared.config.failover());
+    loop {
+        match shared.events.create_consumer(config.clone()).await {
+            Ok(consumer) => return Some(consumer),
+            Err(e) => {
+                tracing::warn!(projection = projection.name(), generation, error = %e, "cannot create consumer; retrying");
+                if !pause(stop, Duration::from_secs(1)).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// An empty stream (or a consumer with nothing left) is caught up before
+/// the first batch; a rebuild of it can switch at once.
+async fn report_if_empty(shared: &Shared, consumer: &PullConsumer, progress: &Progress) {
+    if let Ok(info) = consumer.clone().info().await {
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            progress.caught_up.store(true, Ordering::SeqCst);
+            shared.wake_managers();
+        }
+    }
+}
+
+/// The generation's watermark and partition count, read with retries.
+/// `None` when `stop` turned true first, or when the generation is gone
+/// from the metadata (reported as stopped).
+async fn read_start(run: &Run, stop: &mut Stop) -> Option<(u64, u32)> {
+    let (redis, name, generation) = (&run.shared.redis, run.name(), run.generation);
+    loop {
+        let read = async {
+            let watermark = redis.watermark(name, generation).await?;
+            let meta = redis.meta(name).await?;
+            Ok::<_, redis::RedisError>((watermark, meta.and_then(|m| m.partitions_of(generation))))
+        };
+        match read.await {
+            Ok((watermark, Some(partitions))) => return Some((watermark, partitions)),
+            Ok((_, None)) => {
+                run.report_stopped();
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "cannot read the watermark; retrying");
+                if !pause(stop, Duration::from_secs(1)).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A delivered message not yet in a batch: stream sequence, messages the
+/// consumer had left after it, the message.
+type Delivered = (u64, u64, Message);
+
+/// Chunks of a pull subscription, as they arrive.
+type Chunks = futures::stream::ReadyChunks<pull::Stream>;
+
+/// What the puller does next.
+enum Step<'a> {
+    Stop,
+    /// The pull subscription ended: open a new one.
+    Reopen,
+    /// The writer has room for the pending messages.
+    Send(mpsc::Permit<'a, Batch>),
+    Chunk(Vec<Result<Message, pull::MessagesError>>),
+    /// Idle: time to look for other types' events to raise the watermark over.
+    Advance,
+}
+
+/// The pulling stage: reads messages and turns them into prepared batches,
+/// gap-free from the watermark.
 ///
 /// Batches grow with the load: while the writer is busy, arriving messages
 /// join the next batch (up to `projector.batch_size`), so a backlog is
 /// applied in large Redis round trips and a trickle in small, prompt ones.
-#[allow(clippy::too_many_arguments)]
-async fn pull_batches(
-    shared: &Shared,
-    projection: &dyn Projection,
-    generation: u64,
-    partitions: u32,
-    watermark: u64,
-    consumer: &PullConsumer,
-    batches: mpsc::Sender<Batch>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let name = projection.name();
-    let batch_size = shared.config.batch_size;
-    // Everything up to here is prepared (handed to the writer).
-    let mut prepared = watermark;
-    // Delivery (consumer) sequences grow by one for every delivery to any
-    // copy, redeliveries included: a run with no jump since our last one
-    // means nothing was delivered elsewhere meanwhile, so no event between
-    // the watermark and the batch can be missing. A jump (or the first
-    // batch) may hide a hole, which `prepare` reads from the stream.
-    let mut last_delivery: Option<u64> = None;
-    let mut pending: Vec<(u64, u64, Message)> = Vec::new();
-    let mut contiguous = false;
-    // The consumer delivers only the projection's own aggregate types, so
-    // the watermark would stop at its last own event while other types'
-    // events go on. When the consumer has nothing left, `advance` raises it
-    // over them: at once after a batch, then every `ADVANCE_EVERY` while
-    // idle.
-    let mut caught_up = true;
-    let mut next_advance = tokio::time::Instant::now();
-    // Pull expiry well below the failover time, so the pin is renewed.
-    let expires = shared.config.failover() / 4;
-    'pull: loop {
-        let messages = match consumer
-            .stream()
-            .group(PRIORITY_GROUP)
-            .max_messages_per_batch(batch_size)
-            .expires(expires)
-            .heartbeat(expires / 2)
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(projection = name, generation, error = %e, "cannot pull; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        };
-        let mut chunks = messages.ready_chunks(batch_size);
+struct Puller<'a> {
+    run: &'a Run,
+    /// Everything up to here is prepared (handed to the writer).
+    prepared: u64,
+    /// Delivery (consumer) sequences grow by one for every delivery to any
+    /// copy, redeliveries included: a run with no jump since our last one
+    /// means nothing was delivered elsewhere meanwhile, so no event between
+    /// the watermark and the batch can be missing. A jump (or the first
+    /// batch) may hide a hole, which [`Run::prepare`] reads from the stream.
+    last_delivery: Option<u64>,
+    pending: Vec<Delivered>,
+    /// The deliveries of `pending` follow the last batch's without a jump.
+    contiguous: bool,
+    /// The consumer delivers only the projection's own aggregate types, so
+    /// the watermark would stop at its last own event while other types'
+    /// events go on. When the consumer has nothing left (`caught_up`),
+    /// [`advance`] raises it over them: at once after a batch, then every
+    /// [`ADVANCE_EVERY`] while idle.
+    caught_up: bool,
+    next_advance: tokio::time::Instant,
+}
+
+impl<'a> Puller<'a> {
+    fn new(run: &'a Run, watermark: u64) -> Self {
+        Self {
+            run,
+            prepared: watermark,
+            last_delivery: None,
+            pending: Vec::new(),
+            contiguous: false,
+            caught_up: true,
+            next_advance: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Pulls until `stop` or until the writer is gone.
+    async fn pull(mut self, consumer: &PullConsumer, batches: mpsc::Sender<Batch>, mut stop: Stop) {
         loop {
-            let room = pending.len() < batch_size;
-            enum Next<'a, C> {
-                Send(Result<mpsc::Permit<'a, Batch>, mpsc::error::SendError<()>>),
-                Chunk(Option<C>),
-                Advance,
-            }
-            let idle = caught_up && pending.is_empty();
-            let next = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                permit = batches.reserve(), if !pending.is_empty() => Next::Send(permit),
-                chunk = chunks.next(), if room => Next::Chunk(chunk),
-                _ = tokio::time::sleep_until(next_advance), if idle => Next::Advance,
+            let Some(mut chunks) = self.subscribe(consumer, &mut stop).await else {
+                return;
             };
-            match next {
-                Next::Advance => {
-                    next_advance = tokio::time::Instant::now() + ADVANCE_EVERY;
-                    match advance(shared, projection, prepared).await {
-                        Ok(Some(to)) => {
-                            let write = shared.redis.prepare(name, generation, Vec::new(), to);
-                            let batch = Batch {
-                                write: Some(write),
-                                newest: None,
-                                pending: 0,
-                            };
-                            if batches.send(batch).await.is_err() {
-                                return;
-                            }
-                            prepared = to;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::debug!(projection = name, error = %e, "cannot advance the watermark")
+            loop {
+                match self.step(&mut chunks, &batches, &mut stop).await {
+                    Step::Stop => return,
+                    Step::Reopen => break,
+                    Step::Chunk(chunk) => self.receive(chunk),
+                    Step::Advance => {
+                        if !self.advance(&batches).await {
+                            return;
                         }
                     }
-                }
-                Next::Send(permit) => {
-                    let Ok(permit) = permit else { return };
-                    let Some(batch) = take_batch(
-                        shared,
-                        projection,
-                        generation,
-                        partitions,
-                        &mut prepared,
-                        &mut pending,
-                        contiguous,
-                        &mut stop,
-                    )
-                    .await
-                    else {
-                        return;
-                    };
-                    caught_up = batch.pending == 0;
-                    next_advance = tokio::time::Instant::now();
-                    permit.send(batch);
-                }
-                Next::Chunk(None) => continue 'pull,
-                Next::Chunk(Some(chunk)) => {
-                    if pending.is_empty() {
-                        contiguous = last_delivery.is_some();
-                    }
-                    for item in chunk {
-                        match item {
-                            Ok(message) => match message.info() {
-                                Ok(info) => {
-                                    let delivery = info.consumer_sequence;
-                                    if last_delivery.is_some_and(|last| delivery != last + 1) {
-                                        contiguous = false;
-                                    }
-                                    last_delivery = Some(delivery);
-                                    pending.push((info.stream_sequence, info.pending, message));
-                                }
-                                Err(e) => {
-                                    contiguous = false;
-                                    tracing::debug!(projection = name, error = %e, "message without metadata");
-                                }
-                            },
-                            Err(e) => {
-                                tracing::debug!(projection = name, error = %e, "pull stream notice")
-                            }
-                        }
+                    Step::Send(permit) => {
+                        let Some(batch) = self.take_batch(&mut stop).await else {
+                            return;
+                        };
+                        self.caught_up = batch.pending == 0;
+                        self.next_advance = tokio::time::Instant::now();
+                        permit.send(batch);
                     }
                 }
             }
         }
+    }
+
+    /// A pull subscription in the priority group, with retries; `None` when
+    /// `stop` turned true first.
+    async fn subscribe(&self, consumer: &PullConsumer, stop: &mut Stop) -> Option<Chunks> {
+        let batch_size = self.run.shared.config.batch_size;
+        // Pull expiry well below the failover time, so the pin is renewed.
+        let expires = self.run.shared.config.failover() / 4;
+        loop {
+            let messages = consumer
+                .stream()
+                .group(PRIORITY_GROUP)
+                .max_messages_per_batch(batch_size)
+                .expires(expires)
+                .heartbeat(expires / 2)
+                .messages()
+                .await;
+            match messages {
+                Ok(messages) => return Some(messages.ready_chunks(batch_size)),
+                Err(e) => {
+                    let (projection, generation) = (self.run.name(), self.run.generation);
+                    tracing::warn!(projection, generation, error = %e, "cannot pull; retrying");
+                    if !pause(stop, Duration::from_secs(1)).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next thing to do: stop, hand the pending messages to
+    /// the writer once it has room, take more messages while the batch has
+    /// room, or raise the watermark while idle.
+    async fn step<'b>(
+        &self,
+        chunks: &mut Chunks,
+        batches: &'b mpsc::Sender<Batch>,
+        stop: &mut Stop,
+    ) -> Step<'b> {
+        let room = self.pending.len() < self.run.shared.config.batch_size;
+        let idle = self.caught_up && self.pending.is_empty();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Step::Stop,
+            permit = batches.reserve(), if !self.pending.is_empty() => {
+                permit.map_or(Step::Stop, Step::Send)
+            }
+            chunk = chunks.next(), if room => chunk.map_or(Step::Reopen, Step::Chunk),
+            _ = tokio::time::sleep_until(self.next_advance), if idle => Step::Advance,
+        }
+    }
+
+    /// Adds delivered messages to the pending ones, noting whether their
+    /// deliveries follow each other.
+    fn receive(&mut self, chunk: Vec<Result<Message, pull::MessagesError>>) {
+        if self.pending.is_empty() {
+            self.contiguous = self.last_delivery.is_some();
+        }
+        let projection = self.run.name();
+        for item in chunk {
+            let message = match item {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::debug!(projection, error = %e, "pull stream notice");
+                    continue;
+                }
+            };
+            match message.info() {
+                Ok(info) => {
+                    let delivery = info.consumer_sequence;
+                    if self.last_delivery.is_some_and(|last| delivery != last + 1) {
+                        self.contiguous = false;
+                    }
+                    self.last_delivery = Some(delivery);
+                    self.pending
+                        .push((info.stream_sequence, info.pending, message));
+                }
+                Err(e) => {
+                    self.contiguous = false;
+                    tracing::debug!(projection, error = %e, "message without metadata");
+                }
+            }
+        }
+    }
+
+    /// Raises the watermark over other types' events if it may (see
+    /// [`advance`]). `false` when the writer is gone.
+    async fn advance(&mut self, batches: &mpsc::Sender<Batch>) -> bool {
+        self.next_advance = tokio::time::Instant::now() + ADVANCE_EVERY;
+        let run = self.run;
+        match advance(&run.shared, run.projection.as_ref(), self.prepared).await {
+            Ok(Some(to)) => {
+                let write = run
+                    .shared
+                    .redis
+                    .prepare(run.name(), run.generation, Vec::new(), to);
+                let batch = Batch {
+                    write: Some(write),
+                    newest: None,
+                    pending: 0,
+                };
+                if batches.send(batch).await.is_err() {
+                    return false;
+                }
+                self.prepared = to;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(projection = run.name(), error = %e, "cannot advance the watermark")
+            }
+        }
+        true
+    }
+
+    /// Turns the pending messages into a batch for the writer, retrying what
+    /// fails (reading a gap, storing a dead letter) until it succeeds. `None`
+    /// when `stop` turned true meanwhile.
+    async fn take_batch(&mut self, stop: &mut Stop) -> Option<Batch> {
+        let pending = &mut self.pending;
+        let newest_at = (0..pending.len()).max_by_key(|&i| pending[i].0)?;
+        let (newest_sequence, left, newest) = pending.swap_remove(newest_at);
+        let mut messages = collect(self.prepared, (newest_sequence, &newest), pending);
+        let run = self.run;
+        let mut backoff = Backoff::new();
+        let write = loop {
+            let attempt = run
+                .prepare(
+                    self.prepared,
+                    newest_sequence,
+                    &mut messages,
+                    self.contiguous,
+                )
+                .await;
+            match attempt {
+                Ok(write) => break write,
+                Err(e) => {
+                    tracing::warn!(projection = run.name(), generation = run.generation, error = %e, "cannot prepare a batch; retrying");
+                    if !backoff.pause(stop).await {
+                        return None;
+                    }
+                }
+            }
+        };
+        self.prepared = self.prepared.max(newest_sequence);
+        Some(Batch {
+            write,
+            newest: Some(newest),
+            pending: left,
+        })
     }
 }
 
@@ -370,108 +525,72 @@ async fn advance(
     Ok(Some(last))
 }
 
-/// Turns the pending messages into a batch for the writer, retrying what
-/// fails (reading a gap, storing a dead letter) until it succeeds. `None`
-/// when `stop` turned true meanwhile.
-#[allow(clippy::too_many_arguments)]
-async fn take_batch(
-    shared: &Shared,
-    projection: &dyn Projection,
-    generation: u64,
-    partitions: u32,
-    prepared: &mut u64,
-    pending: &mut Vec<(u64, u64, Message)>,
-    contiguous: bool,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<Batch> {
-    let newest_at = (0..pending.len()).max_by_key(|&i| pending[i].0)?;
-    let (newest_sequence, left, newest) = pending.swap_remove(newest_at);
-    let mut messages = collect(*prepared, (newest_sequence, &newest), pending);
-    let mut backoff = Duration::from_millis(100);
-    let write = loop {
-        let attempt = prepare(
-            shared,
-            projection,
-            generation,
-            partitions,
-            *prepared,
-            newest_sequence,
-            &mut messages,
-            contiguous,
-        )
-        .await;
-        match attempt {
-            Ok(write) => break write,
-            Err(e) => {
-                tracing::warn!(projection = projection.name(), generation, error = %e, "cannot prepare a batch; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return None,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    };
-    *prepared = (*prepared).max(newest_sequence);
-    Some(Batch {
-        write,
-        newest: Some(newest),
-        pending: left,
-    })
+/// What became of a batch's Redis writes.
+enum Applied {
+    Done,
+    /// The generation is retired or Redis lost its metadata.
+    Gone,
+    Stopped,
 }
 
 /// Applies prepared batches in order and acknowledges them. Returns when
 /// the generation is retired, `stop` turns true or the puller is gone.
-async fn write_batches(
-    shared: Arc<Shared>,
-    name: &'static str,
-    generation: u64,
-    progress: Arc<Progress>,
-    mut queue: mpsc::Receiver<Batch>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn write_batches(run: Arc<Run>, mut queue: mpsc::Receiver<Batch>, mut stop: Stop) {
     while let Some(batch) = queue.recv().await {
         if let Some(write) = &batch.write {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match shared.redis.write(write).await {
-                    Ok(Some(written)) => {
-                        progress
-                            .watermark
-                            .store(written.watermark, Ordering::SeqCst);
-                        break;
-                    }
-                    Ok(None) => {
-                        progress.stopped.store(true, Ordering::SeqCst);
-                        shared.wake_managers();
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(projection = name, generation, error = %e, "batch failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stop.wait_for(|s| *s) => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
+            match apply(&run, write, &mut stop).await {
+                Applied::Done => {}
+                Applied::Gone => {
+                    run.report_stopped();
+                    return;
+                }
+                Applied::Stopped => return,
+            }
+        }
+        acknowledge(&run, &batch).await;
+    }
+}
+
+/// Writes a batch to Redis, retrying with back-off until it applies.
+async fn apply(run: &Run, write: &PreparedWrite, stop: &mut Stop) -> Applied {
+    let mut backoff = Backoff::new();
+    loop {
+        match run.shared.redis.write(write).await {
+            Ok(Some(written)) => {
+                run.progress
+                    .watermark
+                    .store(written.watermark, Ordering::SeqCst);
+                return Applied::Done;
+            }
+            Ok(None) => return Applied::Gone,
+            Err(e) => {
+                tracing::warn!(projection = run.name(), generation = run.generation, error = %e, "batch failed; retrying");
+                if !backoff.pause(stop).await {
+                    return Applied::Stopped;
                 }
             }
         }
-        // AckPolicy::All: acking the newest covers every older one, which
-        // are all applied now.
-        if let Some(newest) = &batch.newest {
-            if let Err(e) = newest.ack().await {
-                tracing::warn!(projection = name, error = %e, "ack failed; the batch will be redelivered and skipped");
-            }
+    }
+}
+
+/// Acknowledges an applied batch and reports the progress it made.
+async fn acknowledge(run: &Run, batch: &Batch) {
+    // AckPolicy::All: acking the newest covers every older one, which
+    // are all applied now.
+    if let Some(newest) = &batch.newest {
+        if let Err(e) = newest.ack().await {
+            tracing::warn!(projection = run.name(), error = %e, "ack failed; the batch will be redelivered and skipped");
         }
-        let watermark = progress.watermark.load(Ordering::SeqCst);
-        progress
-            .caught_up
-            .store(batch.pending == 0, Ordering::SeqCst);
-        shared.announce(name, generation, watermark).await;
-        if batch.pending == 0 {
-            shared.wake_managers();
-        }
+    }
+    let watermark = run.progress.watermark.load(Ordering::SeqCst);
+    run.progress
+        .caught_up
+        .store(batch.pending == 0, Ordering::SeqCst);
+    run.shared
+        .announce(run.name(), run.generation, watermark)
+        .await;
+    if batch.pending == 0 {
+        run.shared.wake_managers();
     }
 }
 
@@ -481,7 +600,7 @@ async fn write_batches(
 fn collect(
     prepared: u64,
     (newest_sequence, newest): (u64, &Message),
-    pending: &mut Vec<(u64, u64, Message)>,
+    pending: &mut Vec<Delivered>,
 ) -> BTreeMap<u64, StoredMessage> {
     let published = |message: &Message| {
         message
@@ -526,39 +645,61 @@ fn collect(
     messages
 }
 
-/// Brings a batch from `prepared` (everything up to it is already on its
-/// way to Redis) to `newest_sequence`: adds the projection's events in that
-/// range from the stream to `messages` unless the deliveries were
-/// `contiguous`, projects them in order and encodes the writes. `None` when
-/// there is nothing new to write. May be called again with the same
-/// `messages` after an error.
-///
-/// Messages may arrive out of order or with holes: after a failover, those
-/// delivered to the copy that died come back only after the ack wait, while
-/// newer ones flow here. The holes are read from the stream directly, so an
-/// event is never applied after a later one of its aggregate.
-#[allow(clippy::too_many_arguments)]
-async fn prepare(
-    shared: &Shared,
-    projection: &dyn Projection,
-    generation: u64,
-    partitions: u32,
-    prepared: u64,
-    newest_sequence: u64,
-    messages: &mut BTreeMap<u64, StoredMessage>,
-    contiguous: bool,
-) -> Result<Option<PreparedWrite>, String> {
-    if newest_sequence <= prepared {
-        return Ok(None);
+/// A projected event: its partition, that partition's keys, its writes.
+type Projected = (u32, KeySpace, Vec<Op>);
+
+impl Run {
+    /// Brings a batch from `prepared` (everything up to it is already on its
+    /// way to Redis) to `newest_sequence`: adds the projection's events in
+    /// that range from the stream to `messages` unless the deliveries were
+    /// `contiguous`, projects them in order and encodes the writes. `None`
+    /// when there is nothing new to write. May be called again with the same
+    /// `messages` after an error.
+    ///
+    /// Messages may arrive out of order or with holes: after a failover,
+    /// those delivered to the copy that died come back only after the ack
+    /// wait, while newer ones flow here. The holes are read from the stream
+    /// directly, so an event is never applied after a later one of its
+    /// aggregate.
+    async fn prepare(
+        &self,
+        prepared: u64,
+        newest_sequence: u64,
+        messages: &mut BTreeMap<u64, StoredMessage>,
+        contiguous: bool,
+    ) -> Result<Option<PreparedWrite>, String> {
+        if newest_sequence <= prepared {
+            return Ok(None);
+        }
+        if !contiguous {
+            self.fill_gaps(prepared + 1, newest_sequence, messages)
+                .await?;
+        }
+        let by_partition = self.project(messages).await?;
+        Ok(Some(self.shared.redis.prepare(
+            self.name(),
+            self.generation,
+            by_partition,
+            newest_sequence,
+        )))
     }
-    if !contiguous {
+
+    /// Adds the projection's events with sequences `from..=to` that
+    /// `messages` lacks, read from the stream.
+    async fn fill_gaps(
+        &self,
+        from: u64,
+        to: u64,
+        messages: &mut BTreeMap<u64, StoredMessage>,
+    ) -> Result<(), String> {
         let before = messages.len();
-        for filter in filter_subjects(projection) {
+        for filter in filter_subjects(self.projection.as_ref()) {
             // Complete up to the newest delivered event even when the
             // replica answering lags (see `EventStore::read_through`).
-            let missing = shared
+            let missing = self
+                .shared
                 .store
-                .read_through(&filter, prepared + 1, newest_sequence)
+                .read_through(&filter, from, to)
                 .await
                 .map_err(|e| e.to_string())?;
             for m in missing {
@@ -567,93 +708,88 @@ async fn prepare(
         }
         if messages.len() > before {
             tracing::debug!(
-                projection = projection.name(),
-                from = prepared + 1,
-                to = newest_sequence,
+                projection = self.name(),
+                from,
+                to,
                 filled = messages.len() - before,
                 "filled a gap from the stream"
             );
         }
+        Ok(())
     }
-    let by_partition = project(shared, projection, generation, partitions, messages).await?;
-    Ok(Some(shared.redis.prepare(
-        projection.name(),
-        generation,
-        by_partition,
-        newest_sequence,
-    )))
-}
 
-/// Projects messages (in stream order) into per-partition batches; events
-/// the projection cannot apply go to the dead letters.
-async fn project(
-    shared: &Shared,
-    projection: &dyn Projection,
-    generation: u64,
-    partitions: u32,
-    messages: &BTreeMap<u64, StoredMessage>,
-) -> Result<Vec<PartitionBatch>, String> {
-    let name = projection.name();
-    let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
-    for (&sequence, message) in messages {
-        let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
-        if !projection.aggregate_types().contains(&aggregate_type) {
-            continue;
+    /// Projects messages (in stream order) into per-partition batches;
+    /// events the projection cannot apply go to the dead letters.
+    async fn project(
+        &self,
+        messages: &BTreeMap<u64, StoredMessage>,
+    ) -> Result<Vec<PartitionBatch>, String> {
+        let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
+        for (&sequence, message) in messages {
+            let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
+            if !self.projection.aggregate_types().contains(&aggregate_type) {
+                continue;
+            }
+            match self.project_one(sequence, message) {
+                Ok((_, _, ops)) if ops.is_empty() => {}
+                Ok((partition, keys, ops)) => by_partition
+                    .entry(partition)
+                    .or_insert_with(|| PartitionBatch {
+                        checkpoint: keys.checkpoint(),
+                        events: Vec::new(),
+                    })
+                    .events
+                    .push((sequence, ops)),
+                Err(reason) => self.dead_letter(sequence, message, &reason).await?,
+            }
         }
+        Ok(by_partition.into_values().collect())
+    }
+
+    /// The writes of one event, trying the projection up to
+    /// `projector.max_attempts` times; the reason when it cannot be applied.
+    fn project_one(&self, sequence: u64, message: &StoredMessage) -> Result<Projected, String> {
         let event = RecordedEvent::from_parts(
             &message.subject,
             sequence,
             message.timestamp,
             message.headers.as_ref(),
             message.payload.clone(),
-        );
-        let projected = match event {
-            Err(e) => Err(e.to_string()),
-            Ok(event) => {
-                let partition =
-                    partition_of(&event.aggregate_type, &event.aggregate_id, partitions);
-                let keys = KeySpace::new(name, generation, partition);
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let mut ops = Vec::new();
-                    match projection.project(&event, &keys, &mut ops) {
-                        Ok(()) => break Ok((partition, keys, ops)),
-                        Err(e) if attempt >= shared.config.max_attempts => {
-                            break Err(format!("{e} (after {attempt} attempts)"))
-                        }
-                        Err(_) => continue,
-                    }
+        )
+        .map_err(|e| e.to_string())?;
+        let partition = partition_of(&event.aggregate_type, &event.aggregate_id, self.partitions);
+        let keys = KeySpace::new(self.name(), self.generation, partition);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut ops = Vec::new();
+            match self.projection.project(&event, &keys, &mut ops) {
+                Ok(()) => return Ok((partition, keys, ops)),
+                Err(e) if attempt >= self.shared.config.max_attempts => {
+                    return Err(format!("{e} (after {attempt} attempts)"))
                 }
-            }
-        };
-        match projected {
-            Ok((_, _, ops)) if ops.is_empty() => {}
-            Ok((partition, keys, ops)) => by_partition
-                .entry(partition)
-                .or_insert_with(|| PartitionBatch {
-                    checkpoint: keys.checkpoint(),
-                    events: Vec::new(),
-                })
-                .events
-                .push((sequence, ops)),
-            Err(reason) => {
-                tracing::warn!(projection = name, sequence, subject = %message.subject, %reason, "dead-lettering an event");
-                crate::dlq::publish(
-                    &shared.js,
-                    &crate::dlq::Letter {
-                        projection: name,
-                        generation,
-                        original_subject: &message.subject,
-                        original_sequence: sequence,
-                        original_headers: message.headers.as_ref(),
-                        payload: message.payload.clone(),
-                        reason: &reason,
-                    },
-                )
-                .await?;
+                Err(_) => continue,
             }
         }
     }
-    Ok(by_partition.into_values().collect())
+
+    /// Stores an event the projection cannot apply as a dead letter.
+    async fn dead_letter(
+        &self,
+        sequence: u64,
+        message: &StoredMessage,
+        reason: &str,
+    ) -> Result<(), String> {
+        tracing::warn!(projection = self.name(), sequence, subject = %message.subject, %reason, "dead-lettering an event");
+        let letter = crate::dlq::Letter {
+            projection: self.name(),
+            generation: self.generation,
+            original_subject: &message.subject,
+            original_sequence: sequence,
+            original_headers: message.headers.as_ref(),
+            payload: message.payload.clone(),
+            reason,
+        };
+        crate::dlq::publish(&self.shared.js, &letter).await
+    }
 }
