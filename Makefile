@@ -21,11 +21,13 @@ setup: ## Install what is missing: pinned nats-server into tools/, redis-server 
 build: ## Build every binary (debug)
 	cargo build --workspace --bins
 
-run: setup build ## Start nats-server, redis-server and the workers in the foreground; Ctrl-C stops all
-	scripts/run-dev.sh
+# `make run APP=shop` (or `make cluster APP=shop`) runs the shop example
+# instead of the bank.
+run: setup build ## Start nats-server, redis-server and the workers in the foreground (APP=bank|shop); Ctrl-C stops all
+	APP=$(APP) scripts/run-dev.sh
 
-cluster: setup build ## Like run, on a local 3-node nats-server cluster with replicas 3
-	scripts/run-cluster.sh
+cluster: setup build ## Like run, on a local 3-node nats-server cluster with replicas 3 (APP=bank|shop)
+	APP=$(APP) scripts/run-cluster.sh
 
 test: setup build ## Run every test against real servers (needs nothing running)
 	@if cargo nextest --version >/dev/null 2>&1; then \

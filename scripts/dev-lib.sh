@@ -4,6 +4,21 @@
 
 mkdir -p .run
 bin="target/debug"
+
+# Which application to run: APP=bank (the default) or APP=shop. Its
+# binaries are <prefix>-command, <prefix>-projector, <prefix>-snapshotter
+# and the CLI <cli>. One NATS/Redis setup serves one application at a time
+# (the event stream is shared; each app's projections read only its own
+# aggregate types).
+app="${APP:-bank}"
+case "$app" in
+  bank) prefix="jetsource" cli="jetsource" ;;
+  shop) prefix="shop" cli="shop" ;;
+  *)
+    echo "unknown APP=$app: use APP=bank (the default) or APP=shop" >&2
+    exit 1
+    ;;
+esac
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -48,13 +63,52 @@ start_redis() {
   wait_port 6379
 }
 
-# The three workers, against JETSOURCE__NATS__URL and the local Redis.
+# The app's three workers, against JETSOURCE__NATS__URL and the local Redis.
 start_workers() {
   export JETSOURCE__REDIS__URL="redis://127.0.0.1:6379/"
-  "$bin/jetsource-command" &
+  local role
+  for role in command projector snapshotter; do
+    if [ ! -x "$bin/$prefix-$role" ]; then
+      echo "$bin/$prefix-$role is not built: run \`cargo build --workspace --bins\`" >&2
+      exit 1
+    fi
+  done
+  "$bin/$prefix-command" &
   pids+=($!)
-  "$bin/jetsource-projector" &
+  "$bin/$prefix-projector" &
   pids+=($!)
-  "$bin/jetsource-snapshotter" &
+  "$bin/$prefix-snapshotter" &
   pids+=($!)
+}
+
+# What to try in another terminal, for the app that runs.
+print_examples() {
+  case "$app" in
+    bank)
+      cat <<MSG
+  $bin/$cli send account acc-1 OpenAccount '{"owner":"ada"}'
+  $bin/$cli send account acc-1 Deposit '{"amount":100}'
+  $bin/$cli history account acc-1
+  $bin/$cli query account acc-1
+MSG
+      ;;
+    shop)
+      cat <<MSG
+  $bin/$cli send item tea AddItem '{"name":"Green tea"}'
+  $bin/$cli send item tea Restock '{"quantity":10}'
+  $bin/$cli send order o-1 PlaceOrder '{"customer":"ada","lines":[{"sku":"tea","quantity":2,"price":150}]}'
+  $bin/$cli send item tea Reserve '{"order":"o-1","quantity":2}'
+  $bin/$cli send order o-1 Pay '{"amount":300}'
+  $bin/$cli history order o-1
+  $bin/$cli query order o-1
+  $bin/$cli query orders.by_customer ada
+  $bin/$cli query item tea
+  $bin/$cli query items.low_stock
+MSG
+      ;;
+  esac
+  cat <<MSG
+  $bin/$cli projection status
+  $bin/$cli snapshot status
+MSG
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make cluster`: a local 3-node nats-server cluster (JetStream, replicas 3),
-# redis-server and the jetsource workers in the foreground. Ctrl-C stops
+# redis-server and the workers of an application (APP=bank, the default, or
+# APP=shop) in the foreground. Ctrl-C stops
 # everything this script started (by PID). Stop a node to watch failover:
 # `kill <pid of one nats-server>` (the PIDs are printed below).
 set -euo pipefail
@@ -36,24 +37,23 @@ export JETSOURCE__NATS__URL="nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://
 export JETSOURCE__STORE__REPLICAS=3
 start_workers
 
-cat >&2 <<'MSG'
+{
+  cat <<MSG
 
-jetsource is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
+$([ "$app" = bank ] && echo jetsource || echo "the $app") is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
 4224 (monitoring http://127.0.0.1:8222 and up), streams with 3 replicas,
-redis on 127.0.0.1:6379, jetsource-command, -projector and -snapshotter.
+redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
 Try, in another terminal (the CLI reaches any node with this):
   export JETSOURCE__NATS__URL=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
-  target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
-  target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
-  target/debug/jetsource history account acc-1
-  target/debug/jetsource query account acc-1
-  target/debug/jetsource projection status
-  target/debug/jetsource snapshot status
+MSG
+  print_examples
+  cat <<'MSG'
 Kill one nats-server (PIDs above) and commands keep working; start it again
 with `tools/bin/nats-server -c nats/cluster/n<N>.conf`.
 Ctrl-C stops everything.
 
 MSG
+} >&2
 # Exit (and stop the rest) as soon as redis or a worker ends; a nats-server
 # may die: that is what the cluster is for.
 wait -n "${pids[@]:3}"

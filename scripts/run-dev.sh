@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make run`: a single-node nats-server and the jetsource workers in the
-# foreground. Ctrl-C stops everything this script started (by PID).
+# `make run`: a single-node nats-server and the workers of an application
+# (APP=bank, the default, or APP=shop) in the foreground. Ctrl-C stops
+# everything this script started (by PID).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
@@ -16,19 +17,15 @@ start_redis
 export JETSOURCE__NATS__URL="nats://127.0.0.1:4222"
 start_workers
 
-cat >&2 <<'MSG'
+{
+  cat <<MSG
 
-jetsource is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
-redis on 127.0.0.1:6379, jetsource-command, -projector and -snapshotter.
+$([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
+redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
 Try, in another terminal:
-  target/debug/jetsource send account acc-1 OpenAccount '{"owner":"ada"}'
-  target/debug/jetsource send account acc-1 Deposit '{"amount":100}'
-  target/debug/jetsource history account acc-1
-  target/debug/jetsource query account acc-1
-  target/debug/jetsource projection status
-  target/debug/jetsource snapshot status
-Ctrl-C stops everything.
-
 MSG
+  print_examples
+  printf 'Ctrl-C stops everything.\n\n'
+} >&2
 # Exit (and stop the rest) as soon as any process ends.
 wait -n "${pids[@]}"
