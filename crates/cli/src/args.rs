@@ -1,0 +1,160 @@
+//! The command line: subcommands, arguments and their help.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::EXIT_CODES_HELP;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "jetsource",
+    version,
+    about = "Send commands to and read the history of a jetsource event store",
+    after_help = EXIT_CODES_HELP
+)]
+pub struct Cli {
+    /// Configuration file (TOML); see jetsource.example.toml.
+    #[arg(long, global = true, env = "JETSOURCE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL (overrides the configuration).
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// Print one JSON document on stdout instead of text, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a command: `jetsource send account a1 Deposit '{"amount":100}'`.
+    Send(SendArgs),
+    /// Ask a read model: `jetsource query account acc-1 --min-sequence 42`;
+    /// `jetsource query --list` shows every query.
+    Query(QueryArgs),
+    /// The audit trail of one aggregate: every event with sequence, time,
+    /// type and data (in the current schema).
+    History(AggregateArgs),
+    /// An aggregate's state now, or as it was at a sequence or an instant.
+    State(StateArgs),
+    /// The event stream's configuration and size.
+    Stream,
+    /// Read models: status, rebuild.
+    Projection {
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
+    /// Dead letters: events a projection could not apply.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Aggregate snapshots: status, rebuild.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+    /// Print a shell completion script: `jetsource completions bash >
+    /// ~/.local/share/bash-completion/completions/jetsource`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub command_type: String,
+    /// Command data as a JSON object (default `{}`).
+    pub data: Option<String>,
+    /// Idempotency key: resending with the same id appends nothing.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// Refuse unless the aggregate is at exactly this version.
+    #[arg(long)]
+    pub expected_version: Option<u64>,
+    /// How long to wait for the reply.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The query, e.g. `account` or `accounts.top` (see --list).
+    #[arg(required_unless_present = "list")]
+    pub name: Option<String>,
+    /// The key, for a query that takes one (e.g. an account id).
+    pub key: Option<String>,
+    /// Wait until the read model reflects this stream sequence.
+    #[arg(long)]
+    pub min_sequence: Option<u64>,
+    /// How long the projector may wait for --min-sequence; the CLI waits a
+    /// little longer for its answer.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// A parameter of the query, NAME=VALUE (repeatable; see --list).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// Shorthand for --param limit=N.
+    #[arg(long)]
+    pub limit: Option<String>,
+    /// Print every query of this application: subject, parameters, what
+    /// it answers.
+    #[arg(long, conflicts_with_all = ["name", "key", "min_sequence", "params", "limit"])]
+    pub list: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AggregateArgs {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    #[command(flatten)]
+    pub aggregate: AggregateArgs,
+    /// Fold events up to and including this stream sequence.
+    #[arg(long, conflicts_with = "at_time")]
+    pub at_seq: Option<u64>,
+    /// Fold events stored at or before this RFC 3339 instant.
+    #[arg(long)]
+    pub at_time: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// How many snapshots, how old, how far behind their aggregates.
+    Status,
+    /// Recompute the snapshots of every aggregate (of one type) from a full
+    /// replay, replacing what is stored.
+    Rebuild { aggregate_type: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Per projection: generation, checkpoint, the stream's last sequence,
+    /// lag in events and in time, rebuild in progress.
+    Status,
+    /// Build a projection afresh from sequence 1 into a new key space while
+    /// the current one keeps serving, then switch atomically and delete the
+    /// old keys.
+    Rebuild { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Every dead letter with its reason.
+    List,
+    /// Apply dead letters again with the current projection code; those
+    /// that succeed leave the dead-letter stream.
+    Replay {
+        /// Only this dead letter (its sequence in the dead-letter stream).
+        #[arg(long)]
+        seq: Option<u64>,
+    },
+}
