@@ -17,6 +17,7 @@ use jetsource_core::micro::{self, Endpoint, MicroService};
 use jetsource_core::protocol::COMMAND_SUBJECT_PREFIX;
 use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{EventStore, StoreError};
+use jetsource_core::ErrorClass;
 
 pub use handler::{snapshot_request_subject, Snapshots, Worker};
 
@@ -30,8 +31,18 @@ pub const ENDPOINT: &str = "commands";
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// NATS refused or could not take a subscription of the service.
     #[error("cannot start the NATS service: {0}")]
-    Service(String),
+    Service(#[from] async_nats::SubscribeError),
+}
+
+impl RunError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RunError::Store(e) => e.class(),
+            RunError::Service(_) => ErrorClass::Transient,
+        }
+    }
 }
 
 /// Serves commands until `shutdown` resolves, then stops taking requests,
@@ -138,8 +149,7 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
     let queue_group = config.command.queue_group.clone();
     let requests = client
         .queue_subscribe(subject.clone(), queue_group.clone())
-        .await
-        .map_err(|e| RunError::Service(e.to_string()))?;
+        .await?;
     let service = MicroService::start(
         &client,
         SERVICE_NAME,
@@ -151,8 +161,7 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
             queue_group: queue_group.clone(),
         }],
     )
-    .await
-    .map_err(|e| RunError::Service(e.to_string()))?;
+    .await?;
     Ok(Started {
         client,
         store_client,

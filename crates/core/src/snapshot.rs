@@ -25,7 +25,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::config::SnapshotConfig;
-use crate::store::{StoreError, StoreErrorKind};
+use crate::store::{codes, StoreError, StoreErrorKind};
 
 /// The snapshot envelope this version writes and reads.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -110,6 +110,15 @@ pub enum Written {
 pub struct SnapshotStore {
     kv: kv::Store,
     bucket: String,
+}
+
+/// Whether a key-value write was refused because the entry's revision was
+/// not the expected one: another writer got there first. async-nats names
+/// only the single-node code of that refusal
+/// ([`kv::UpdateErrorKind::WrongLastRevision`]); a replicated bucket
+/// answers with the other one, found by number.
+fn changed_meanwhile(e: &(dyn std::error::Error + 'static)) -> bool {
+    codes::code_in(e).and_then(codes::kind_of) == Some(StoreErrorKind::WrongLastSequence)
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -206,35 +215,53 @@ impl SnapshotStore {
         snapshot: &Snapshot,
         state_schema: u32,
     ) -> Result<Written, StoreError> {
+        self.put_unless(snapshot, state_schema, |stored| {
+            stored.version >= snapshot.version
+        })
+        .await
+    }
+
+    /// Stores `snapshot` unless a valid one of a higher version is there,
+    /// replacing one of the same version: for a rebuild from the events
+    /// (the fold may have been fixed since). Compare-and-set like
+    /// [`SnapshotStore::put_if_newer`], so a newer snapshot written meanwhile
+    /// (the snapshotter keeps running) is never replaced by this older one.
+    pub async fn put_unless_newer(
+        &self,
+        snapshot: &Snapshot,
+        state_schema: u32,
+    ) -> Result<Written, StoreError> {
+        self.put_unless(snapshot, state_schema, |stored| {
+            stored.version > snapshot.version
+        })
+        .await
+    }
+
+    /// Stores `snapshot` unless the valid snapshot stored is one to `keep`;
+    /// looks again when another writer changed the entry in between.
+    async fn put_unless(
+        &self,
+        snapshot: &Snapshot,
+        state_schema: u32,
+        keep: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Written, StoreError> {
         let key = Snapshot::key(&snapshot.aggregate_type, &snapshot.aggregate_id);
         let bytes = serde_json::to_vec(snapshot).unwrap_or_default();
         for _ in 0..10 {
-            let entry = self
+            let stored = self
                 .kv
                 .entry(&key)
                 .await
-                .map_err(|e| unavailable("cannot read a snapshot", e))?;
-            let result = match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    if let Ok(existing) = Snapshot::decode(&entry.value, state_schema) {
-                        if existing.version >= snapshot.version {
-                            return Ok(Written::Kept);
-                        }
-                    }
-                    self.kv
-                        .update(&key, bytes.clone().into(), entry.revision)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-                _ => self
-                    .kv
-                    .create(&key, bytes.clone().into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            if result.is_ok() {
+                .map_err(|e| unavailable("cannot read a snapshot", e))?
+                .filter(|entry| entry.operation == kv::Operation::Put);
+            let valid = stored
+                .as_ref()
+                .and_then(|entry| Snapshot::decode(&entry.value, state_schema).ok());
+            if valid.is_some_and(|existing| keep(&existing)) {
+                return Ok(Written::Kept);
+            }
+            let revision = stored.map(|entry| entry.revision);
+            if self.compare_and_set(&key, &bytes, revision).await? {
                 return Ok(Written::Stored);
             }
             // Another copy wrote meanwhile: look again.
@@ -243,6 +270,32 @@ impl SnapshotStore {
             "cannot write a snapshot",
             "the entry kept changing under concurrent writers",
         ))
+    }
+
+    /// Writes `bytes` under `key` if the entry is still at `revision` (`None`:
+    /// if it has no value); `false` when another writer changed it first.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        revision: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let value = bytes::Bytes::copy_from_slice(bytes);
+        let what = "cannot write a snapshot";
+        match revision {
+            Some(revision) => match self.kv.update(key, value, revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) if changed_meanwhile(&e) => Ok(false),
+                Err(e) => Err(StoreError::jetstream(what, codes::code_in(&e), e)),
+            },
+            None => match self.kv.create(key, value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) if changed_meanwhile(&e) => Ok(false),
+                Err(e) => Err(StoreError::jetstream(what, codes::code_in(&e), e)),
+            },
+        }
     }
 
     /// Every key in the bucket.

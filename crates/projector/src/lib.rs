@@ -32,8 +32,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use jetsource_core::config::Config;
 use jetsource_core::store::{EventStore, StoreError};
+use jetsource_core::ErrorClass;
 use tokio::sync::{watch, Notify};
 
+use crate::dlq::DlqError;
 use crate::projection::Projection;
 use crate::redis_store::{Meta, RedisStore};
 use crate::runner::Progress;
@@ -55,16 +57,44 @@ pub fn control_subject(projection: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// NATS or the event stream.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The dead-letter stream.
+    #[error(transparent)]
+    DeadLetters(#[from] DlqError),
     #[error("cannot reach Redis at {url}: {source}; is redis-server running?")]
     Redis {
         url: String,
         #[source]
         source: redis::RedisError,
     },
+    /// A subscription NATS refused or could not take.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: &'static str,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    /// The query service could not subscribe or announce itself (NATS).
+    #[error("cannot start the query service: {0}")]
+    Queries(String),
+    /// The projections' declarations cannot work (two queries on one
+    /// subject, a malformed query name).
     #[error("{0}")]
     Setup(String),
+}
+
+impl RunError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RunError::Store(e) => e.class(),
+            RunError::DeadLetters(e) => e.class(),
+            RunError::Redis { source, .. } => redis_store::class(source),
+            RunError::Subscribe { .. } | RunError::Queries(_) => ErrorClass::Transient,
+            RunError::Setup(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 /// State shared by the managers, runners and the query service of one
@@ -90,7 +120,6 @@ mod shared {
         pub config: ProjectorConfig,
         pub client: async_nats::Client,
         pub js: jetstream::Context,
-        pub events: jetstream::stream::Stream,
         pub store: EventStore,
         pub redis: RedisStore,
         pub projections: Vec<Arc<dyn Projection>>,
@@ -174,7 +203,7 @@ pub async fn run(
         .collect();
     let queries = tokio::select! {
         queries = query::serve(shared.clone(), &config, stop_rx.clone()) => {
-            Some(queries.map_err(RunError::Setup)?)
+            Some(queries.map_err(RunError::Queries)?)
         }
         () = &mut shutdown => None,
     };
@@ -261,17 +290,12 @@ async fn start(
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
     let js = store.jetstream().clone();
-    let events = js
-        .get_stream(&config.store.stream)
-        .await
-        .map_err(|e| RunError::Setup(format!("cannot open stream {}: {e}", config.store.stream)))?;
     dlq::ensure_stream(
         &js,
         &config.projector.dead_letter_stream,
         config.store.replicas,
     )
-    .await
-    .map_err(RunError::Setup)?;
+    .await?;
     let redis = RedisStore::connect_with(&config.redis)
         .await
         .map_err(|source| RunError::Redis {
@@ -286,7 +310,6 @@ async fn start(
         config: config.projector.clone(),
         client: client.clone(),
         js,
-        events,
         store,
         redis,
         router,
@@ -295,14 +318,17 @@ async fn start(
         watermarks,
     });
 
-    let announcements = client
-        .subscribe("jetsource.progress.*")
-        .await
-        .map_err(|e| RunError::Setup(e.to_string()))?;
-    let control = client
-        .subscribe("jetsource.control.*")
-        .await
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let subscribe = |subject: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(subject)
+                .await
+                .map_err(|source| RunError::Subscribe { subject, source })
+        }
+    };
+    let announcements = subscribe("jetsource.progress.*").await?;
+    let control = subscribe("jetsource.control.*").await?;
     Ok(Started {
         client,
         shared,
@@ -480,8 +506,8 @@ impl Manager {
 /// Deletes a generation's consumer and keys.
 async fn retire(shared: &Shared, name: &str, generation: u64) {
     let consumer = runner::consumer_name(name, generation);
-    match shared.events.delete_consumer(&consumer).await {
-        Ok(_) => {}
+    match shared.store.delete_consumer(&consumer).await {
+        Ok(()) => {}
         Err(e) => tracing::debug!(consumer, error = %e, "consumer already gone"),
     }
     match shared.redis.delete_generation(name, generation).await {
@@ -495,19 +521,20 @@ async fn retire(shared: &Shared, name: &str, generation: u64) {
 /// Retires every generation older than `active` still having a consumer:
 /// leftovers of a rebuild or of a lost Redis.
 async fn retire_older(shared: &Shared, name: &str, active: u64) {
+    let consumers = match shared.store.consumer_names().await {
+        Ok(consumers) => consumers,
+        Err(e) => {
+            tracing::warn!(projection = name, error = %e, "cannot list the old generations");
+            return;
+        }
+    };
     let prefix = format!("{name}-g");
-    let mut names = shared.events.consumer_names();
-    let mut old = Vec::new();
-    while let Some(Ok(consumer)) = names.next().await {
-        if let Some(generation) = consumer
+    let old = consumers.iter().filter_map(|consumer| {
+        consumer
             .strip_prefix(&prefix)
             .and_then(|g| g.parse::<u64>().ok())
-        {
-            if generation < active {
-                old.push(generation);
-            }
-        }
-    }
+            .filter(|&generation| generation < active)
+    });
     for generation in old {
         retire(shared, name, generation).await;
     }

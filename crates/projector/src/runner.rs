@@ -13,12 +13,14 @@ use async_nats::jetstream::consumer::{
 };
 use async_nats::jetstream::Message;
 use futures::StreamExt;
-use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
-use jetsource_core::store::StoredMessage;
+use jetsource_core::envelope::{EnvelopeError, RecordedEvent, EVENT_SUBJECT_PREFIX};
+use jetsource_core::store::{StoreError, StoredMessage};
+use jetsource_core::ErrorClass;
 use tokio::sync::{mpsc, watch};
 
+use crate::dlq::DlqError;
 use crate::keys::{partition_of, KeySpace};
-use crate::projection::{Op, Projection};
+use crate::projection::{Op, Projection, ProjectionError};
 use crate::redis_store::{PartitionBatch, PreparedWrite};
 use crate::shared::Shared;
 
@@ -83,6 +85,41 @@ pub fn consumer_config(
         priority_timeout: failover,
         ..Default::default()
     }
+}
+
+/// Why a batch could not be prepared. The runner retries it with back-off
+/// whatever the class: an event is never skipped for a NATS failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// Reading the events of a gap from the stream failed.
+    #[error("cannot read a gap from the stream: {0}")]
+    Gap(#[source] StoreError),
+    /// Storing an event the projection cannot apply as a dead letter failed.
+    #[error(transparent)]
+    DeadLetter(#[from] DlqError),
+}
+
+impl BatchError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BatchError::Gap(e) => e.class(),
+            BatchError::DeadLetter(e) => e.class(),
+        }
+    }
+}
+
+/// Why an event goes to the dead letters (the reason stored with it).
+#[derive(Debug, thiserror::Error)]
+enum Unapplicable {
+    /// The message is not a jetsource event.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The projection refused it every time.
+    #[error("{source} (after {attempts} attempts)")]
+    Refused {
+        source: ProjectionError,
+        attempts: u32,
+    },
 }
 
 /// A batch on its way from the puller to the writer.
@@ -201,7 +238,7 @@ async fn create_consumer(
 ) -> Option<PullConsumer> {
     let config = consumer_config(projection, generation, shared.config.failover());
     loop {
-        match shared.events.create_consumer(config.clone()).await {
+        match shared.store.create_consumer(config.clone()).await {
             Ok(consumer) => return Some(consumer),
             Err(e) => {
                 tracing::warn!(projection = projection.name(), generation, error = %e, "cannot create consumer; retrying");
@@ -474,7 +511,7 @@ impl<'a> Puller<'a> {
             match attempt {
                 Ok(write) => break write,
                 Err(e) => {
-                    tracing::warn!(projection = run.name(), generation = run.generation, error = %e, "cannot prepare a batch; retrying");
+                    tracing::warn!(projection = run.name(), generation = run.generation, error = %e, class = ?e.class(), "cannot prepare a batch; retrying");
                     if !backoff.pause(stop).await {
                         return None;
                     }
@@ -510,7 +547,7 @@ async fn advance(
     shared: &Shared,
     projection: &dyn Projection,
     prepared: u64,
-) -> Result<Option<u64>, jetsource_core::store::StoreError> {
+) -> Result<Option<u64>, StoreError> {
     let last = shared.store.last_sequence().await?;
     if last <= prepared {
         return Ok(None);
@@ -564,7 +601,7 @@ async fn apply(run: &Run, write: &PreparedWrite, stop: &mut Stop) -> Applied {
             }
             Ok(None) => return Applied::Gone,
             Err(e) => {
-                tracing::warn!(projection = run.name(), generation = run.generation, error = %e, "batch failed; retrying");
+                tracing::warn!(projection = run.name(), generation = run.generation, error = %e, class = ?crate::redis_store::class(&e), "batch failed; retrying");
                 if !backoff.pause(stop).await {
                     return Applied::Stopped;
                 }
@@ -667,7 +704,7 @@ impl Run {
         newest_sequence: u64,
         messages: &mut BTreeMap<u64, StoredMessage>,
         contiguous: bool,
-    ) -> Result<Option<PreparedWrite>, String> {
+    ) -> Result<Option<PreparedWrite>, BatchError> {
         if newest_sequence <= prepared {
             return Ok(None);
         }
@@ -691,7 +728,7 @@ impl Run {
         from: u64,
         to: u64,
         messages: &mut BTreeMap<u64, StoredMessage>,
-    ) -> Result<(), String> {
+    ) -> Result<(), BatchError> {
         let before = messages.len();
         for filter in filter_subjects(self.projection.as_ref()) {
             // Complete up to the newest delivered event even when the
@@ -701,7 +738,7 @@ impl Run {
                 .store
                 .read_through(&filter, from, to)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(BatchError::Gap)?;
             for m in missing {
                 messages.entry(m.sequence).or_insert(m);
             }
@@ -723,7 +760,7 @@ impl Run {
     async fn project(
         &self,
         messages: &BTreeMap<u64, StoredMessage>,
-    ) -> Result<Vec<PartitionBatch>, String> {
+    ) -> Result<Vec<PartitionBatch>, BatchError> {
         let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
         for (&sequence, message) in messages {
             let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
@@ -748,15 +785,18 @@ impl Run {
 
     /// The writes of one event, trying the projection up to
     /// `projector.max_attempts` times; the reason when it cannot be applied.
-    fn project_one(&self, sequence: u64, message: &StoredMessage) -> Result<Projected, String> {
+    fn project_one(
+        &self,
+        sequence: u64,
+        message: &StoredMessage,
+    ) -> Result<Projected, Unapplicable> {
         let event = RecordedEvent::from_parts(
             &message.subject,
             sequence,
             message.timestamp,
             message.headers.as_ref(),
             message.payload.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let partition = partition_of(&event.aggregate_type, &event.aggregate_id, self.partitions);
         let keys = KeySpace::new(self.name(), self.generation, partition);
         let mut attempt = 0;
@@ -765,8 +805,11 @@ impl Run {
             let mut ops = Vec::new();
             match self.projection.project(&event, &keys, &mut ops) {
                 Ok(()) => return Ok((partition, keys, ops)),
-                Err(e) if attempt >= self.shared.config.max_attempts => {
-                    return Err(format!("{e} (after {attempt} attempts)"))
+                Err(source) if attempt >= self.shared.config.max_attempts => {
+                    return Err(Unapplicable::Refused {
+                        source,
+                        attempts: attempt,
+                    })
                 }
                 Err(_) => continue,
             }
@@ -778,8 +821,9 @@ impl Run {
         &self,
         sequence: u64,
         message: &StoredMessage,
-        reason: &str,
-    ) -> Result<(), String> {
+        reason: &Unapplicable,
+    ) -> Result<(), DlqError> {
+        let reason = reason.to_string();
         tracing::warn!(projection = self.name(), sequence, subject = %message.subject, %reason, "dead-lettering an event");
         let letter = crate::dlq::Letter {
             projection: self.name(),
@@ -788,7 +832,7 @@ impl Run {
             original_sequence: sequence,
             original_headers: message.headers.as_ref(),
             payload: message.payload.clone(),
-            reason,
+            reason: &reason,
         };
         crate::dlq::publish(&self.shared.js, &letter).await
     }

@@ -49,6 +49,21 @@ pub const BATCH_DISABLED: u64 = 10174;
 /// A header a batch may not carry (`Nats-Expected-Last-Msg-Id`).
 pub const BATCH_UNSUPPORTED_HEADER: u64 = 10177;
 
+/// The JetStream API error code in `error` or its chain of causes, if the
+/// server refused with one. async-nats keeps the server's answer (`{"code",
+/// "err_code", "description"}`) as the source of its request, publish and
+/// key-value errors, at different depths.
+pub fn code_in(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(api) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(api.error_code().0);
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// What a refusal with `code` means for jetsource. `None` for codes with no
 /// special meaning: the caller reports them as refused by the server.
 pub fn kind_of(code: u64) -> Option<StoreErrorKind> {
@@ -116,6 +131,21 @@ mod tests {
             Some(StoreErrorKind::IncompatibleStream)
         );
         assert_eq!(class(BATCH_TOO_LARGE), Some(ErrorClass::Permanent));
+    }
+
+    #[test]
+    fn the_code_is_found_however_deep_the_client_wrapped_it() {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        use async_nats::jetstream::kv::{UpdateError, UpdateErrorKind};
+        let api: async_nats::jetstream::Error = serde_json::from_str(
+            r#"{"code": 400, "err_code": 10164, "description": "wrong last sequence"}"#,
+        )
+        .expect("an API error");
+        let publish = PublishError::with_source(PublishErrorKind::Other, api);
+        let update = UpdateError::with_source(UpdateErrorKind::Other, publish);
+        assert_eq!(code_in(&update), Some(WRONG_LAST_SEQUENCE_CONSTANT));
+        let timed_out = UpdateError::new(UpdateErrorKind::TimedOut);
+        assert_eq!(code_in(&timed_out), None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
 pub mod codes;
+mod consumers;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
@@ -91,6 +92,27 @@ impl StoreError {
             kind: codes::kind_of(code).unwrap_or(fallback),
             message: message.into(),
             code: Some(code),
+        }
+    }
+
+    /// A failed JetStream request other than an append: refused by the
+    /// server with API error `code` (classed by [`codes::kind_of`],
+    /// [`StoreErrorKind::Rejected`] for codes without a special meaning), or
+    /// not answered at all (no code: [`StoreErrorKind::Unavailable`]).
+    pub fn jetstream(what: &str, code: Option<u64>, e: impl std::fmt::Display) -> Self {
+        match code {
+            Some(code) => Self::from_code(code, StoreErrorKind::Rejected, format!("{what}: {e}")),
+            None => Self::unavailable(what, e),
+        }
+    }
+
+    /// A failed publish to a stream other than the event stream (a dead
+    /// letter), classed like an append's.
+    pub fn publish(what: &str, e: &PublishError) -> Self {
+        Self {
+            kind: publish_kind(e),
+            message: format!("{what}: {e}"),
+            code: codes::code_in(e),
         }
     }
 
@@ -1036,20 +1058,11 @@ fn stored_message(message: &async_nats::Message) -> Result<StoredMessage, StoreE
     })
 }
 
-/// JetStream API error code behind a publish error, if any.
-fn api_error_code(e: &PublishError) -> Option<u64> {
-    let source = std::error::Error::source(e)?;
-    let api = source.downcast_ref::<async_nats::jetstream::Error>()?;
-    Some(api.error_code().0)
-}
-
-fn publish_error(e: PublishError) -> StoreError {
-    let kind = match api_error_code(&e) {
-        Some(code) => match codes::kind_of(code) {
-            Some(kind) => kind,
-            None => StoreErrorKind::Rejected,
-        },
-        // No API error: the client's own view of what went wrong.
+/// What a failed publish means: by the server's API error code when it
+/// sent one, otherwise by the client's view of what went wrong.
+fn publish_kind(e: &PublishError) -> StoreErrorKind {
+    match codes::code_in(e) {
+        Some(code) => codes::kind_of(code).unwrap_or(StoreErrorKind::Rejected),
         None => match e.kind() {
             PublishErrorKind::WrongLastSequence => StoreErrorKind::WrongLastSequence,
             PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
@@ -1061,8 +1074,12 @@ fn publish_error(e: PublishError) -> StoreError {
                 StoreErrorKind::Rejected
             }
         },
-    };
-    let code = api_error_code(&e);
+    }
+}
+
+fn publish_error(e: PublishError) -> StoreError {
+    let kind = publish_kind(&e);
+    let code = codes::code_in(&e);
     let message = match (kind, code) {
         (StoreErrorKind::WrongLastSequence, _) => {
             "the aggregate changed since it was loaded (wrong last sequence)".to_owned()
