@@ -1062,6 +1062,16 @@ async fn cluster_concurrent_clients_find_each_order_once_in_its_customers_index(
         }
     }
     assert_eq!(expected.values().map(BTreeSet::len).sum::<usize>(), 48);
+    let js = async_nats::jetstream::new(client.clone());
+    let info = js
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3, "the event stream is R3");
 
     for (customer, ids) in &expected {
         let mut seen = Vec::new();
