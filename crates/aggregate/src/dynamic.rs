@@ -115,17 +115,25 @@ fn downcast<A: Aggregate>(state: &State) -> &A::State {
 }
 
 /// Splits a serialized adjacently tagged enum into its type name and data.
+/// The data keeps the bytes serde wrote (field order included): what the
+/// domain declared is what is stored.
 fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, String> {
-    let value = serde_json::to_value(event).map_err(|e| e.to_string())?;
-    let Value::Object(mut map) = value else {
-        return Err("events must serialize as {\"type\", \"data\"} objects".into());
-    };
-    let Some(Value::String(event_type)) = map.remove("type") else {
-        return Err("event has no string \"type\"".into());
-    };
-    let data = map.remove("data").unwrap_or(Value::Null);
-    let data = serde_json::to_vec(&data).map_err(|e| e.to_string())?;
-    Ok(NewEvent { event_type, data })
+    #[derive(serde::Deserialize)]
+    struct Tagged<'a> {
+        #[serde(rename = "type")]
+        event_type: String,
+        #[serde(borrow, default)]
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    let json = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+    let tagged: Tagged<'_> = serde_json::from_slice(&json).map_err(|_| {
+        "events must serialize as {\"type\": ..., \"data\": ...} objects (#[serde(tag = \"type\", content = \"data\")])".to_owned()
+    })?;
+    let data = tagged.data.map_or("null", |raw| raw.get());
+    Ok(NewEvent {
+        event_type: tagged.event_type,
+        data: data.as_bytes().to_vec(),
+    })
 }
 
 /// Decodes one stored event, reusing `buf` so folding long histories does not
@@ -278,5 +286,43 @@ impl Registry {
 
     pub fn types(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.aggregates.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize)]
+    #[serde(tag = "type", content = "data")]
+    enum Ev {
+        Placed {
+            sku: String,
+            quantity: u32,
+            price: u64,
+        },
+        Closed,
+    }
+
+    #[test]
+    fn event_data_is_stored_as_the_domain_serialized_it() {
+        let placed = Ev::Placed {
+            sku: "s1".into(),
+            quantity: 2,
+            price: 10,
+        };
+        let split = split_event(&placed).expect("splits");
+        assert_eq!(split.event_type, "Placed");
+        assert_eq!(
+            String::from_utf8_lossy(&split.data),
+            r#"{"sku":"s1","quantity":2,"price":10}"#,
+            "field order kept"
+        );
+        let closed = split_event(&Ev::Closed).expect("splits");
+        assert_eq!(
+            (closed.event_type.as_str(), closed.data.as_slice()),
+            ("Closed", &b"null"[..])
+        );
+        assert!(split_event(&3u32).is_err());
     }
 }
