@@ -1,0 +1,5 @@
+//! The core crate's integration tests, one binary: the event store against
+//! a real nats-server, and snapshot properties.
+
+mod snapshot_props;
+mod store;
