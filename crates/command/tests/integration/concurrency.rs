@@ -3,12 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::Fleet;
+use crate::common::Fleet;
 use jetsource_core::config::{NatsConfig, StoreConfig};
 use jetsource_core::loader::{Loaded, Until};
 use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody, ErrorCode};

@@ -3,11 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Fleet;
+use crate::common::Fleet;
 use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody, ErrorCode};
 use jetsource_test_support::Sync;
 use serde_json::json;

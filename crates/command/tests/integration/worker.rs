@@ -3,9 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 
-use common::Fleet;
+use crate::common::Fleet;
 use jetsource_core::protocol::{CommandOutcome, ErrorCode};
 use serde_json::{json, Value};
 
@@ -167,7 +166,7 @@ async fn a_resent_command_returns_the_first_outcome_and_appends_nothing() {
     assert_eq!(fleet.stream_messages().await, 5);
 
     // A second copy with a cold cache, and a resend after newer commands.
-    fleet.add_worker(common::config(&fleet.server));
+    fleet.add_worker(crate::common::config(&fleet.server));
     fleet.wait_for_workers(2).await;
     fleet
         .send(

@@ -1,0 +1,6 @@
+//! The command worker's integration tests, one binary: in-process workers against a real nats-server.
+
+mod common;
+mod concurrency;
+mod resilience;
+mod worker;
