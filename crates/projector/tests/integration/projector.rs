@@ -3,9 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 
-use common::Env;
+use crate::common::Env;
 use jetsource_core::protocol::ErrorCode;
 use serde_json::json;
 

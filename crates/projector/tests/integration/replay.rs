@@ -2,12 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::Env;
+use crate::common::Env;
 use jetsource_core::envelope::RecordedEvent;
 use jetsource_projector::keys::{partition_of, KeySpace};
 use jetsource_projector::projection::{Op, Projection, ProjectionError};
