@@ -300,3 +300,55 @@ async fn rebuild_writes_a_snapshot_of_every_aggregate() {
     }
     env.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_request_is_served_and_answered() {
+    let env = Env::start().await;
+    env.send(
+        "q1",
+        json!({"type": "OpenAccount", "data": {"owner": "o", "initial_deposit": 7}}),
+    )
+    .await;
+    env.send("q1", json!({"type": "Deposit", "data": {"amount": 3}}))
+        .await;
+    // Three events, none a snapshot point (every 10): only the request
+    // makes one.
+    let reply = env
+        .client
+        .request(
+            jetsource_command::snapshot_request_subject("account", "q1"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    let answer = decode_reply::<serde_json::Value>(&reply.payload)
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, json!({"snapshot": "stored"}));
+    let snapshot = env.wait_for_snapshot("q1", 3).await;
+    assert_eq!(snapshot.state["balance"], 10);
+    // Asked again: the same version is there already.
+    let reply = env
+        .client
+        .request(
+            jetsource_command::snapshot_request_subject("account", "q1"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    let answer = decode_reply::<serde_json::Value>(&reply.payload)
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, json!({"snapshot": "kept"}));
+    // A malformed request is refused, not taken for a fault.
+    let reply = env
+        .client
+        .request("jetsource.snapshot.request.nosuchtype.x1", "".into())
+        .await
+        .unwrap();
+    let refused = decode_reply::<serde_json::Value>(&reply.payload)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code, jetsource_core::protocol::ErrorCode::Invalid);
+    env.shutdown().await;
+}
