@@ -6,10 +6,8 @@ use std::sync::Arc;
 
 use jetsource_core::aggregate::{DynAggregate, Registry};
 use jetsource_core::config::Config;
-use jetsource_core::protocol::ErrorCode;
 use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::EventStore;
-use jetsource_core::ErrorClass;
 use jetsource_projector::projection::Projection;
 use jetsource_projector::redis_store::RedisStore;
 
@@ -74,11 +72,11 @@ impl Context {
             } else {
                 ""
             };
-            let code = match jetsource_projector::redis_store::class(&e) {
-                ErrorClass::Permanent => ErrorCode::Internal,
-                ErrorClass::Transient | ErrorClass::Conflict => ErrorCode::Unavailable,
-            };
-            Failure::new(code, format!("cannot reach Redis at {url}: {e}{hint}")).into()
+            Failure::new(
+                crate::exit::redis_code(&e),
+                format!("cannot reach Redis at {url}: {e}{hint}"),
+            )
+            .into()
         })
     }
 

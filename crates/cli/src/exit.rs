@@ -9,6 +9,7 @@ use jetsource_core::loader::LoadError;
 use jetsource_core::protocol::{ErrorBody, ErrorCode};
 use jetsource_core::store::{StoreError, StoreErrorKind};
 use jetsource_core::ErrorClass;
+use jetsource_projector::dlq::DlqError;
 use jetsource_projector::redis_store;
 use jetsource_snapshotter::SnapshotError;
 
@@ -106,15 +107,33 @@ fn code_of(error: &(dyn Error + 'static)) -> Option<ErrorCode> {
         Some(SnapshotError::Load(LoadError::Decode { .. })) => return Some(ErrorCode::Internal),
         None => {}
     }
+    if let Some(e) = error.downcast_ref::<DlqError>() {
+        return Some(dlq_code(e));
+    }
     if error.is::<ConfigError>() {
         return Some(ErrorCode::Invalid);
     }
-    error
-        .downcast_ref::<redis::RedisError>()
-        .map(|e| match redis_store::class(e) {
+    error.downcast_ref::<redis::RedisError>().map(redis_code)
+}
+
+pub fn redis_code(error: &redis::RedisError) -> ErrorCode {
+    match redis_store::class(error) {
+        ErrorClass::Permanent => ErrorCode::Internal,
+        ErrorClass::Transient | ErrorClass::Conflict => ErrorCode::Unavailable,
+    }
+}
+
+fn dlq_code(error: &DlqError) -> ErrorCode {
+    match error {
+        DlqError::Nats(e) => store_code(e.kind()),
+        DlqError::Redis(e) => redis_code(e),
+        DlqError::NoReadModel | DlqError::EventGone => ErrorCode::NotFound,
+        DlqError::Open { .. } => match error.class() {
             ErrorClass::Permanent => ErrorCode::Internal,
             ErrorClass::Transient | ErrorClass::Conflict => ErrorCode::Unavailable,
-        })
+        },
+        DlqError::UnknownProjection(_) | DlqError::StillFails(_) => ErrorCode::Internal,
+    }
 }
 
 fn store_code(kind: StoreErrorKind) -> ErrorCode {

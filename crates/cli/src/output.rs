@@ -6,7 +6,7 @@ use std::fmt::Display;
 use std::io::Write;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde::Serialize;
 
 use crate::table::Table;
@@ -78,14 +78,36 @@ impl<'w> Out<'w> {
         } else {
             ProgressDrawTarget::hidden()
         };
-        let template = format!(
-            "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{percent:>3}}%  {{per_sec}}  ETA {{eta}}"
-        );
+        let template =
+            format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{rate}}  ETA {{eta}}");
         let style = ProgressStyle::with_template(&template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            )
             .progress_chars("#>.");
         let bar = ProgressBar::with_draw_target(Some(len), target).with_style(style);
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
+    }
+
+    /// Draws `bar` at its end and leaves it, the cursor on the next line.
+    pub fn finish(&mut self, bar: &ProgressBar) {
+        bar.finish();
+        if !bar.is_hidden() {
+            self.warn("");
+        }
+    }
+
+    /// Leaves `bar` where it stopped (a failure follows), the cursor on the
+    /// next line.
+    pub fn abandon(&mut self, bar: &ProgressBar) {
+        bar.abandon();
+        if !bar.is_hidden() {
+            self.warn("");
+        }
     }
 }

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
+use indicatif::ProgressBar;
 use jetsource_core::protocol::ErrorCode;
 use jetsource_core::store::EventStore;
 use jetsource_projector::redis_store::RedisStore;
@@ -208,6 +209,22 @@ async fn watch_rebuild(
 ) -> anyhow::Result<u64> {
     let bar = out.progress(store.info().await?.state.last_sequence, "events");
     bar.set_message(format!("rebuilding {name}"));
+    let result = follow_rebuild(redis, store, name, generation, &bar, out).await;
+    match &result {
+        Ok(_) => out.finish(&bar),
+        Err(_) => out.abandon(&bar),
+    }
+    result
+}
+
+async fn follow_rebuild(
+    redis: &RedisStore,
+    store: &EventStore,
+    name: &str,
+    generation: u64,
+    bar: &ProgressBar,
+    out: &mut Out<'_>,
+) -> anyhow::Result<u64> {
     let mut progress = (0, Instant::now());
     loop {
         let meta = redis.meta(name).await?;
@@ -216,15 +233,9 @@ async fn watch_rebuild(
         bar.set_length(target.max(done));
         bar.set_position(done);
         match meta {
-            Some(m) if m.active == generation => {
-                bar.finish();
-                return Ok(done);
-            }
+            Some(m) if m.active == generation => return Ok(done),
             Some(m) if m.building.map(|b| b.0) == Some(generation) => {}
-            _ => {
-                bar.abandon();
-                return Err(Failure::new(ErrorCode::Conflict, format!("the rebuild of {name} was abandoned (the projection metadata changed; did Redis lose its data?)")).into());
-            }
+            _ => return Err(Failure::new(ErrorCode::Conflict, format!("the rebuild of {name} was abandoned (the projection metadata changed; did Redis lose its data?)")).into()),
         }
         if done > progress.0 {
             progress = (done, Instant::now());
@@ -262,7 +273,7 @@ async fn dlq_stream(
 
 async fn dlq_list(ctx: &Context, out: &mut Out<'_>) -> anyhow::Result<()> {
     let letters = match dlq_stream(ctx).await? {
-        Some(mut stream) => dlq::list(&mut stream).await.map_err(|e| anyhow!(e))?,
+        Some(mut stream) => dlq::list(&mut stream).await?,
         None => Vec::new(),
     };
     if out.json {
@@ -290,9 +301,7 @@ async fn dlq_replay(ctx: &Context, only: Option<u64>, out: &mut Out<'_>) -> anyh
         Some(mut stream) => {
             let redis = ctx.redis().await?;
             let store = ctx.store().await?;
-            dlq::replay(&mut stream, &store, &redis, &ctx.projections, only)
-                .await
-                .map_err(|e| anyhow!(e))?
+            dlq::replay(&mut stream, &store, &redis, &ctx.projections, only).await?
         }
         None => Vec::new(),
     };

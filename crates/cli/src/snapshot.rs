@@ -141,23 +141,32 @@ async fn rebuild(ctx: &Context, only_type: Option<&str>, out: &mut Out<'_>) -> a
     let store = ctx.store().await?;
     let snapshots = ctx.snapshots(&store).await?;
     let began = Instant::now();
-    let bar = out.progress(0, "aggregates");
-    bar.set_message("rebuilding snapshots");
+    // Drawn from the first aggregate on, when the count is known.
+    let mut bar = None;
     let written = jetsource_snapshotter::rebuild(
         &store,
         &snapshots,
         &ctx.registry,
         only_type,
         |done, total| {
-            bar.set_length(total as u64);
+            let bar = bar.get_or_insert_with(|| {
+                let bar = out.progress(total as u64, "aggregates");
+                bar.set_message("rebuilding snapshots");
+                bar
+            });
             bar.set_position(done as u64);
         },
     )
-    .await?;
+    .await;
     // Aggregates of types this application does not know are passed over
     // without a tick: the bar ends at its length all the same.
-    bar.finish();
-    let aggregates = bar.length().unwrap_or_default();
+    let aggregates = bar.as_ref().and_then(|b| b.length()).unwrap_or_default();
+    match (&bar, &written) {
+        (Some(bar), Ok(_)) => out.finish(bar),
+        (Some(bar), Err(_)) => out.abandon(bar),
+        (None, _) => {}
+    }
+    let written = written?;
     let secs = began.elapsed().as_secs_f64();
     if out.json {
         return out.doc(&json!({"snapshots": written, "aggregates": aggregates, "seconds": secs}));
