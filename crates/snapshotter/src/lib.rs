@@ -114,8 +114,11 @@ pub fn due(config: &SnapshotConfig, aggregate_type: &str, version: u64) -> bool 
 }
 
 /// Rebuilds the snapshots of every aggregate (of `only_type`, if given) from
-/// a full replay, replacing whatever is stored. `progress` is called after
-/// each aggregate with (done, total).
+/// a full replay. A rebuilt snapshot replaces the stored one unless that one
+/// is newer (the snapshotter may have written it meanwhile, or the events
+/// grew since they were read): compare-and-set on the bucket entry, like the
+/// snapshotter's own writes. Returns how many snapshots it wrote;
+/// `progress` is called after each aggregate with (done, total).
 pub async fn rebuild(
     store: &EventStore,
     snapshots: &SnapshotStore,
@@ -131,27 +134,36 @@ pub async fn rebuild(
     let total = subjects.len();
     let mut written = 0;
     for (done, subject) in subjects.iter().enumerate() {
-        let mut tokens = subject.splitn(3, '.').skip(1);
-        let (Some(aggregate_type), Some(aggregate_id)) = (tokens.next(), tokens.next()) else {
-            continue;
-        };
-        let Some(aggregate) = registry.get(aggregate_type) else {
-            continue;
-        };
-        let loaded = Loaded::load(store, aggregate.as_ref(), aggregate_id, Until::End).await?;
-        if let Some(snapshot) = loaded.to_snapshot(aggregate.as_ref(), aggregate_id) {
-            let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
-            snapshots
-                .put_raw(
-                    &jetsource_core::snapshot::Snapshot::key(aggregate_type, aggregate_id),
-                    bytes,
-                )
-                .await?;
+        if rebuild_one(store, snapshots, registry, subject).await? == Some(Written::Stored) {
             written += 1;
         }
         progress(done + 1, total);
     }
     Ok(written)
+}
+
+/// Rebuilds the snapshot of the aggregate whose events are on `subject`;
+/// `None` for an aggregate type the registry does not know, or no events.
+async fn rebuild_one(
+    store: &EventStore,
+    snapshots: &SnapshotStore,
+    registry: &Registry,
+    subject: &str,
+) -> Result<Option<Written>, SnapshotError> {
+    let mut tokens = subject.splitn(3, '.').skip(1);
+    let (Some(aggregate_type), Some(aggregate_id)) = (tokens.next(), tokens.next()) else {
+        return Ok(None);
+    };
+    let Some(aggregate) = registry.get(aggregate_type) else {
+        return Ok(None);
+    };
+    let aggregate = aggregate.as_ref();
+    let loaded = Loaded::load(store, aggregate, aggregate_id, Until::End).await?;
+    let Some(snapshot) = loaded.to_snapshot(aggregate, aggregate_id) else {
+        return Ok(None);
+    };
+    let schema = aggregate.state_schema_version();
+    Ok(Some(snapshots.put_unless_newer(&snapshot, schema).await?))
 }
 
 /// Turns true when the snapshotter is stopping.

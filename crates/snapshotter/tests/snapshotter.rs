@@ -73,13 +73,8 @@ impl Env {
     }
 
     async fn send(&self, id: &str, body: serde_json::Value) -> CommandOutcome {
-        let reply = self
-            .client
-            .request(format!("cmd.account.{id}"), body.to_string().into())
+        jetsource_test_support::requests::send(&self.client, "account", id, body)
             .await
-            .unwrap();
-        decode_reply::<CommandOutcome>(&reply.payload)
-            .unwrap()
             .unwrap()
     }
 
@@ -350,5 +345,69 @@ async fn a_snapshot_request_is_served_and_answered() {
         .unwrap()
         .unwrap_err();
     assert_eq!(refused.code, jetsource_core::protocol::ErrorCode::Invalid);
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_never_replaces_a_newer_snapshot() {
+    let env = Env::start().await;
+    for id in ["n1", "n2"] {
+        env.send(
+            id,
+            json!({"type": "OpenAccount", "data": {"owner": "o", "initial_deposit": 5}}),
+        )
+        .await;
+    }
+    let (store, snapshots) = env.stores().await;
+    let registry = jetsource_bank::registry();
+    let account = registry.get("account").unwrap().as_ref();
+    let rebuilt = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let loaded = Loaded::load(&store, account, id, Until::End).await.unwrap();
+            loaded.to_snapshot(account, id).unwrap()
+        }
+    };
+    let stored = |id: &'static str| {
+        let snapshots = snapshots.clone();
+        async move {
+            let bytes = snapshots.get_raw("account", id).await.unwrap().unwrap();
+            Snapshot::decode(&bytes, 1).unwrap()
+        }
+    };
+    // n1 has a snapshot newer than the events the rebuild reads (as one
+    // the snapshotter wrote after more events had come in), n2 an older
+    // one.
+    let mut newer = rebuilt("n1").await;
+    newer.version += 5;
+    newer.sequence += 100;
+    newer.state["balance"] = json!(42);
+    let newer = newer.seal();
+    let mut older = rebuilt("n2").await;
+    older.version = 1;
+    older.state["balance"] = json!(0);
+    let older = older.seal();
+    for (key, snapshot) in [("account.n1", &newer), ("account.n2", &older)] {
+        let bytes = serde_json::to_vec(snapshot).unwrap();
+        snapshots.put_raw(key, bytes).await.unwrap();
+    }
+    let rebuild = || {
+        jetsource_snapshotter::rebuild(&store, &snapshots, &registry, Some("account"), |_, _| {})
+    };
+    assert_eq!(rebuild().await.unwrap(), 1, "only n2 is written");
+    assert_eq!(stored("n1").await, newer, "the newer snapshot stays");
+    let n2 = stored("n2").await;
+    assert_eq!((n2.version, n2.state["balance"].clone()), (2, json!(5)));
+
+    // One of the same version is replaced: a rebuild after a fix to the
+    // fold writes the state the fixed fold gives.
+    let mut wrong = rebuilt("n2").await;
+    wrong.state["balance"] = json!(999);
+    let wrong = wrong.seal();
+    let bytes = serde_json::to_vec(&wrong).unwrap();
+    snapshots.put_raw("account.n2", bytes).await.unwrap();
+    assert_eq!(rebuild().await.unwrap(), 1);
+    assert_eq!(stored("n2").await.state["balance"], 5);
+    assert_eq!(stored("n1").await, newer);
     env.shutdown().await;
 }
