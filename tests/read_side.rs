@@ -103,13 +103,8 @@ impl Fleet {
     }
 
     async fn send(&self, id: &str, body: Value) -> CommandOutcome {
-        let reply = self
-            .client
-            .request(format!("cmd.account.{id}"), body.to_string().into())
+        jetsource_test_support::requests::send(&self.client, "account", id, body)
             .await
-            .unwrap();
-        decode_reply::<CommandOutcome>(&reply.payload)
-            .unwrap()
             .unwrap()
     }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use jetsource_core::protocol::{decode_reply, CommandOutcome};
+use jetsource_core::protocol::decode_reply;
 use jetsource_test_support::{NatsCluster, NatsServer, RedisServer};
 use jetsource_tests::{wait_for_service, Process};
 use serde_json::{json, Value};
@@ -168,13 +168,8 @@ impl Fleet {
     }
 
     async fn command(&mut self, id: &str, body: Value) {
-        let reply = self
-            .client
-            .request(format!("cmd.account.{id}"), body.to_string().into())
+        let outcome = jetsource_test_support::requests::send(&self.client, "account", id, body)
             .await
-            .unwrap();
-        let outcome = decode_reply::<CommandOutcome>(&reply.payload)
-            .unwrap()
             .unwrap();
         let entry = self.accounts.entry(id.to_owned()).or_insert((0, 0));
         entry.1 = outcome.version;

@@ -36,6 +36,18 @@ use output::Out;
 /// Runs the CLI of the application `name` (used in help), with its
 /// aggregates and the projections it keeps for a configuration, on the
 /// process's arguments; returns the exit status (see [`EXIT_CODES_HELP`]).
+/// The application's name: its worker binaries are `<name>-command`,
+/// `<name>-projector`, ..., which messages name.
+static APP_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The binary of a worker role of this application, e.g. `shop-command`.
+pub(crate) fn worker_binary(role: &str) -> String {
+    format!(
+        "{}-{role}",
+        APP_NAME.get().map_or("jetsource", String::as_str)
+    )
+}
+
 pub fn main(
     name: &str,
     registry: Registry,
@@ -92,6 +104,7 @@ where
     T: Into<OsString> + Clone,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let _ = APP_NAME.set(app.name.to_owned());
     let cli = match parse(app.name, &args, &mut out) {
         Ok(cli) => cli,
         Err(status) => return status,

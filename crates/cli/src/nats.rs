@@ -24,11 +24,11 @@ impl Server {
         }
     }
 
-    fn binary(self) -> &'static str {
-        match self {
-            Server::CommandWorker => "jetsource-command",
-            Server::Projector => "jetsource-projector",
-        }
+    fn binary(self) -> String {
+        crate::worker_binary(match self {
+            Server::CommandWorker => "command",
+            Server::Projector => "projector",
+        })
     }
 
     /// What a client-side timeout leaves open.

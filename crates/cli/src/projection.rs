@@ -179,7 +179,8 @@ async fn rebuild(ctx: &Context, name: &str, out: &mut Out<'_>) -> anyhow::Result
 async fn start_rebuild(ctx: &Context, redis: &RedisStore, name: &str) -> anyhow::Result<u64> {
     let meta = redis.meta(name).await?.ok_or_else(|| {
         Failure::not_found(format!(
-            "projection {name} has no read model yet: start jetsource-projector first"
+            "projection {name} has no read model yet: start {} first",
+            crate::worker_binary("projector")
         ))
     })?;
     let generation = new_generation(meta.active.max(meta.building.map_or(0, |b| b.0)));
@@ -240,7 +241,12 @@ async fn follow_rebuild(
         if done > progress.0 {
             progress = (done, Instant::now());
         } else if progress.1.elapsed() > STALL_WARNING {
-            bar.suspend(|| out.warn("no progress for 30 s: is jetsource-projector running?"));
+            bar.suspend(|| {
+                out.warn(format!(
+                    "no progress for 30 s: is {} running?",
+                    crate::worker_binary("projector")
+                ))
+            });
             progress.1 = Instant::now();
         }
         tokio::time::sleep(POLL).await;

@@ -18,6 +18,7 @@
 #![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
 
 mod docker;
+pub mod requests;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

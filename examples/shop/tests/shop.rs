@@ -267,36 +267,7 @@ impl Fleet {
     }
 }
 
-async fn send(
-    client: &async_nats::Client,
-    aggregate_type: &str,
-    id: &str,
-    body: Value,
-) -> Result<CommandOutcome, ErrorBody> {
-    let request = client.request(
-        format!("cmd.{aggregate_type}.{id}"),
-        body.to_string().into(),
-    );
-    let reply = tokio::time::timeout(Duration::from_secs(30), request)
-        .await
-        .unwrap()
-        .unwrap();
-    decode_reply(&reply.payload).unwrap()
-}
-
-/// A query reply: `Ok({"sequence", "data"})` or the error.
-async fn query(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Value,
-) -> Result<Value, ErrorBody> {
-    let request = client.request(subject.to_owned(), body.to_string().into());
-    let reply = tokio::time::timeout(Duration::from_secs(40), request)
-        .await
-        .unwrap()
-        .unwrap();
-    decode_reply(&reply.payload).unwrap()
-}
+use jetsource_test_support::requests::{query, send};
 
 fn place(customer: &str, lines: Value) -> Value {
     json!({"type": "PlaceOrder", "data": {"customer": customer, "lines": lines}})

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use jetsource_core::config::{Config, NatsConfig};
-use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody};
+use jetsource_core::protocol::{CommandOutcome, ErrorBody};
 use jetsource_test_support::{NatsServer, Sync};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -88,15 +88,7 @@ impl Fleet {
         id: &str,
         body: Value,
     ) -> Result<CommandOutcome, ErrorBody> {
-        let reply = self
-            .client
-            .request(
-                format!("cmd.{aggregate_type}.{id}"),
-                body.to_string().into(),
-            )
-            .await
-            .unwrap();
-        decode_reply(&reply.payload).unwrap()
+        jetsource_test_support::requests::send(&self.client, aggregate_type, id, body).await
     }
 
     pub async fn stream_messages(&self) -> u64 {

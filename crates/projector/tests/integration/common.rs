@@ -3,11 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use jetsource_core::config::{Config, NatsConfig, RedisConfig};
 use jetsource_core::loader::{Loaded, Until};
-use jetsource_core::protocol::{decode_reply, CommandOutcome, ErrorBody};
+use jetsource_core::protocol::{CommandOutcome, ErrorBody};
 use jetsource_core::store::EventStore;
 use jetsource_test_support::{wait_for_service, NatsServer, RedisServer};
 use serde_json::{json, Value};
@@ -106,27 +104,12 @@ impl Env {
         id: &str,
         body: Value,
     ) -> Result<CommandOutcome, ErrorBody> {
-        let reply = self
-            .client
-            .request(
-                format!("cmd.{aggregate_type}.{id}"),
-                body.to_string().into(),
-            )
-            .await
-            .unwrap();
-        decode_reply(&reply.payload).unwrap()
+        jetsource_test_support::requests::send(&self.client, aggregate_type, id, body).await
     }
 
     /// A query reply: `Ok({"sequence", "data"})` or the error.
     pub async fn query(&self, subject: &str, body: Value) -> Result<Value, ErrorBody> {
-        let request = self
-            .client
-            .request(subject.to_owned(), body.to_string().into());
-        let reply = tokio::time::timeout(Duration::from_secs(40), request)
-            .await
-            .unwrap()
-            .unwrap();
-        decode_reply(&reply.payload).unwrap()
+        jetsource_test_support::requests::query(&self.client, subject, body).await
     }
 
     pub async fn store(&self) -> EventStore {
