@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use crate::common::Fleet;
 use jetsource_core::protocol::{CommandOutcome, ErrorCode};
 use serde_json::{json, Value};

@@ -1,7 +1,7 @@
 //! The projector's integration tests, one binary: real nats-server and redis-server, in-process workers.
 
-mod common;
 mod apply;
+mod common;
 mod projector;
 mod redis_connection;
 mod replay;

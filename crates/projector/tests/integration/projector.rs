@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use crate::common::Env;
 use jetsource_core::protocol::ErrorCode;
 use serde_json::json;

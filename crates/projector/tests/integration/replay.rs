@@ -2,7 +2,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
