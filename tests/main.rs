@@ -1,0 +1,16 @@
+//! jetsource's end-to-end tests, one binary: the real binaries as separate
+//! processes against real servers (single node and 3-node clusters), the
+//! CLI, the benchmark and chaos runs in short form, the guide followed from
+//! scratch, and the tidy checks.
+
+mod bench;
+mod chaos;
+mod cli;
+mod cluster;
+mod fleet;
+mod guide;
+mod read_side;
+mod redis_outage;
+mod shutdown;
+mod snapshots;
+mod tidy;
