@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use jetsource_core::aggregate::{
-    DecideError, DomainErrorKind, DynAggregate, ParsedCommand, Registry,
+    DecideError, Decision, DomainErrorKind, DynAggregate, ParsedCommand, Registry,
 };
 use jetsource_core::config::CommandConfig;
 use jetsource_core::envelope::RecordedEvent;
@@ -13,7 +13,7 @@ use jetsource_core::protocol::{
     ReplyEvent,
 };
 use jetsource_core::snapshot::SnapshotStore;
-use jetsource_core::store::{Append, EventStore, StoreError, StoreErrorKind};
+use jetsource_core::store::{Append, Appended, EventStore, StoreError, StoreErrorKind};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -278,6 +278,9 @@ impl Worker {
         })
     }
 
+    /// Decides the command on the aggregate's state and appends its events,
+    /// deciding again on fresh state after a conflict (up to
+    /// `command.max_retries` times).
     async fn decide_and_append(
         &self,
         aggregate: &Arc<dyn DynAggregate>,
@@ -285,21 +288,9 @@ impl Worker {
         request: &CommandRequest,
         command: &ParsedCommand,
     ) -> Reply {
-        let aggregate = aggregate.as_ref();
-        let aggregate_type = aggregate.aggregate_type();
-        let slot = self.cache.slot(&format!("{aggregate_type}.{aggregate_id}"));
+        let cmd = Command::new(aggregate.as_ref(), aggregate_id, request, command);
+        let slot = self.cache.slot(&cmd.key());
         let mut slot = slot.lock().await;
-        let command_id = request.command_id.as_deref();
-        // Causation: the command that caused these events. Correlation: the
-        // wider flow, the client's or else this command.
-        let causation_id = command_id
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let correlation_id = request
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| causation_id.clone());
-
         let mut conflicts = 0;
         // Whether the state holds every event the stream leader had during
         // this request. Any answer that the server's expected-sequence check
@@ -310,144 +301,252 @@ impl Worker {
         let mut confirmed = false;
         loop {
             if slot.loaded.is_none() || slot.stale {
-                self.catch_up(&mut slot, aggregate, aggregate_id).await?;
+                self.catch_up(&mut slot, cmd.aggregate, aggregate_id)
+                    .await?;
             }
             let loaded = slot.loaded.as_ref().expect("loaded above");
-
-            if let Some(command_id) = command_id {
-                if let Some(first) = loaded.recorded_command(command_id) {
+            match cmd.decide(loaded, confirmed) {
+                Step::Answer(reply) => return reply,
+                Step::Recorded { command_id, first } => {
                     return self
-                        .recorded_outcome(aggregate, aggregate_id, command_id, Some(first))
-                        .await;
+                        .recorded_outcome(cmd.aggregate, aggregate_id, command_id, Some(first))
+                        .await
                 }
-            }
-
-            if let Some(expected) = request.expected_version {
-                if loaded.version != expected {
-                    if !confirmed {
-                        confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
-                        continue;
+                Step::Confirm => {
+                    confirmed = self.confirm(&mut slot, cmd.aggregate, aggregate_id).await?;
+                }
+                Step::Append(decision) => {
+                    if let Some(reply) = self.append(&cmd, &mut slot, decision).await {
+                        return reply;
                     }
-                    return Err(ErrorBody::new(
-                        ErrorCode::Conflict,
-                        format!(
-                            "expected version {expected}, but {aggregate_type} {aggregate_id} is at version {}; reload and decide again",
-                            loaded.version
-                        ),
-                    ));
-                }
-            }
-
-            let decision = match aggregate.decide(&loaded.state, command) {
-                Ok(decision) => decision,
-                Err(DecideError::Malformed(message)) => return Err(ErrorBody::invalid(message)),
-                Err(DecideError::Domain(e)) if e.kind == DomainErrorKind::Invalid => {
-                    return Err(ErrorBody::invalid(e.message))
-                }
-                Err(DecideError::Domain(e)) => {
-                    if !confirmed {
-                        confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
-                        continue;
-                    }
-                    return Err(ErrorBody::new(ErrorCode::Rejected, e.message));
-                }
-            };
-
-            if decision.events.is_empty() {
-                if !confirmed {
-                    confirmed = self.confirm(&mut slot, aggregate, aggregate_id).await?;
-                    continue;
-                }
-                return Ok(CommandOutcome {
-                    version: loaded.version,
-                    sequence: loaded.last_sequence,
-                    events: vec![],
-                    duplicate: false,
-                });
-            }
-
-            let append = Append {
-                aggregate_type,
-                aggregate_id,
-                expected_last_sequence: loaded.last_sequence,
-                version: loaded.version,
-                events: &decision.events,
-                schema_version: aggregate.event_schema_version(),
-                command_id,
-                correlation_id: &correlation_id,
-                causation_id: &causation_id,
-            };
-            match self.store.append(&append).await {
-                Ok(appended) if appended.duplicate => {
-                    // Another copy (or an earlier attempt of ours that timed
-                    // out) stored this command already.
-                    slot.stale = true;
-                    let command_id = command_id.expect("only commands with an id deduplicate");
-                    return self
-                        .recorded_outcome(
-                            aggregate,
-                            aggregate_id,
-                            command_id,
-                            Some(appended.first_sequence),
-                        )
-                        .await;
-                }
-                Ok(appended) => {
-                    let version = loaded.version + decision.events.len() as u64;
-                    let events = decision
-                        .events
-                        .iter()
-                        .map(|e| reply_event(&e.event_type, &e.data))
-                        .collect();
-                    let loaded = slot.loaded.as_mut().expect("loaded above");
-                    loaded.state = decision.state;
-                    loaded.version = version;
-                    loaded.last_sequence = appended.last_sequence;
-                    if let Some(command_id) = command_id {
-                        loaded.remember_command(command_id, appended.first_sequence);
-                    }
-                    return Ok(CommandOutcome {
-                        version,
-                        sequence: appended.last_sequence,
-                        events,
-                        duplicate: false,
-                    });
-                }
-                Err(e) if e.kind() == StoreErrorKind::WrongLastSequence => {
-                    slot.stale = true;
                     conflicts += 1;
                     if conflicts > self.config.max_retries {
-                        return Err(ErrorBody::new(
-                            ErrorCode::Conflict,
-                            format!(
-                                "{aggregate_type} {aggregate_id} kept changing under concurrent writers; gave up after {conflicts} attempts, retry later"
-                            ),
-                        ));
+                        return Err(cmd.gave_up(conflicts));
                     }
                     tracing::debug!(
                         attempt = conflicts,
                         "conflict, deciding again on fresh state"
                     );
                 }
-                Err(e) if e.kind() == StoreErrorKind::DuplicateCommand => {
-                    slot.stale = true;
-                    let command_id = command_id.expect("only commands with an id deduplicate");
-                    self.catch_up(&mut slot, aggregate, aggregate_id).await?;
-                    let first = slot
-                        .loaded
-                        .as_ref()
-                        .and_then(|l| l.recorded_command(command_id));
-                    return self
-                        .recorded_outcome(aggregate, aggregate_id, command_id, first)
-                        .await;
-                }
-                Err(e) => {
-                    // A timeout may still have stored the events: reload
-                    // before trusting the cache again.
-                    slot.stale = true;
-                    return Err(store_failure(e));
-                }
             }
         }
+    }
+
+    /// Appends the events of `decision`, guarded by the last sequence of
+    /// the state it was taken on, and updates the slot. `None` when another
+    /// writer got there first (the slot is marked stale: decide again).
+    async fn append(
+        &self,
+        cmd: &Command<'_>,
+        slot: &mut Slot,
+        decision: Decision,
+    ) -> Option<Reply> {
+        let loaded = slot.loaded.as_ref().expect("decided on a loaded state");
+        let append = Append {
+            aggregate_type: cmd.aggregate.aggregate_type(),
+            aggregate_id: cmd.aggregate_id,
+            expected_last_sequence: loaded.last_sequence,
+            version: loaded.version,
+            events: &decision.events,
+            schema_version: cmd.aggregate.event_schema_version(),
+            command_id: cmd.command_id(),
+            correlation_id: &cmd.correlation_id,
+            causation_id: &cmd.causation_id,
+        };
+        let appended = self.store.append(&append).await;
+        if !matches!(&appended, Ok(appended) if !appended.duplicate) {
+            // Whatever happened, the store may hold events the slot lacks
+            // (a timeout may still have stored them).
+            slot.stale = true;
+        }
+        Some(match appended {
+            Ok(appended) if appended.duplicate => {
+                // Another copy (or an earlier attempt of ours that timed
+                // out) stored this command already.
+                let first = Some(appended.first_sequence);
+                self.recorded_outcome(cmd.aggregate, cmd.aggregate_id, cmd.resent_id(), first)
+                    .await
+            }
+            Ok(appended) => Ok(applied(cmd, slot, decision, appended)),
+            Err(e) if e.kind() == StoreErrorKind::WrongLastSequence => return None,
+            Err(e) if e.kind() == StoreErrorKind::DuplicateCommand => {
+                self.resent_batch(cmd, slot).await
+            }
+            Err(e) => Err(store_failure(e)),
+        })
+    }
+
+    /// The outcome of a multi-event command the server refused as a resend
+    /// (error 10201, which does not say where the original is): found in
+    /// the aggregate's history after a catch-up.
+    async fn resent_batch(&self, cmd: &Command<'_>, slot: &mut Slot) -> Reply {
+        let command_id = cmd.resent_id();
+        self.catch_up(slot, cmd.aggregate, cmd.aggregate_id).await?;
+        let first = slot
+            .loaded
+            .as_ref()
+            .and_then(|l| l.recorded_command(command_id));
+        self.recorded_outcome(cmd.aggregate, cmd.aggregate_id, command_id, first)
+            .await
+    }
+}
+
+/// Takes an appended decision into the slot's state and makes the reply.
+fn applied(
+    cmd: &Command<'_>,
+    slot: &mut Slot,
+    decision: Decision,
+    appended: Appended,
+) -> CommandOutcome {
+    let loaded = slot.loaded.as_mut().expect("decided on a loaded state");
+    let version = loaded.version + decision.events.len() as u64;
+    let events = decision
+        .events
+        .iter()
+        .map(|e| reply_event(&e.event_type, &e.data))
+        .collect();
+    loaded.state = decision.state;
+    loaded.version = version;
+    loaded.last_sequence = appended.last_sequence;
+    if let Some(command_id) = cmd.command_id() {
+        loaded.remember_command(command_id, appended.first_sequence);
+    }
+    CommandOutcome {
+        version,
+        sequence: appended.last_sequence,
+        events,
+        duplicate: false,
+    }
+}
+
+/// One command being decided, with what every step needs.
+struct Command<'a> {
+    aggregate: &'a dyn DynAggregate,
+    aggregate_id: &'a str,
+    request: &'a CommandRequest,
+    command: &'a ParsedCommand,
+    /// The command that caused the events: its id, or a fresh one.
+    causation_id: String,
+    /// The wider flow: the client's, or else this command.
+    correlation_id: String,
+}
+
+/// What a decision on the current state leads to.
+enum Step<'a> {
+    /// The answer.
+    Answer(Reply),
+    /// The command is in the aggregate's history already, first event at
+    /// stream sequence `first`: answer with its original outcome.
+    Recorded { command_id: &'a str, first: u64 },
+    /// The answer would not be guarded by the server: confirm the state
+    /// with the stream leader, then decide again.
+    Confirm,
+    /// Append these events.
+    Append(Decision),
+}
+
+impl<'a> Command<'a> {
+    fn new(
+        aggregate: &'a dyn DynAggregate,
+        aggregate_id: &'a str,
+        request: &'a CommandRequest,
+        command: &'a ParsedCommand,
+    ) -> Self {
+        let causation_id = request
+            .command_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let correlation_id = request
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| causation_id.clone());
+        Self {
+            aggregate,
+            aggregate_id,
+            request,
+            command,
+            causation_id,
+            correlation_id,
+        }
+    }
+
+    /// The aggregate's key in the cache.
+    fn key(&self) -> String {
+        format!("{}.{}", self.aggregate.aggregate_type(), self.aggregate_id)
+    }
+
+    fn command_id(&self) -> Option<&'a str> {
+        self.request.command_id.as_deref()
+    }
+
+    /// The id of a command the store found stored already: only commands
+    /// with an id are deduplicated.
+    fn resent_id(&self) -> &'a str {
+        self.command_id()
+            .expect("only commands with an id deduplicate")
+    }
+
+    /// Decides on `loaded`. An answer the server does not guard (a
+    /// version mismatch, a refusal, a no-op) is given only when the state
+    /// is `confirmed`; otherwise the step is [`Step::Confirm`].
+    fn decide(&self, loaded: &Loaded, confirmed: bool) -> Step<'a> {
+        let unless_unconfirmed = |reply: Reply| {
+            if confirmed {
+                Step::Answer(reply)
+            } else {
+                Step::Confirm
+            }
+        };
+        if let Some(command_id) = self.command_id() {
+            if let Some(first) = loaded.recorded_command(command_id) {
+                return Step::Recorded { command_id, first };
+            }
+        }
+        if let Some(expected) = self.request.expected_version {
+            if loaded.version != expected {
+                return unless_unconfirmed(Err(self.version_mismatch(expected, loaded.version)));
+            }
+        }
+        let decision = match self.aggregate.decide(&loaded.state, self.command) {
+            Ok(decision) => decision,
+            Err(DecideError::Malformed(message)) => {
+                return Step::Answer(Err(ErrorBody::invalid(message)))
+            }
+            Err(DecideError::Domain(e)) if e.kind == DomainErrorKind::Invalid => {
+                return Step::Answer(Err(ErrorBody::invalid(e.message)))
+            }
+            Err(DecideError::Domain(e)) => {
+                return unless_unconfirmed(Err(ErrorBody::new(ErrorCode::Rejected, e.message)))
+            }
+        };
+        if decision.events.is_empty() {
+            return unless_unconfirmed(Ok(CommandOutcome {
+                version: loaded.version,
+                sequence: loaded.last_sequence,
+                events: vec![],
+                duplicate: false,
+            }));
+        }
+        Step::Append(decision)
+    }
+
+    fn version_mismatch(&self, expected: u64, version: u64) -> ErrorBody {
+        let (aggregate_type, aggregate_id) = (self.aggregate.aggregate_type(), self.aggregate_id);
+        ErrorBody::new(
+            ErrorCode::Conflict,
+            format!(
+                "expected version {expected}, but {aggregate_type} {aggregate_id} is at version {version}; reload and decide again"
+            ),
+        )
+    }
+
+    fn gave_up(&self, conflicts: u32) -> ErrorBody {
+        let (aggregate_type, aggregate_id) = (self.aggregate.aggregate_type(), self.aggregate_id);
+        ErrorBody::new(
+            ErrorCode::Conflict,
+            format!(
+                "{aggregate_type} {aggregate_id} kept changing under concurrent writers; gave up after {conflicts} attempts, retry later"
+            ),
+        )
     }
 }
