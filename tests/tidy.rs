@@ -155,3 +155,47 @@ fn every_rust_file_starts_with_a_module_comment() {
         "files without a //! comment on the first line: {missing:?}"
     );
 }
+
+/// Library and application sources outside `core::store`: what must not be
+/// there. The event stream is reached through `EventStore` only: nobody
+/// else opens or manages it by name or publishes onto its subjects.
+#[test]
+fn only_core_store_touches_the_event_stream() {
+    let mut files = Vec::new();
+    for dir in ["crates", "examples"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let store = root().join("crates/core/src/store");
+    // Tools and the test harness set up and inspect servers directly.
+    let exempt = ["crates/bench", "crates/chaos", "crates/test-support"].map(|d| root().join(d));
+    let stream_calls = [
+        "get_stream(",
+        "create_stream(",
+        "get_or_create_stream(",
+        "delete_stream(",
+        "update_stream(",
+    ];
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| {
+        f.components().any(|c| c.as_os_str() == "src")
+            && !f.starts_with(&store)
+            && !exempt.iter().any(|e| f.starts_with(e))
+    }) {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for (n, line) in text.lines().enumerate() {
+            let names_events = line.contains("store.stream") || line.contains("\"EVENTS\"");
+            let stream_call = stream_calls.iter().any(|c| line.contains(c));
+            let publishes_events = line.contains("publish")
+                && (line.contains("\"events.") || line.contains("events.{"));
+            if (names_events && stream_call) || publishes_events {
+                let path = file.strip_prefix(root()).unwrap_or(file);
+                found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "only core::store may open, manage or publish to the event stream:\n{}",
+        found.join("\n")
+    );
+}
