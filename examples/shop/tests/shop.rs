@@ -940,6 +940,50 @@ async fn a_rebuild_after_adding_the_upcaster_repairs_the_read_model() {
     );
 }
 
+/// Dead-letter replay reads through the upcasters too: an event the old
+/// build dead-lettered applies once the application declares the upcaster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_replays_through_the_upcaster() {
+    let mut fleet = Fleet::start().await;
+    fleet.command_worker().await;
+    let legacy = fleet
+        .append_v1_order("legacy-2", "kim", "mug", 2, 900)
+        .await;
+    fleet.projector(&app_without_upcaster()).await;
+    let letters = eventually("the dead letter", || async {
+        Some(fleet.dead_letters("orders").await).filter(|l| !l.is_empty())
+    })
+    .await;
+    assert_eq!(letters.iter().map(|l| l.0).collect::<Vec<_>>(), [legacy]);
+
+    fleet.stop("projector").await;
+    fleet.projector(&jetsource_shop::app()).await;
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_shop"))
+            .args(["--url", &fleet.nats_url, "dlq", "replay"])
+            .env("JETSOURCE__REDIS__URL", fleet.redis.url())
+            .env("JETSOURCE__PROJECTOR__PARTITIONS", "4")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the replay ends")
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "shop dlq replay: {} {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let order = fleet.read("query.order.legacy-2", json!({})).await;
+    assert_eq!(
+        order["lines"],
+        json!([{"sku": "mug", "quantity": 2, "price": 900}])
+    );
+    assert!(fleet.dead_letters("orders").await.is_empty());
+}
+
 /// A shop binary running as its own process, killed on drop.
 struct Process(Child);
 
