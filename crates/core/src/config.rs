@@ -23,6 +23,48 @@ pub struct Config {
     pub projector: ProjectorConfig,
     pub snapshot: SnapshotConfig,
     pub log: LogConfig,
+    pub http: HttpConfig,
+}
+
+/// A secret from configuration (a password, a token, an nkey seed): kept
+/// out of `Debug` output, so a logged configuration never shows it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one call that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The worker's HTTP listener: `GET /healthz`, `GET /readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; empty turns the listener off. The default,
+    /// an ephemeral loopback port (logged at start-up), lets several copies
+    /// run on one host; give a fixed port where probes need one.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,8 +115,18 @@ impl SnapshotConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS. The
+    /// projector writes through it (an ACL user allowed to write its keys).
     pub url: String,
+    /// The same server as a user that may only read, for queries; empty:
+    /// queries use `url`.
+    pub query_url: Option<String>,
+    /// CA certificate (PEM) that signs the server's certificate, for
+    /// `rediss://`; default: the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Longest a read (queries, metadata, watermarks) may take, connecting
     /// included. A connection on which a call timed out is replaced.
     pub timeout_ms: u64,
@@ -88,6 +140,10 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/".into(),
+            query_url: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             timeout_ms: 2_000,
             write_timeout_ms: 10_000,
         }
@@ -155,10 +211,23 @@ impl Default for ProjectorConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// One or more comma-separated server URLs.
+    /// One or more comma-separated server URLs (`nats://`, or `tls://` to
+    /// require TLS).
     pub url: String,
-    /// Optional `.creds` file (JWT + nkey).
+    /// Optional `.creds` file (JWT + nkey). At most one way to authenticate:
+    /// `credentials`, `user` + `password`, `token` or `nkey_seed`.
     pub credentials: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+    /// An nkey seed (`SU...`), e.g. from `JETSOURCE__NATS__NKEY_SEED`.
+    pub nkey_seed: Option<Secret>,
+    /// CA certificate (PEM) that signs the servers' certificates; setting it
+    /// requires TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Bound on each NATS request (JetStream API calls, acks, direct gets).
     pub request_timeout_ms: u64,
     /// How long start-up waits for the first connection.
@@ -170,6 +239,13 @@ impl Default for NatsConfig {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             credentials: None,
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             request_timeout_ms: 5_000,
             connect_timeout_ms: 10_000,
         }
@@ -417,6 +493,35 @@ impl Config {
         Ok(config)
     }
 
+    /// Credentials and TLS settings that cannot work together are refused
+    /// at load, not discovered at the first connection.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let n = &self.nats;
+        let methods = [
+            n.credentials.is_some(),
+            n.user.is_some() || n.password.is_some(),
+            n.token.is_some(),
+            n.nkey_seed.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return invalid(
+                "nats: set one way to authenticate: credentials, user + password, token or nkey_seed",
+            );
+        }
+        if n.user.is_some() != n.password.is_some() {
+            return invalid("nats.user and nats.password go together");
+        }
+        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+            return invalid("nats.tls_cert_file and nats.tls_key_file go together");
+        }
+        let r = &self.redis;
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            return invalid("redis.tls_cert_file and redis.tls_key_file go together");
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if !jetsource_aggregate::is_valid_token(&self.store.stream) {
@@ -461,6 +566,7 @@ impl Config {
         if !jetsource_aggregate::is_valid_token(&self.snapshot.bucket) {
             return invalid("snapshot.bucket must be 1..64 characters of [A-Za-z0-9_-]");
         }
+        self.validate_security()?;
         if !jetsource_aggregate::is_valid_token(&self.projector.dead_letter_stream) {
             return invalid(
                 "projector.dead_letter_stream must be 1..64 characters of [A-Za-z0-9_-]",
@@ -496,6 +602,60 @@ mod tests {
         let path = dir.path().join("j.toml");
         std::fs::write(&path, text).expect("write");
         (dir, path)
+    }
+
+    #[test]
+    fn credentials_come_from_the_environment_and_never_show_in_debug() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("JETSOURCE__NATS__USER", "command"),
+                ("JETSOURCE__NATS__PASSWORD", "s3cret-pw"),
+                (
+                    "JETSOURCE__REDIS__QUERY_URL",
+                    "redis://reader:pw@127.0.0.1:6379/",
+                ),
+                ("JETSOURCE__HTTP__LISTEN", ""),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(config.nats.user.as_deref(), Some("command"));
+        assert_eq!(
+            config.nats.password.as_ref().map(Secret::expose),
+            Some("s3cret-pw")
+        );
+        assert_eq!(config.http.listen, "");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert_eq!(HttpConfig::default().listen, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn security_settings_that_cannot_work_together_are_refused() {
+        for (vars, says) in [
+            (
+                vec![("JETSOURCE__NATS__USER", "u")],
+                "nats.user and nats.password go together",
+            ),
+            (
+                vec![
+                    ("JETSOURCE__NATS__TOKEN", "t"),
+                    ("JETSOURCE__NATS__NKEY_SEED", "SUAB"),
+                ],
+                "one way to authenticate",
+            ),
+            (
+                vec![("JETSOURCE__NATS__TLS_CERT_FILE", "/c.pem")],
+                "nats.tls_cert_file and nats.tls_key_file",
+            ),
+            (
+                vec![("JETSOURCE__REDIS__TLS_KEY_FILE", "/k.pem")],
+                "redis.tls_cert_file and redis.tls_key_file",
+            ),
+        ] {
+            let err = Config::load_with_env(None, env(&vars)).expect_err("refused");
+            assert!(err.to_string().contains(says), "{vars:?}: {err}");
+        }
     }
 
     #[test]

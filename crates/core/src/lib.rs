@@ -22,6 +22,48 @@ pub use error::{error_chain, ErrorClass};
 pub use jetsource_aggregate as aggregate;
 
 /// Connects to NATS with the settings every jetsource process shares.
+/// Adds the configured credentials and TLS settings (docs/SECURITY.md).
+async fn authenticate(
+    mut options: async_nats::ConnectOptions,
+    config: &config::NatsConfig,
+) -> Result<async_nats::ConnectOptions, store::StoreError> {
+    let unusable = |what: &str, e: std::io::Error| {
+        store::StoreError::new(
+            store::StoreErrorKind::Unavailable,
+            format!("cannot read {what}: {e}"),
+        )
+    };
+    if let Some(path) = &config.credentials {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| unusable(&format!("NATS credentials {}", path.display()), e))?;
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    let wants_tls = config
+        .url
+        .split(',')
+        .any(|u| u.trim().starts_with("tls://"));
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if wants_tls || config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
+
 pub async fn connect(
     config: &config::NatsConfig,
     client_name: &str,
@@ -31,14 +73,7 @@ pub async fn connect(
         .request_timeout(Some(config.request_timeout()))
         .retry_on_initial_connect()
         .max_reconnects(None);
-    if let Some(path) = &config.credentials {
-        options = options.credentials_file(path).await.map_err(|e| {
-            store::StoreError::new(
-                store::StoreErrorKind::Unavailable,
-                format!("cannot read NATS credentials {}: {e}", path.display()),
-            )
-        })?;
-    }
+    options = authenticate(options, config).await?;
     // `retry_on_initial_connect` returns at once and connects in the
     // background, so a worker may start before NATS; wait a bounded time for
     // the first connection so a wrong URL fails fast with a clear message.
