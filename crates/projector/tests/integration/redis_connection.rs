@@ -19,6 +19,7 @@ fn config(url: String) -> RedisConfig {
         url,
         timeout_ms: TIMEOUT.as_millis() as u64,
         write_timeout_ms: TIMEOUT.as_millis() as u64,
+        ..RedisConfig::default()
     }
 }
 
