@@ -137,6 +137,9 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     sync: Sync,
+    /// Configuration appended to the generated file (accounts, TLS), kept
+    /// across restarts.
+    extra: String,
 }
 
 /// Path of a nats-server binary, 2.12 or newer, or a panic that says how to
@@ -171,7 +174,16 @@ impl NatsServer {
     }
 
     pub fn start_with(sync: Sync) -> Self {
+        Self::start_configured(sync, |_| String::new())
+    }
+
+    /// A server whose configuration file ends with `extra(dir)`: accounts
+    /// and users, a `tls {}` block. `dir` is the server's own temporary
+    /// directory, for the files the extra configuration names
+    /// (certificates): write them there before returning.
+    pub fn start_configured(sync: Sync, extra: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         if docker::selected() {
             let port = free_port();
             let spec = docker::Spec {
@@ -183,7 +195,7 @@ impl NatsServer {
                 cmd: vec!["-c".into(), "/etc/nats/test.conf".into()],
                 files: vec![(
                     "/etc/nats/test.conf".into(),
-                    nats_config(4222, Path::new("/data"), None, sync).into_bytes(),
+                    (nats_config(4222, Path::new("/data"), None, sync) + &extra).into_bytes(),
                 )],
             };
             let container = docker::Container::start(spec, port).unwrap_or_else(|e| {
@@ -194,24 +206,26 @@ impl NatsServer {
                 port,
                 dir,
                 sync,
+                extra,
             };
         }
         let binary = nats_server_binary();
         for _attempt in 0..5 {
             let port = free_port();
-            if let Some(child) = Self::spawn(&binary, dir.path(), port, sync) {
+            if let Some(child) = Self::spawn(&binary, dir.path(), port, sync, &extra) {
                 return Self {
                     backend: Backend::Process(child),
                     port,
                     dir,
                     sync,
+                    extra,
                 };
             }
         }
         panic!("nats-server would not start on any free port (see its output above)");
     }
 
-    fn spawn(binary: &Path, dir: &Path, port: u16, sync: Sync) -> Option<Child> {
+    fn spawn(binary: &Path, dir: &Path, port: u16, sync: Sync, extra: &str) -> Option<Child> {
         let config = dir.join("nats.conf");
         std::fs::write(
             &config,
@@ -221,7 +235,8 @@ impl NatsServer {
                 Some(&dir.join("nats-server.log")),
                 sync,
             )
-            .replace("listen: 0.0.0.0", "listen: 127.0.0.1"),
+            .replace("listen: 0.0.0.0", "listen: 127.0.0.1")
+                + extra,
         )
         .unwrap();
         let mut command = Command::new(binary);
@@ -254,7 +269,8 @@ impl NatsServer {
                 self.backend.kill();
                 let binary = nats_server_binary();
                 loop {
-                    if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port, self.sync)
+                    if let Some(child) =
+                        Self::spawn(&binary, self.dir.path(), self.port, self.sync, &self.extra)
                     {
                         self.backend = Backend::Process(child);
                         return;
@@ -307,6 +323,8 @@ pub struct RedisServer {
     backend: Backend,
     port: u16,
     dir: tempfile::TempDir,
+    /// Extra command-line arguments (ACL users, TLS), kept across restarts.
+    args: Vec<String>,
 }
 
 fn redis_server_binary() -> PathBuf {
@@ -317,8 +335,19 @@ fn redis_server_binary() -> PathBuf {
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_configured(|_, _| Vec::new())
+    }
+
+    /// A server started with the extra arguments `args(dir, port)` (e.g.
+    /// `--user reader on >pw ~* +@read`; for TLS only, `--port 0
+    /// --tls-port <port>` and the certificate files). `dir` is the
+    /// server's own temporary directory, for the files they name; `port`
+    /// the one it will be reached on.
+    pub fn start_configured(args: impl Fn(&Path, u16) -> Vec<String>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         if docker::selected() {
             let port = free_port();
+            let args = args(dir.path(), 6379);
             let spec = docker::Spec {
                 image: "redis",
                 tag: "7-alpine",
@@ -327,7 +356,9 @@ impl RedisServer {
                 container_port: 6379,
                 cmd: ["redis-server", "--save", "", "--appendonly", "no"]
                     .map(String::from)
-                    .to_vec(),
+                    .into_iter()
+                    .chain(args.iter().cloned())
+                    .collect(),
                 files: vec![],
             };
             let container = docker::Container::start(spec, port).unwrap_or_else(|e| {
@@ -336,31 +367,34 @@ impl RedisServer {
             return Self {
                 backend: Backend::Docker(container),
                 port,
-                dir: tempfile::tempdir().unwrap(),
+                dir,
+                args,
             };
         }
         let binary = redis_server_binary();
-        let dir = tempfile::tempdir().unwrap();
         for _attempt in 0..5 {
             let port = free_port();
-            if let Some(child) = Self::spawn(&binary, dir.path(), port) {
+            let args = args(dir.path(), port);
+            if let Some(child) = Self::spawn(&binary, dir.path(), port, &args) {
                 return Self {
                     backend: Backend::Process(child),
                     port,
                     dir,
+                    args,
                 };
             }
         }
         panic!("redis-server would not start on any free port (see its output above)");
     }
 
-    fn spawn(binary: &Path, dir: &Path, port: u16) -> Option<Child> {
+    fn spawn(binary: &Path, dir: &Path, port: u16, args: &[String]) -> Option<Child> {
         let mut command = Command::new(binary);
         command
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
-            .arg(dir);
+            .arg(dir)
+            .args(args);
         spawn_and_wait(command, port, "redis-server")
     }
 
@@ -402,7 +436,9 @@ impl RedisServer {
                 self.backend.kill();
                 let binary = redis_server_binary();
                 loop {
-                    if let Some(child) = Self::spawn(&binary, self.dir.path(), self.port) {
+                    if let Some(child) =
+                        Self::spawn(&binary, self.dir.path(), self.port, &self.args)
+                    {
                         self.backend = Backend::Process(child);
                         return;
                     }
