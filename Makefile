@@ -23,7 +23,11 @@ build: ## Build every binary (debug)
 
 # `make run APP=shop` (or `make cluster APP=shop`) runs the shop example
 # instead of the bank.
-run: setup build ## Start nats-server, redis-server and the workers in the foreground (APP=bank|shop); Ctrl-C stops all
+# Both run with authorization on: one NATS user per role, random passwords
+# generated on first use into .run/<role>.env (`source .run/client.env`
+# before the CLI's send and query, `.run/admin.env` before its operator
+# commands; docs/SECURITY.md).
+run: setup build ## Start nats-server, redis-server and the workers in the foreground (APP=bank|shop; credentials in .run/); Ctrl-C stops all
 	APP=$(APP) scripts/run-dev.sh
 
 cluster: setup build ## Like run, on a local 3-node nats-server cluster with replicas 3 (APP=bank|shop)
@@ -56,5 +60,5 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	cargo fmt --all
 
-clean-data: ## Delete the dev server's data (.run/)
+clean-data: ## Delete the dev server's data and development credentials (.run/)
 	rm -rf .run

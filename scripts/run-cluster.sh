@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
 
 ports_free 4222 4223 4224 6222 6223 6224 6379
+# Authorization on: per-role passwords in .run/<role>.env, the servers'
+# users in .run/nats-accounts.conf (dev-lib.sh).
+ensure_credentials
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 for n in 1 2 3; do
   tools/bin/nats-server -c "nats/cluster/n$n.conf" > >(sed -u "s/^/[nats-n$n] /" >&2) 2>&1 &
@@ -43,6 +46,8 @@ start_workers
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
 4224 (monitoring http://127.0.0.1:8222 and up), streams with 3 replicas,
 redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
+Authorization is on: one NATS user per role, passwords in .run/<role>.env
+(client, command, projector, snapshotter, admin; docs/SECURITY.md).
 Try, in another terminal (the CLI reaches any node with this):
   export JETSOURCE__NATS__URL=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
 MSG

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
 
 ports_free 4222 6379
+# Authorization on: per-role passwords in .run/<role>.env, the server's
+# users in .run/nats-accounts.conf (dev-lib.sh).
+ensure_credentials
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 tools/bin/nats-server -c nats/dev.conf > >(sed -u 's/^/[nats] /' >&2) 2>&1 &
 pids+=($!)
@@ -22,6 +25,8 @@ start_workers
 
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
 redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
+Authorization is on: one NATS user per role, passwords in .run/<role>.env
+(client, command, projector, snapshotter, admin; docs/SECURITY.md).
 Try, in another terminal:
 MSG
   print_examples
