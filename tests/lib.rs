@@ -129,3 +129,80 @@ pub fn cli_at(nats_url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, Stri
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The NATS users of the shipped `nats/accounts.conf`, one per role
+/// (docs/SECURITY.md).
+pub const ROLES: [&str; 5] = ["client", "command", "projector", "snapshotter", "admin"];
+
+/// A password per role and the server configuration made from them, as
+/// `make run` makes it (scripts/dev-lib.sh): the passwords as variables
+/// `JETSOURCE_<ROLE>_PASSWORD`, then the shipped `nats/accounts.conf`.
+#[derive(Debug, Clone)]
+pub struct RoleCredentials {
+    passwords: Vec<(&'static str, String)>,
+}
+
+impl RoleCredentials {
+    /// A fresh random password per role.
+    pub fn generate() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let passwords = ROLES
+            .iter()
+            .map(|role| {
+                let password: String = (0..2)
+                    .map(|_| {
+                        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                        h.write(role.as_bytes());
+                        format!("{:016x}", h.finish())
+                    })
+                    .collect();
+                (*role, password)
+            })
+            .collect();
+        Self { passwords }
+    }
+
+    pub fn password(&self, role: &str) -> &str {
+        self.passwords
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, p)| p.as_str())
+            .unwrap_or_else(|| panic!("no role {role:?} in nats/accounts.conf"))
+    }
+
+    /// What `make run` writes into `.run/nats-accounts.conf`: for
+    /// `NatsServer::start_configured`.
+    pub fn server_config(&self) -> String {
+        let accounts = concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/accounts.conf");
+        let accounts = std::fs::read_to_string(accounts).unwrap();
+        let mut config = String::from("\n");
+        for (role, password) in &self.passwords {
+            config += &format!(
+                "JETSOURCE_{}_PASSWORD: \"{password}\"\n",
+                role.to_uppercase()
+            );
+        }
+        config + &accounts
+    }
+
+    /// A process's environment for `role`, as in `.run/<role>.env`.
+    pub fn env<'a>(&'a self, role: &'a str) -> [(&'static str, &'a str); 2] {
+        [
+            ("JETSOURCE__NATS__USER", role),
+            ("JETSOURCE__NATS__PASSWORD", self.password(role)),
+        ]
+    }
+
+    /// Connection options for `role`.
+    pub fn options(&self, role: &str) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::with_user_and_password(
+            role.to_owned(),
+            self.password(role).to_owned(),
+        )
+    }
+
+    /// A client connected as `role`.
+    pub async fn connect(&self, url: &str, role: &str) -> async_nats::Client {
+        self.options(role).connect(url).await.unwrap()
+    }
+}

@@ -11,6 +11,7 @@ mod fleet;
 mod guide;
 mod read_side;
 mod redis_outage;
+mod security;
 mod shutdown;
 mod snapshots;
 mod tidy;
