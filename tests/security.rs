@@ -486,3 +486,116 @@ async fn only_admin_may_delete_purge_or_reconfigure_a_stream() {
         .unwrap();
     admin_js.delete_stream("SCRATCH").await.unwrap();
 }
+
+/// What `make run` and `make cluster` do first (scripts/dev-lib.sh
+/// `ensure_credentials`), in a scratch copy of the repository's `nats/`:
+/// private per-role env files, kept across runs, and a server configuration
+/// the shipped files include and that accepts exactly those credentials.
+#[tokio::test]
+async fn make_run_generates_credentials_the_server_accepts() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(root.join("nats"))
+        .arg(root.join("scripts"))
+        .arg(scratch.path())
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let ensure = || {
+        let out = std::process::Command::new("bash")
+            .args([
+                "-euo",
+                "pipefail",
+                "-c",
+                "source scripts/dev-lib.sh; ensure_credentials",
+            ])
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ensure();
+    let run = scratch.path().join(".run");
+    let read = |name: &str| std::fs::read_to_string(run.join(name)).unwrap();
+    let mut passwords = Vec::new();
+    for role in jetsource_tests::ROLES {
+        let file = format!("{role}.env");
+        let mode = std::fs::metadata(run.join(&file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is readable by others: {mode:o}");
+        let env = read(&file);
+        assert!(
+            env.contains(&format!("export JETSOURCE__NATS__USER={role}\n")),
+            "{env}"
+        );
+        let password = env
+            .lines()
+            .find_map(|l| l.strip_prefix("export JETSOURCE__NATS__PASSWORD="))
+            .unwrap()
+            .to_owned();
+        assert_eq!(password.len(), 32, "{env}");
+        passwords.push((role, password));
+    }
+    let rendered = read("nats-accounts.conf");
+    let mode = std::fs::metadata(run.join("nats-accounts.conf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "nats-accounts.conf: {mode:o}");
+    // A second start keeps the passwords.
+    ensure();
+    assert_eq!(read("nats-accounts.conf"), rendered);
+    assert_ne!(passwords[0].1, passwords[1].1);
+
+    // The shipped single-node and cluster configurations include it and
+    // are valid with it.
+    for config in [
+        "nats/dev.conf",
+        "nats/cluster/n1.conf",
+        "nats/cluster/n3.conf",
+    ] {
+        let out = std::process::Command::new(jetsource_test_support::nats_server_binary())
+            .args(["-t", "-c", config])
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{config}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A server with it takes each role's generated password, nothing else.
+    let server = NatsServer::start_configured(Sync::Default, |_| format!("\n{rendered}"));
+    for (role, password) in &passwords {
+        async_nats::ConnectOptions::with_user_and_password(role.to_string(), password.clone())
+            .connect(server.url())
+            .await
+            .unwrap_or_else(|e| panic!("{role} refused: {e}"));
+    }
+    let swapped =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), passwords[0].1.clone())
+            .connect(server.url());
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), swapped).await,
+            Ok(Err(_))
+        ),
+        "admin logged in with the client's password"
+    );
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(10), async_nats::connect(server.url())).await,
+        Ok(Err(_))
+    ));
+}
