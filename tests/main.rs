@@ -3,6 +3,7 @@
 //! CLI, the benchmark and chaos runs in short form, the guide followed from
 //! scratch, and the tidy checks.
 
+mod backup;
 mod bench;
 mod chaos;
 mod cli;

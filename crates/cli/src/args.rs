@@ -56,6 +56,16 @@ pub enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Back up the event store into a new directory: the event stream, the
+    /// dead-letter stream and the snapshot bucket (JetStream snapshots),
+    /// with manifest.json (per stream: configuration, message count,
+    /// first/last sequence, checksum). Read models are not backed up: they
+    /// rebuild from the events. See docs/RUNBOOK.md.
+    Backup(BackupArgs),
+    /// Restore a backup onto a server that has none of its streams (refused
+    /// otherwise, unless --force), then verify every stream against the
+    /// manifest; exit 1 on a mismatch. See docs/RUNBOOK.md.
+    Restore(RestoreArgs),
     /// Print a shell completion script: `jetsource completions bash >
     /// ~/.local/share/bash-completion/completions/jetsource`.
     Completions {
@@ -157,4 +167,24 @@ pub enum DlqCommand {
         #[arg(long)]
         seq: Option<u64>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Directory for the backup (created; must not hold one already).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Directory of a backup (with manifest.json).
+    pub dir: PathBuf,
+    /// Delete the streams of the backup that exist on the server first,
+    /// with everything in them. Without it, restore refuses if any exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Replicas of the restored streams (default: store.replicas of the
+    /// configuration), whatever the backed-up streams had.
+    #[arg(long)]
+    pub replicas: Option<usize>,
 }

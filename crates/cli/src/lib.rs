@@ -4,6 +4,7 @@
 //! and output (tests, embedding).
 
 mod args;
+mod backup;
 mod context;
 mod exit;
 mod nats;
@@ -184,6 +185,8 @@ where
         Command::Projection { command } => projection::run(&ctx, command, out).await,
         Command::Dlq { command } => projection::dlq(&ctx, command, out).await,
         Command::Snapshot { command } => snapshot::run(&ctx, command, out).await,
+        Command::Backup(args) => backup::backup(&ctx, args, out).await,
+        Command::Restore(args) => backup::restore(&ctx, args, out).await,
         Command::Completions { .. } => Ok(()),
     }
 }
