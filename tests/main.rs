@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod fleet;
 mod guide;
+mod health;
 mod read_side;
 mod redis_outage;
 mod security;

@@ -40,6 +40,15 @@ pub struct Snapshots {
     pub slow_load: Option<std::time::Duration>,
 }
 
+/// Longest a command may take once its aggregate's turn came (loading,
+/// deciding, appending, retries after conflicts), whatever the event store
+/// does: past it the command is answered `unavailable`. Each store call is
+/// bounded by `nats.request_timeout_ms` already; this bounds their sum, so
+/// a store that answers slowly, or not at all (a stream that lost its
+/// leader), never makes a client wait longer (docs/PROTOCOL.md, "Read-only
+/// mode").
+pub const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `jetsource.snapshot.request.<type>.<id>`: asks the snapshotter for a
 /// snapshot of one aggregate now.
 pub fn snapshot_request_subject(aggregate_type: &str, aggregate_id: &str) -> String {
@@ -291,6 +300,32 @@ impl Worker {
         let cmd = Command::new(aggregate.as_ref(), aggregate_id, request, command);
         let slot = self.cache.slot(&cmd.key());
         let mut slot = slot.lock().await;
+        let decided = tokio::time::timeout(
+            COMMAND_DEADLINE,
+            self.decide_and_append_in(&cmd, &mut slot, aggregate_id),
+        )
+        .await;
+        decided.unwrap_or_else(|_| {
+            // Cut short anywhere: the store may hold events the slot lacks
+            // (an append in flight may have been stored). The slot's state
+            // itself is whole: events are folded in between awaits.
+            slot.stale = true;
+            Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the event store did not answer within {COMMAND_DEADLINE:?}; the command may or may not have been stored: retry with the same command_id"
+                ),
+            ))
+        })
+    }
+
+    /// [`Worker::decide_and_append`] on the aggregate's locked slot.
+    async fn decide_and_append_in(
+        &self,
+        cmd: &Command<'_>,
+        slot: &mut Slot,
+        aggregate_id: &str,
+    ) -> Reply {
         let mut conflicts = 0;
         // Whether the state holds every event the stream leader had during
         // this request. Any answer that the server's expected-sequence check
@@ -301,8 +336,7 @@ impl Worker {
         let mut confirmed = false;
         loop {
             if slot.loaded.is_none() || slot.stale {
-                self.catch_up(&mut slot, cmd.aggregate, aggregate_id)
-                    .await?;
+                self.catch_up(slot, cmd.aggregate, aggregate_id).await?;
             }
             let loaded = slot.loaded.as_ref().expect("loaded above");
             match cmd.decide(loaded, confirmed) {
@@ -313,10 +347,10 @@ impl Worker {
                         .await
                 }
                 Step::Confirm => {
-                    confirmed = self.confirm(&mut slot, cmd.aggregate, aggregate_id).await?;
+                    confirmed = self.confirm(slot, cmd.aggregate, aggregate_id).await?;
                 }
                 Step::Append(decision) => {
-                    if let Some(reply) = self.append(&cmd, &mut slot, decision).await {
+                    if let Some(reply) = self.append(cmd, slot, decision).await {
                         return reply;
                     }
                     conflicts += 1;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
+use jetsource_core::health::{self, Readiness};
 use jetsource_core::micro::{self, Endpoint, MicroService};
 use jetsource_core::protocol::COMMAND_SUBJECT_PREFIX;
 use jetsource_core::snapshot::SnapshotStore;
@@ -34,6 +35,9 @@ pub enum RunError {
     /// NATS refused or could not take a subscription of the service.
     #[error("cannot start the NATS service: {0}")]
     Service(#[from] async_nats::SubscribeError),
+    /// The health listener cannot listen on `http.listen`.
+    #[error("{0} (http.listen)")]
+    Http(std::io::Error),
 }
 
 impl RunError {
@@ -41,6 +45,7 @@ impl RunError {
         match self {
             RunError::Store(e) => e.class(),
             RunError::Service(_) => ErrorClass::Transient,
+            RunError::Http(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -55,8 +60,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     tokio::pin!(shutdown);
+    // The listener first: `/healthz` answers while NATS is still being
+    // reached, `/readyz` says what is missing. Dropped (closed) on return.
+    let readiness = Readiness::new();
+    readiness.fail("subscription", "not subscribed to cmd.> yet");
+    let _http = health::serve(&config.http, readiness.clone())
+        .await
+        .map_err(RunError::Http)?;
     let started = tokio::select! {
-        started = start(&config, registry) => started?,
+        started = start(&config, registry, &readiness) => started?,
         () = &mut shutdown => {
             tracing::info!("stopped before serving");
             return Ok(());
@@ -96,6 +108,7 @@ pub async fn run(
         handle,
         async {
             shutdown.await;
+            readiness.stopping();
             tracing::info!("stopping: no new requests, finishing those in flight");
         },
     )
@@ -118,8 +131,13 @@ struct Started {
     queue_group: String,
 }
 
-async fn start(config: &Config, registry: Registry) -> Result<Started, RunError> {
+async fn start(
+    config: &Config,
+    registry: Registry,
+    readiness: &Readiness,
+) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    readiness.watch_nats(client.clone());
     // The event store gets a connection of its own: requests and replies on
     // one, appends, acks and reads on the other, each read by its own task.
     // On one shared connection a single task parsed everything, and the
@@ -127,6 +145,21 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
     let store_client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store =
         EventStore::open_when_available(store_client.clone(), &config.nats, &config.store).await?;
+    // Read-only mode (docs/PROTOCOL.md): with the event stream leaderless
+    // (quorum lost) commands answer `unavailable`, and so does `/readyz`.
+    let probed = store.clone();
+    readiness.probe("event_store", move || {
+        let store = probed.clone();
+        async move {
+            let info = store.info().await.map_err(|e| e.to_string())?;
+            match info.cluster {
+                Some(cluster) if cluster.leader.is_none() => {
+                    Err("the event stream has no leader".to_owned())
+                }
+                _ => Ok(()),
+            }
+        }
+    });
     let snapshots = handler::Snapshots {
         store: SnapshotStore::open_when_available(
             store.jetstream(),
@@ -162,6 +195,7 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
         }],
     )
     .await?;
+    readiness.pass("subscription");
     Ok(Started {
         client,
         store_client,

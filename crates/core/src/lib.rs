@@ -7,10 +7,12 @@
 //!   JetStream streams.
 //! - [`loader`]: rebuilding an aggregate's state from the store.
 //! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
+//! - [`health`]: the workers' `/healthz` and `/readyz` listener.
 
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod health;
 pub mod loader;
 pub mod micro;
 pub mod protocol;

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use jetsource_core::config::Config;
+use jetsource_core::health::{self, Readiness};
 use jetsource_core::store::{EventStore, StoreError};
 use jetsource_core::ErrorClass;
 use tokio::sync::{watch, Notify};
@@ -83,6 +84,9 @@ pub enum RunError {
     /// subject, a malformed query name).
     #[error("{0}")]
     Setup(String),
+    /// The health listener cannot listen on `http.listen`.
+    #[error("{0} (http.listen)")]
+    Http(std::io::Error),
 }
 
 impl RunError {
@@ -92,7 +96,7 @@ impl RunError {
             RunError::DeadLetters(e) => e.class(),
             RunError::Redis { source, .. } => redis_store::class(source),
             RunError::Subscribe { .. } | RunError::Queries(_) => ErrorClass::Transient,
-            RunError::Setup(_) => ErrorClass::Permanent,
+            RunError::Setup(_) | RunError::Http(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -178,8 +182,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     tokio::pin!(shutdown);
+    // The listener first: `/healthz` answers while NATS and Redis are still
+    // being reached, `/readyz` says what is missing. Closed on return.
+    let readiness = Readiness::new();
+    readiness.fail("redis", "not connected yet");
+    readiness.fail("subscription", "not serving queries yet");
+    let _http = health::serve(&config.http, readiness.clone())
+        .await
+        .map_err(RunError::Http)?;
     let started = tokio::select! {
-        started = start(&config, projections) => started?,
+        started = start(&config, projections, &readiness) => started?,
         () = &mut shutdown => {
             tracing::info!("stopped before running");
             return Ok(());
@@ -209,12 +221,14 @@ pub async fn run(
     };
     if let Some(queries) = queries {
         tasks.push(queries);
+        readiness.pass("subscription");
         tracing::info!(
             projections = ?shared.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "projector running; queries on query.>"
         );
         shutdown.await;
     }
+    readiness.stopping();
     tracing::info!("stopping: finishing the current batches and queries");
     stop_tx.send_replace(true);
     // Queries drain and the managers stop their runners side by side, by
@@ -284,9 +298,11 @@ struct Started {
 async fn start(
     config: &Config,
     projections: Vec<Arc<dyn Projection>>,
+    readiness: &Readiness,
 ) -> Result<Started, RunError> {
     let router = Router::new(&projections).map_err(RunError::Setup)?;
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
     let js = store.jetstream().clone();
@@ -302,6 +318,23 @@ async fn start(
             url: config.redis.url.clone(),
             source,
         })?;
+    // Redis as queries see it: a read of the first projection's metadata
+    // on the query connection, bounded by `redis.timeout_ms`.
+    if let Some(first) = projections.first().map(|p| p.name()) {
+        let probed = redis.clone();
+        readiness.probe("redis", move || {
+            let redis = probed.clone();
+            async move {
+                redis
+                    .meta(first)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("Redis not reachable: {e}"))
+            }
+        });
+    } else {
+        readiness.pass("redis");
+    }
     let watermarks = projections
         .iter()
         .map(|p| (p.name(), watch::channel(0).0))

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use jetsource_core::aggregate::{DynAggregate, Registry};
 use jetsource_core::config::{Config, SnapshotConfig};
 use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
+use jetsource_core::health::{self, Readiness};
 use jetsource_core::loader::{LoadError, Loaded, Until};
 use jetsource_core::micro::{self, Endpoint, MicroService};
 use jetsource_core::protocol::{ErrorBody, ErrorCode};
@@ -59,6 +60,9 @@ pub enum RunError {
     /// The consumer's messages cannot be pulled.
     #[error("cannot pull from the snapshotter consumer: {0}")]
     Pull(#[from] StreamError),
+    /// The health listener cannot listen on `http.listen`.
+    #[error("{0} (http.listen)")]
+    Http(std::io::Error),
 }
 
 impl RunError {
@@ -66,6 +70,7 @@ impl RunError {
         match self {
             RunError::Store(e) => e.class(),
             RunError::Subscribe(_) | RunError::Pull(_) => ErrorClass::Transient,
+            RunError::Http(_) => ErrorClass::Permanent,
         }
     }
 }
@@ -476,8 +481,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     tokio::pin!(shutdown);
+    // The listener first: `/healthz` answers while NATS is still being
+    // reached, `/readyz` says what is missing. Closed on return.
+    let readiness = Readiness::new();
+    readiness.fail(
+        "consumer",
+        "consumer and request subscription not bound yet",
+    );
+    let _http = health::serve(&config.http, readiness.clone())
+        .await
+        .map_err(RunError::Http)?;
     let started = tokio::select! {
-        started = start(&config, registry) => started?,
+        started = start(&config, registry, &readiness) => started?,
         () = &mut shutdown => {
             tracing::info!("stopped before running");
             return Ok(());
@@ -505,6 +520,7 @@ pub async fn run(
     ));
     let stopped = async {
         shutdown.await;
+        readiness.stopping();
         tracing::info!("stopping: finishing the events and requests taken");
         stopping.send_replace(true);
     };
@@ -581,8 +597,13 @@ fn consumer_config() -> pull::Config {
     }
 }
 
-async fn start(config: &Config, registry: Registry) -> Result<Started, RunError> {
+async fn start(
+    config: &Config,
+    registry: Registry,
+    readiness: &Readiness,
+) -> Result<Started, RunError> {
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
+    readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
     let snapshots = SnapshotStore::open_when_available(
@@ -615,6 +636,7 @@ async fn start(config: &Config, registry: Registry) -> Result<Started, RunError>
         }],
     )
     .await?;
+    readiness.pass("consumer");
     Ok(Started {
         client,
         shared,
