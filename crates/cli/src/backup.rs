@@ -91,11 +91,23 @@ pub async fn backup(ctx: &Context, args: BackupArgs, out: &mut Out<'_>) -> anyho
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     let client = ctx.client().await?;
+    // Snapshots and dead letters refer to events: taken before the event
+    // stream, they never refer to one after its backup.
     let candidates = [
-        (ctx.config.store.stream.clone(), true),
-        (ctx.config.projector.dead_letter_stream.clone(), false),
         (format!("KV_{}", ctx.config.snapshot.bucket), false),
+        (ctx.config.projector.dead_letter_stream.clone(), false),
+        (ctx.config.store.stream.clone(), true),
     ];
+    if stream_info(&client, &ctx.config.store.stream)
+        .await?
+        .is_none()
+    {
+        return Err(Failure::not_found(format!(
+            "the event stream {} does not exist: nothing to back up",
+            ctx.config.store.stream
+        ))
+        .into());
+    }
     let mut streams = Vec::new();
     for (name, required) in candidates {
         if stream_info(&client, &name).await?.is_none() {
