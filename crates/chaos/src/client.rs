@@ -14,15 +14,22 @@ use tokio::time::Instant;
 
 use crate::load::Stats;
 
-/// Connects to the cluster (any node), retrying until `within` has passed.
-pub async fn connect(urls: &str, name: &str, within: Duration) -> anyhow::Result<Client> {
+/// Connects to the cluster (any node) as NATS user `role` (`user`,
+/// `password`), retrying until `within` has passed.
+pub async fn connect(
+    urls: &str,
+    name: &str,
+    role: (&str, &str),
+    within: Duration,
+) -> anyhow::Result<Client> {
     let servers: Vec<&str> = urls.split(',').collect();
     let deadline = Instant::now() + within;
     loop {
-        let attempt = async_nats::ConnectOptions::new()
-            .name(name)
-            .connect(servers.as_slice())
-            .await;
+        let attempt =
+            async_nats::ConnectOptions::with_user_and_password(role.0.into(), role.1.into())
+                .name(name)
+                .connect(servers.as_slice())
+                .await;
         match attempt {
             Ok(client) => return Ok(client),
             Err(e) if Instant::now() >= deadline => {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
+use jetsource_test_support::accounts::RoleCredentials;
 use jetsource_test_support::{workspace_binary, NatsCluster, RedisServer};
 
 use crate::progress::say;
@@ -116,6 +117,8 @@ pub struct Fleet {
     run_dir: PathBuf,
     pub nats_urls: String,
     pub redis_url: String,
+    /// A NATS user per role (nats/accounts.conf).
+    pub credentials: RoleCredentials,
 }
 
 impl Fleet {
@@ -128,10 +131,13 @@ impl Fleet {
                 .collect::<HashMap<_, _>>()
         })
         .await?;
-        let cluster = blocking(
-            "starting the 3-node nats-server cluster",
-            NatsCluster::start,
-        )
+        // Authorization on, as shipped: the workers, the clients and the
+        // run's own checks each connect as their role (docs/SECURITY.md).
+        let credentials = RoleCredentials::generate();
+        let accounts = credentials.server_config();
+        let cluster = blocking("starting the 3-node nats-server cluster", move || {
+            NatsCluster::start_configured(|_| accounts)
+        })
         .await?;
         let nats_urls = cluster.urls();
         say(&format!("nats-server cluster up: {nats_urls}"));
@@ -147,6 +153,7 @@ impl Fleet {
             run_dir: run_dir.to_owned(),
             nats_urls,
             redis_url,
+            credentials,
         })
     }
 
@@ -188,6 +195,7 @@ impl Fleet {
                 "JETSOURCE__PROJECTOR__RECENT_TRANSACTIONS",
                 RECENT_TRANSACTIONS.to_string(),
             )
+            .envs(self.credentials.env(kind.label()))
             .env("RUST_LOG", "info,async_nats=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -228,6 +236,22 @@ impl Fleet {
 
     /// SIGTERMs every worker at once and times each exit; a worker still
     /// running after [`STOP_GIVE_UP`] is killed and reported as such.
+    /// The permission violations the nodes logged (a role refused
+    /// something it tried: docs/SECURITY.md), as `node: line`.
+    pub fn permission_violations(&self) -> Vec<String> {
+        let cluster = lock(&self.cluster);
+        (0..cluster.len())
+            .flat_map(|i| {
+                std::fs::read_to_string(cluster.log_path(i))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("Permissions Violation"))
+                    .map(|l| format!("{}: {l}", cluster.node_name(i)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     pub async fn terminate_all(&self) -> Vec<Stopped> {
         let workers = std::mem::take(&mut *lock(&self.workers));
         blocking("stopping the workers", move || terminate(workers))

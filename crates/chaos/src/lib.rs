@@ -177,7 +177,11 @@ async fn exercise(
     fleet: &Fleet,
 ) -> anyhow::Result<Findings> {
     let within = Duration::from_secs(60);
-    let admin = client::connect(&fleet.nats_urls, "jetsource-chaos", within).await?;
+    // The run's own reads (the stream, the read models) and the accounts'
+    // opening go through the operator's role; the load through the
+    // client's.
+    let as_admin = ("admin", fleet.credentials.password("admin"));
+    let admin = client::connect(&fleet.nats_urls, "jetsource-chaos", as_admin, within).await?;
     start_workers(fleet, &admin).await?;
     let stats = Arc::new(Stats::default());
     let ledger: Ledger = Arc::default();
@@ -196,6 +200,17 @@ async fn exercise(
     let mismatches = checks::mismatches(&expected, &read_models);
     say("stopping the workers (SIGTERM)");
     let stopped = fleet.terminate_all().await;
+    // Authorization is on: every role should have had what it needed.
+    let violations = fleet.permission_violations();
+    say(&format!(
+        "permission violations in the servers' logs: {}{}",
+        violations.len(),
+        violations
+            .iter()
+            .take(5)
+            .map(|v| format!("\n  {v}"))
+            .collect::<String>()
+    ));
     let records = std::mem::take(&mut *lock(&ledger));
     let checks = checks::judge(&checks::Evidence {
         records: &records,
@@ -291,14 +306,18 @@ async fn drive(
     stats: &Arc<Stats>,
     ledger: &Ledger,
 ) -> anyhow::Result<(Vec<FaultRecord>, Duration, Instant)> {
+    let as_client = ("client", fleet.credentials.password("client"));
     let mut connections = Vec::with_capacity(config.clients);
     for c in 0..config.clients {
         let name = format!("jetsource-chaos-client-{c}");
-        connections.push(client::connect(&fleet.nats_urls, &name, Duration::from_secs(30)).await?);
+        connections.push(
+            client::connect(&fleet.nats_urls, &name, as_client, Duration::from_secs(30)).await?,
+        );
     }
     let probe = client::connect(
         &fleet.nats_urls,
         "jetsource-chaos-probe",
+        as_client,
         Duration::from_secs(30),
     )
     .await?;

@@ -17,6 +17,7 @@
 
 #![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
 
+pub mod accounts;
 mod docker;
 pub mod requests;
 
@@ -645,7 +646,15 @@ struct ClusterNode {
 
 impl NatsCluster {
     pub fn start() -> Self {
+        Self::start_configured(|_| String::new())
+    }
+
+    /// A cluster whose nodes' configuration files end with `extra(dir)`
+    /// (accounts and users, as for [`NatsServer::start_configured`]); `dir`
+    /// is the cluster's temporary directory.
+    pub fn start_configured(extra: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let binary = nats_server_binary();
         let ports: Vec<(u16, u16, u16)> = (0..3)
             .map(|_| (free_port(), free_port(), free_port()))
@@ -665,7 +674,7 @@ impl NatsCluster {
                 format!(
                     "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nserver_name: n{i}\nlogfile: {log:?}\n\
                      cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
-                     jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"
+                     jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n{extra}"
                 ),
             )
             .unwrap();
