@@ -20,7 +20,7 @@ use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{EventStore, StoreError};
 use jetsource_core::ErrorClass;
 
-pub use handler::{snapshot_request_subject, Snapshots, Worker};
+pub use handler::{snapshot_request_subject, Snapshots, Worker, COMMAND_DEADLINE};
 
 /// Name under which copies of the worker appear in `$SRV.PING/INFO/STATS`.
 pub const SERVICE_NAME: &str = "jetsource-command";

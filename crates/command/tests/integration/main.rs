@@ -2,5 +2,6 @@
 
 mod common;
 mod concurrency;
+mod deadline;
 mod resilience;
 mod worker;
