@@ -1,39 +1,29 @@
 //! `backup` and `restore`: the event store's streams (events, dead letters,
-//! snapshots) through JetStream's own snapshot/restore API, with a manifest
-//! that is checked again after a restore.
+//! snapshots) through JetStream's own snapshot/restore API
+//! (`jetsource_core::store::backup`), with a manifest that is checked again
+//! after a restore.
 //!
-//! Backup, per stream: `$JS.API.STREAM.SNAPSHOT.<stream>` with a deliver
-//! subject; the server sends the stream's files (an s2-compressed tar, kept
-//! as it comes in `<stream>.snapshot`) in chunks, each with a reply subject
-//! that is acked for flow control, the last one empty (status 204, or an
-//! error status). The snapshot is a point in time: its state (messages,
-//! first and last sequence) goes into `manifest.json` with a checksum over
-//! the messages up to its last sequence, read back through an ordered
-//! consumer. A stream that lost messages of that range while it was read
-//! (the dead-letter and snapshot streams delete) is snapshotted again.
+//! Backup: each stream's snapshot is kept as the server sends it in
+//! `<stream>.snapshot`; its state at the snapshot (messages, first and last
+//! sequence) goes into `manifest.json` with a checksum over the messages up
+//! to its last sequence, read back right after. A stream that lost messages
+//! of that range meanwhile (the dead-letter and snapshot streams delete) is
+//! snapshotted again. Snapshots and dead letters are taken before the event
+//! stream, so none refers to an event after the backup.
 //!
-//! Restore, per stream: `$JS.API.STREAM.RESTORE.<stream>` with the saved
-//! configuration and state; the chunks go, in order, as requests to the
-//! returned subject (each answered empty, or with an error), then an empty
-//! request ends it and is answered with the stream's info. JetStream
-//! refuses to restore over an existing stream; so does `restore`, before it
-//! sends anything, unless `--force` deletes them first. Then every stream
-//! is verified against the manifest: message count, first and last
-//! sequence, checksum.
+//! Restore: refused, before anything is sent, if a snapshot file does not
+//! match the manifest or if any of the backup's streams exists (unless
+//! `--force` deletes them). Then each stream is restored and verified
+//! against the manifest: message count, first and last sequence, checksum.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{anyhow, Context as _};
-use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::{HeaderMap, Request};
-use futures::StreamExt;
+use anyhow::Context as _;
+use indicatif::ProgressBar;
 use jetsource_core::protocol::ErrorCode;
+use jetsource_core::store::backup as js;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::args::{BackupArgs, RestoreArgs};
 use crate::context::Context;
@@ -44,14 +34,8 @@ use crate::output::Out;
 pub const MANIFEST: &str = "manifest.json";
 /// Version of the backup layout.
 const FORMAT: u32 = 1;
-/// Snapshot chunk size asked of the server; restore uploads the same.
-const CHUNK: usize = 128 * 1024;
-/// How long one API call, chunk or step of a read-back may take.
-const WAIT: Duration = Duration::from_secs(60);
 /// Snapshots of one stream before giving up on it changing under us.
 const ATTEMPTS: usize = 5;
-/// JetStream's error code for "stream not found".
-const STREAM_NOT_FOUND: u64 = 10059;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -75,7 +59,7 @@ pub struct StreamBackup {
     pub first_sequence: u64,
     pub last_sequence: u64,
     /// SHA-256 over (sequence, subject, headers, body) of every message
-    /// from `first_sequence` to `last_sequence`, in order (see [`hash_message`]).
+    /// from `first_sequence` to `last_sequence`, in order (see [`js::hash_message`]).
     pub checksum: String,
 }
 
@@ -94,11 +78,11 @@ pub async fn backup(ctx: &Context, args: BackupArgs, out: &mut Out<'_>) -> anyho
     // Snapshots and dead letters refer to events: taken before the event
     // stream, they never refer to one after its backup.
     let candidates = [
-        (format!("KV_{}", ctx.config.snapshot.bucket), false),
-        (ctx.config.projector.dead_letter_stream.clone(), false),
-        (ctx.config.store.stream.clone(), true),
+        format!("KV_{}", ctx.config.snapshot.bucket),
+        ctx.config.projector.dead_letter_stream.clone(),
+        ctx.config.store.stream.clone(),
     ];
-    if stream_info(&client, &ctx.config.store.stream)
+    if js::stream_info(&client, &ctx.config.store.stream)
         .await?
         .is_none()
     {
@@ -109,14 +93,8 @@ pub async fn backup(ctx: &Context, args: BackupArgs, out: &mut Out<'_>) -> anyho
         .into());
     }
     let mut streams = Vec::new();
-    for (name, required) in candidates {
-        if stream_info(&client, &name).await?.is_none() {
-            if required {
-                return Err(Failure::not_found(format!(
-                    "the event stream {name} does not exist: nothing to back up"
-                ))
-                .into());
-            }
+    for name in candidates {
+        if js::stream_info(&client, &name).await?.is_none() {
             if !out.json {
                 out.line(format_args!("{name}: does not exist, skipped"))?;
             }
@@ -162,7 +140,12 @@ async fn backup_stream(
     let file = format!("{name}.snapshot");
     for attempt in 1..=ATTEMPTS {
         let path = dir.join(&file);
-        let (config, state, file_bytes, file_sha256) = snapshot(client, name, &path, out).await?;
+        let js::Snapshot {
+            config,
+            state,
+            bytes: file_bytes,
+            sha256: file_sha256,
+        } = snapshot(client, name, &path, out).await?;
         let number = |k: &str| state[k].as_u64().unwrap_or(0);
         let (messages, first, last) = (number("messages"), number("first_seq"), number("last_seq"));
         let (read, checksum) = checksum(client, name, first, last, out).await?;
@@ -191,71 +174,38 @@ async fn backup_stream(
     .into())
 }
 
-/// Takes a snapshot of `name` into `path`; returns the stream's config and
-/// state at the snapshot, the file's size and SHA-256.
+/// Takes a snapshot of `name` into `path`.
 async fn snapshot(
     client: &async_nats::Client,
     name: &str,
     path: &Path,
     out: &mut Out<'_>,
-) -> anyhow::Result<(Value, Value, u64, String)> {
-    let inbox = client.new_inbox();
-    let mut chunks = client.subscribe(inbox.clone()).await?;
-    client.flush().await?;
-    let reply = api(
-        client,
-        &format!("$JS.API.STREAM.SNAPSHOT.{name}"),
-        &json!({"deliver_subject": inbox, "no_consumers": true, "chunk_size": CHUNK}),
-    )
-    .await?;
-    let (config, state) = (reply["config"].clone(), reply["state"].clone());
+) -> anyhow::Result<js::Snapshot> {
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
     );
-    let mut hasher = Sha256::new();
-    let mut total = 0u64;
-    let bar = out.progress(state["bytes"].as_u64().unwrap_or(0), "bytes (stored)");
+    let bar = out.progress(0, "bytes");
     bar.set_message(format!("{name} snapshot"));
-    loop {
-        let chunk = tokio::time::timeout(WAIT, chunks.next())
-            .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::Timeout,
-                    format!("the snapshot of {name} stalled: no chunk within {WAIT:?}"),
-                )
-            })?
-            .ok_or_else(|| anyhow!("the snapshot subscription of {name} ended"))?;
-        if chunk.payload.is_empty() {
-            if let Some(status) = chunk.status.filter(|s| s.as_u16() != 204) {
-                out.abandon(&bar);
-                return Err(Failure::unavailable(format!(
-                    "the snapshot of {name} failed: {} {}",
-                    status.as_u16(),
-                    chunk.description.as_deref().unwrap_or("")
-                ))
-                .into());
-            }
-            break;
+    let mut progress = |n: u64, stored: u64| {
+        bar.set_length(stored.max(n));
+        bar.set_position(n);
+    };
+    let snapshot = js::snapshot(client, name, &mut file, &mut progress).await;
+    let snapshot = match snapshot {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            out.abandon(&bar);
+            return Err(e.into());
         }
-        file.write_all(&chunk.payload)?;
-        hasher.update(&chunk.payload);
-        total += chunk.payload.len() as u64;
-        bar.set_position(total);
-        if let Some(ack) = chunk.reply {
-            client.publish(ack, bytes::Bytes::new()).await?;
-        }
-    }
-    file.flush()?;
-    file.into_inner()
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?
-        .sync_all()?;
+    };
     out.finish(&bar);
-    Ok((config, state, total, hex(&hasher.finalize())))
+    file.into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?
+        .sync_all()?;
+    Ok(snapshot)
 }
 
-/// How many messages the stream holds from `first` to `last` now, and the
-/// checksum over them: read through an ordered consumer.
+/// [`js::checksum`] with a progress bar.
 async fn checksum(
     client: &async_nats::Client,
     name: &str,
@@ -263,90 +213,11 @@ async fn checksum(
     last: u64,
     out: &mut Out<'_>,
 ) -> anyhow::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut count = 0u64;
-    let now = stream_info(client, name)
-        .await?
-        .ok_or_else(|| Failure::not_found(format!("the stream {name} is gone")))?;
-    let now_messages = now["state"]["messages"].as_u64().unwrap_or(0);
-    let now_last = now["state"]["last_seq"].as_u64().unwrap_or(0);
-    if first == 0 || last < first || now_messages == 0 || now_last < first {
-        return Ok((0, hex(&hasher.finalize())));
-    }
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream(name).await?;
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: first,
-            },
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("cannot read {name}"))?;
-    let mut messages = consumer.messages().await?;
-    let bar = out.progress(last - first + 1, "messages");
+    let bar: ProgressBar = out.progress(last.saturating_sub(first) + 1, "messages");
     bar.set_message(format!("{name} checksum"));
-    loop {
-        let message = tokio::time::timeout(WAIT, messages.next())
-            .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::Timeout,
-                    format!("reading {name} stalled: no message within {WAIT:?}"),
-                )
-            })?
-            .ok_or_else(|| anyhow!("reading {name}: the ordered consumer ended"))?
-            .map_err(|e| anyhow!("reading {name}: {e}"))?;
-        let info = message.info().map_err(|e| anyhow!("reading {name}: {e}"))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        if sequence > last {
-            break;
-        }
-        hash_message(
-            &mut hasher,
-            sequence,
-            message.subject.as_str(),
-            message.headers.as_ref(),
-            &message.payload,
-        );
-        count += 1;
-        bar.set_position(sequence - first + 1);
-        if sequence == last || pending == 0 {
-            break;
-        }
-    }
+    let result = js::checksum(client, name, first, last, &mut |n| bar.set_position(n)).await;
     out.finish(&bar);
-    Ok((count, hex(&hasher.finalize())))
-}
-
-/// Feeds one message into the checksum: sequence (8 bytes big-endian),
-/// then length-prefixed (8 bytes) subject, headers (names sorted, each
-/// name with its values in order) and body.
-pub fn hash_message(
-    hasher: &mut Sha256,
-    sequence: u64,
-    subject: &str,
-    headers: Option<&HeaderMap>,
-    body: &[u8],
-) {
-    let mut field = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    field(&sequence.to_be_bytes());
-    field(subject.as_bytes());
-    let mut names: Vec<_> = headers.map(|h| h.iter().collect()).unwrap_or_default();
-    names.sort_by(|a, b| AsRef::<str>::as_ref(a.0).cmp(b.0.as_ref()));
-    field(&(names.len() as u64).to_be_bytes());
-    for (name, values) in names {
-        field(AsRef::<[u8]>::as_ref(name));
-        field(&(values.len() as u64).to_be_bytes());
-        for value in values {
-            field(value.as_str().as_bytes());
-        }
-    }
-    field(body);
+    Ok(result?)
 }
 
 pub async fn restore(ctx: &Context, args: RestoreArgs, out: &mut Out<'_>) -> anyhow::Result<()> {
@@ -361,7 +232,7 @@ pub async fn restore(ctx: &Context, args: RestoreArgs, out: &mut Out<'_>) -> any
     let client = ctx.client().await?;
     let mut existing = Vec::new();
     for stream in &manifest.streams {
-        if stream_info(&client, &stream.name).await?.is_some() {
+        if js::stream_info(&client, &stream.name).await?.is_some() {
             existing.push(stream.name.as_str());
         }
     }
@@ -377,12 +248,7 @@ pub async fn restore(ctx: &Context, args: RestoreArgs, out: &mut Out<'_>) -> any
         .into());
     }
     for name in existing {
-        api(
-            &client,
-            &format!("$JS.API.STREAM.DELETE.{name}"),
-            &json!({}),
-        )
-        .await?;
+        js::delete_stream(&client, name).await?;
         out.warn(format_args!("{name}: deleted (--force)"));
     }
     let mut results = Vec::new();
@@ -461,18 +327,8 @@ fn check_file(dir: &Path, stream: &StreamBackup) -> anyhow::Result<()> {
     let path = snapshot_path(dir, stream)?;
     let mut file = std::fs::File::open(&path)
         .map_err(|e| Failure::invalid(format!("cannot read {}: {e}", path.display())))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
-    if size != stream.file_bytes || hex(&hasher.finalize()) != stream.file_sha256 {
+    let (size, sha256) = js::sha256_of(&mut file)?;
+    if size != stream.file_bytes || sha256 != stream.file_sha256 {
         return Err(Failure::invalid(format!(
             "{} is damaged: its size or SHA-256 differs from the manifest",
             path.display()
@@ -492,61 +348,21 @@ async fn upload(
     let name = &stream.name;
     let mut config = stream.config.clone();
     config["num_replicas"] = json!(replicas);
-    let reply = api(
-        client,
-        &format!("$JS.API.STREAM.RESTORE.{name}"),
-        &json!({"config": config, "state": stream.state}),
-    )
-    .await?;
-    let deliver = reply["deliver_subject"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the restore of {name} was answered without a deliver subject"))?
-        .to_owned();
     let mut file = std::fs::File::open(snapshot_path(dir, stream)?)?;
     let bar = out.progress(stream.file_bytes, "bytes");
     bar.set_message(format!("{name} restore"));
-    let mut buffer = vec![0; CHUNK];
-    let mut sent = 0u64;
-    loop {
-        let n = read_full(&mut file, &mut buffer)?;
-        if n == 0 {
-            break;
+    let restored = js::restore(client, name, &config, &stream.state, &mut file, &mut |n| {
+        bar.set_position(n)
+    })
+    .await;
+    match restored {
+        Ok(()) => out.finish(&bar),
+        Err(e) => {
+            out.abandon(&bar);
+            return Err(e.into());
         }
-        let answer = send(client, &deliver, buffer[..n].to_vec(), name).await?;
-        if !answer.payload.is_empty() {
-            check_api_reply(&answer.payload, &format!("restoring {name}"))?;
-        }
-        sent += n as u64;
-        bar.set_position(sent);
     }
-    let done = send(client, &deliver, Vec::new(), name).await?;
-    check_api_reply(&done.payload, &format!("restoring {name}"))?;
-    out.finish(&bar);
     Ok(())
-}
-
-fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buffer.len() {
-        match file.read(&mut buffer[n..])? {
-            0 => break,
-            read => n += read,
-        }
-    }
-    Ok(n)
-}
-
-async fn send(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Vec<u8>,
-    name: &str,
-) -> anyhow::Result<async_nats::Message> {
-    let request = Request::new().payload(body.into()).timeout(Some(WAIT));
-    client
-        .send_request(subject.to_owned(), request)
-        .await
-        .map_err(|e| Failure::unavailable(format!("restoring {name}: {e}")).into())
 }
 
 /// The restored stream against its manifest entry.
@@ -556,9 +372,9 @@ async fn verify(
     out: &mut Out<'_>,
 ) -> anyhow::Result<Value> {
     let name = &stream.name;
-    let info = stream_info(client, name)
+    let info = js::stream_info(client, name)
         .await?
-        .ok_or_else(|| anyhow!("{name} is not there after its restore"))?;
+        .ok_or_else(|| anyhow::anyhow!("{name} is not there after its restore"))?;
     let number = |k: &str| info["state"][k].as_u64().unwrap_or(0);
     let (messages, first, last) = (number("messages"), number("first_seq"), number("last_seq"));
     let (read, checksum) = checksum(client, name, first, last, out).await?;
@@ -585,101 +401,4 @@ async fn verify(
         "checksum": checksum,
         "mismatch": if mismatches.is_empty() { Value::Null } else { json!(mismatches.join(", ")) },
     }))
-}
-
-/// `$JS.API.STREAM.INFO.<name>`: the info, or `None` if there is no such
-/// stream.
-async fn stream_info(client: &async_nats::Client, name: &str) -> anyhow::Result<Option<Value>> {
-    let subject = format!("$JS.API.STREAM.INFO.{name}");
-    let reply = request(client, &subject, &json!({})).await?;
-    let value: Value = serde_json::from_slice(&reply.payload)
-        .with_context(|| format!("the answer on {subject} is not JSON"))?;
-    if value["error"]["err_code"].as_u64() == Some(STREAM_NOT_FOUND) {
-        return Ok(None);
-    }
-    check_api_value(value, &subject).map(Some)
-}
-
-/// A JetStream API request; its answer, or the error it carries.
-async fn api(client: &async_nats::Client, subject: &str, body: &Value) -> anyhow::Result<Value> {
-    let reply = request(client, subject, body).await?;
-    check_api_reply(&reply.payload, subject)
-}
-
-async fn request(
-    client: &async_nats::Client,
-    subject: &str,
-    body: &Value,
-) -> anyhow::Result<async_nats::Message> {
-    let request = Request::new()
-        .payload(body.to_string().into())
-        .timeout(Some(WAIT));
-    client
-        .send_request(subject.to_owned(), request)
-        .await
-        .map_err(|e| {
-            Failure::unavailable(format!(
-                "JetStream did not answer on {subject}: {e} (is JetStream enabled for this user?)"
-            ))
-            .into()
-        })
-}
-
-fn check_api_reply(payload: &[u8], what: &str) -> anyhow::Result<Value> {
-    let value: Value = serde_json::from_slice(payload)
-        .with_context(|| format!("the answer {what} is not JSON"))?;
-    check_api_value(value, what)
-}
-
-fn check_api_value(value: Value, what: &str) -> anyhow::Result<Value> {
-    match value.get("error") {
-        None | Some(Value::Null) => Ok(value),
-        Some(error) => {
-            let code = match error["code"].as_u64() {
-                Some(404) => ErrorCode::NotFound,
-                Some(400) => ErrorCode::Invalid,
-                Some(503) => ErrorCode::Unavailable,
-                _ => ErrorCode::Internal,
-            };
-            Err(Failure::new(
-                code,
-                format!(
-                    "JetStream refused {what}: {} (error {})",
-                    error["description"].as_str().unwrap_or("no description"),
-                    error["err_code"]
-                ),
-            )
-            .into())
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_checksum_sees_every_part_of_a_message() {
-        let sum = |seq: u64, subject: &str, headers: &[(&str, &str)], body: &[u8]| {
-            let mut map = HeaderMap::new();
-            for (k, v) in headers {
-                map.append(*k, *v);
-            }
-            let mut hasher = Sha256::new();
-            hash_message(&mut hasher, seq, subject, Some(&map), body);
-            hex(&hasher.finalize())
-        };
-        let base = sum(1, "events.a.1", &[("A", "1"), ("B", "2")], b"x");
-        assert_eq!(base, sum(1, "events.a.1", &[("B", "2"), ("A", "1")], b"x"));
-        assert_ne!(base, sum(2, "events.a.1", &[("A", "1"), ("B", "2")], b"x"));
-        assert_ne!(base, sum(1, "events.a.2", &[("A", "1"), ("B", "2")], b"x"));
-        assert_ne!(base, sum(1, "events.a.1", &[("A", "1"), ("B", "3")], b"x"));
-        assert_ne!(base, sum(1, "events.a.1", &[("A", "1"), ("B", "2")], b"y"));
-        assert_ne!(base, sum(1, "events.a.", &[("A", "1"), ("B", "2")], b"1x"));
-    }
 }

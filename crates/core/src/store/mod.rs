@@ -33,6 +33,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
+pub mod backup;
 pub mod codes;
 mod consumers;
 
