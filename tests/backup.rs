@@ -16,6 +16,9 @@ use jetsource_test_support::{NatsCluster, NatsServer, RedisServer};
 use jetsource_tests::{cli_at, wait_for_service, Process};
 use serde_json::{json, Value};
 
+/// Accounts written before the backup and never after: the original's
+/// read model of them is the one at the backup's sequence.
+const QUIET: [&str; 2] = ["quiet0", "quiet1"];
 /// Load clients; each deposits into accounts of its own.
 const CLIENTS: usize = 3;
 const ACCOUNTS_PER_CLIENT: usize = 2;
@@ -29,6 +32,8 @@ type Acked = Arc<Mutex<Vec<(u64, String, u64)>>>;
 /// the load ran.
 struct Backup {
     _server: NatsServer,
+    /// A client of the source store, whose projector keeps running.
+    source: async_nats::Client,
     _redis: RedisServer,
     _workers: Vec<Process>,
     dir: tempfile::TempDir,
@@ -75,6 +80,22 @@ async fn back_up_under_load() -> Backup {
     wait_for_service(&client, "jetsource-projector", 1).await;
 
     let acked: Acked = Arc::default();
+    for (n, id) in QUIET.iter().enumerate() {
+        let open = json!({"type": "OpenAccount", "data": {"owner": id}});
+        let outcome = send(&client, "account", id, open).await.unwrap();
+        acked
+            .lock()
+            .unwrap()
+            .push((outcome.sequence, (*id).to_owned(), 0));
+        for amount in 1..=3 + n as u64 {
+            let deposit = json!({"type": "Deposit", "data": {"amount": amount}});
+            let outcome = send(&client, "account", id, deposit).await.unwrap();
+            acked
+                .lock()
+                .unwrap()
+                .push((outcome.sequence, (*id).to_owned(), amount));
+        }
+    }
     let mut load = Vec::new();
     for c in 0..CLIENTS {
         let (client, acked) = (client.clone(), acked.clone());
@@ -132,8 +153,18 @@ async fn back_up_under_load() -> Backup {
     for task in load {
         task.await.unwrap();
     }
+    // A backup never overwrites another.
+    let (code, _, err) = {
+        let (url, path) = (url.clone(), path.display().to_string());
+        tokio::task::spawn_blocking(move || cli_at(&url, &[], &["backup", &path]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("already holds a backup"), "{err}");
     let backup = Backup {
         _server: server,
+        source: client.clone(),
         _redis: redis,
         _workers: workers,
         dir,
@@ -246,10 +277,34 @@ async fn restore_and_check(backup: &Backup, url: &str, client: async_nats::Clien
     assert_eq!(
         totals["data"],
         json!({
-            "open_accounts": CLIENTS * ACCOUNTS_PER_CLIENT,
+            "open_accounts": CLIENTS * ACCOUNTS_PER_CLIENT + QUIET.len(),
             "balance_sum": expected.values().map(|e| e.0).sum::<u64>(),
         })
     );
+
+    // Accounts untouched since the backup: the same documents (balance,
+    // versions, timestamps, recent transactions) as the original's.
+    let js_source = async_nats::jetstream::new(backup.source.clone());
+    let source_last = js_source
+        .get_stream("EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    let source_wait = json!({"min_sequence": source_last, "timeout_ms": 30000});
+    for id in QUIET {
+        let subject = format!("query.account.{id}");
+        let original = query(&backup.source, &subject, source_wait.clone())
+            .await
+            .unwrap();
+        let restored = query(&client, &subject, json!({"min_sequence": last}))
+            .await
+            .unwrap();
+        assert_eq!(restored["data"], original["data"], "{id}");
+    }
 
     // Restoring again, onto streams that exist, is refused: nothing changes.
     let (code, _, err) = restore(url, &[], &["restore", &path]).await;

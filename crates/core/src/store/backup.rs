@@ -27,14 +27,13 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::codes::{NO_MESSAGE_FOUND, STREAM_NOT_FOUND};
 use super::{StoreError, StoreErrorKind};
 
 /// Snapshot chunk size asked of the server; a restore uploads the same.
 pub const CHUNK: usize = 128 * 1024;
 /// How long one API call, one chunk or one message of a read-back may take.
 const WAIT: Duration = Duration::from_secs(60);
-/// JetStream's error code for "stream not found".
-const STREAM_NOT_FOUND: u64 = 10059;
 
 /// What a snapshot saved.
 #[derive(Debug, Clone)]
@@ -268,11 +267,34 @@ pub async fn checksum(
         );
         count += 1;
         progress(sequence - first + 1);
-        if sequence == last || pending == 0 {
+        // `pending` may be 0 too early (a consumer on a stream just
+        // restored in a cluster): the stream leader decides.
+        if sequence == last
+            || (pending == 0 && !has_message_between(client, name, sequence + 1, last).await?)
+        {
             break;
         }
     }
     Ok((count, hex(&hasher.finalize())))
+}
+
+/// Whether the stream `name` holds a message from `from` to `last`, asked
+/// of its leader (`$JS.API.STREAM.MSG.GET` for the next message).
+async fn has_message_between(
+    client: &async_nats::Client,
+    name: &str,
+    from: u64,
+    last: u64,
+) -> Result<bool, StoreError> {
+    let subject = format!("$JS.API.STREAM.MSG.GET.{name}");
+    let body = json!({"seq": from, "next_by_subj": ">"});
+    let reply = request(client, &subject, body.to_string().into_bytes()).await?;
+    let value = parse(&reply.payload, &subject)?;
+    if value["error"]["err_code"].as_u64() == Some(NO_MESSAGE_FOUND) {
+        return Ok(false);
+    }
+    let value = check(value, &subject)?;
+    Ok(value["message"]["seq"].as_u64().is_some_and(|s| s <= last))
 }
 
 /// Feeds one message into a checksum: sequence, subject, headers (names
