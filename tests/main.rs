@@ -8,6 +8,7 @@ mod bench;
 mod chaos;
 mod cli;
 mod cluster;
+mod deploy;
 mod fleet;
 mod guide;
 mod health;
