@@ -1089,6 +1089,12 @@ fn publish_error(e: PublishError) -> StoreError {
             "too many atomic batches open on the stream (error {}); retry",
             codes::BATCH_TOO_MANY_INFLIGHT
         ),
+        // "No responders": nothing subscribes to the event subjects, as
+        // when the stream is gone or, on a cluster, has no leader (quorum
+        // lost: docs/PROTOCOL.md, "Read-only mode").
+        (StoreErrorKind::Unavailable, None) if e.kind() == PublishErrorKind::StreamNotFound => {
+            "append failed: no server takes the event stream's appends (the stream is missing, or has no leader: a cluster that lost its quorum); retry".to_owned()
+        }
         (StoreErrorKind::Unavailable, _) => {
             format!("append failed: {e}; the event store is not reachable, retry")
         }
