@@ -18,3 +18,4 @@ mod security;
 mod shutdown;
 mod snapshots;
 mod tidy;
+mod tls;

@@ -5,6 +5,13 @@
 //! call times out or breaks it: one for batches of writes (large, may take a
 //! while), one for everything small (metadata, watermarks, queries), which
 //! so never waits behind a batch of its own process.
+//!
+//! With `redis.query_url` set, the pure reads (queries, metadata and
+//! watermark reads) use a third connection, as that URL's user, which may
+//! be an ACL user allowed to read only; everything that writes (batches,
+//! the metadata scripts, deleting generations) stays on `redis.url`'s user.
+//! Both honour `redis.tls_ca_file`/`tls_cert_file`/`tls_key_file` for
+//! `rediss://` URLs (docs/TLS.md).
 
 mod connection;
 
@@ -13,7 +20,7 @@ use std::time::Duration;
 use jetsource_core::config::RedisConfig;
 use redis::{RedisError, Script};
 
-pub use connection::{class, Connection, RECONNECT_PAUSE};
+pub use connection::{class, client, Connection, RECONNECT_PAUSE};
 
 use crate::keys::{meta_key, watermark_key};
 use crate::projection::Op;
@@ -301,8 +308,12 @@ impl Meta {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    /// Metadata, watermarks, queries: small and quick.
+    /// The metadata scripts (they write the metadata): small and quick,
+    /// as `redis.url`'s user.
     reads: Connection,
+    /// Queries, metadata and watermark reads (read-only commands): as
+    /// `redis.query_url`'s user if set, else the same as `reads`.
+    queries: Connection,
     /// Batches (apply, replay, deleting a generation).
     writes: Connection,
     apply: Script,
@@ -317,6 +328,11 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RedisStore")
     }
+}
+
+/// `redis.query_url`, unless unset or empty.
+fn query_url(config: &RedisConfig) -> Option<&str> {
+    config.query_url.as_deref().filter(|u| !u.trim().is_empty())
 }
 
 fn is_noscript(e: &RedisError) -> bool {
@@ -341,15 +357,25 @@ impl RedisStore {
         let store = Self::lazy(config)?;
         let mut con = store.reads.clone();
         let _: String = redis::cmd("PING").query_async(&mut con).await?;
+        if query_url(config).is_some() {
+            let mut con = store.queries.clone();
+            let _: String = redis::cmd("PING").query_async(&mut con).await?;
+        }
         Ok(store)
     }
 
     /// Like [`RedisStore::connect_with`], without waiting for Redis: the
     /// connections open on first use.
     pub fn lazy(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = client(&config.url, config)?;
+        let reads = Connection::new(client.clone(), "reads", config.timeout());
+        let queries = match query_url(config) {
+            Some(url) => Connection::new(self::client(url, config)?, "queries", config.timeout()),
+            None => reads.clone(),
+        };
         Ok(Self {
-            reads: Connection::new(client.clone(), "reads", config.timeout()),
+            reads,
+            queries,
             writes: Connection::new(client, "writes", config.write_timeout()),
             apply: Script::new(APPLY),
             raise: Script::new(RAISE),
@@ -360,10 +386,11 @@ impl RedisStore {
         })
     }
 
-    /// The connection for reads (queries, metadata): every call on it ends
-    /// within [`RedisConfig::timeout_ms`].
+    /// The connection for reads (queries, metadata), as `redis.query_url`'s
+    /// user when that is set: every call on it ends within
+    /// [`RedisConfig::timeout_ms`].
     pub fn connection(&self) -> Connection {
-        self.reads.clone()
+        self.queries.clone()
     }
 
     /// Longest a read takes before it fails.
@@ -538,7 +565,7 @@ impl RedisStore {
     }
 
     pub async fn watermark(&self, projection: &str, generation: u64) -> Result<u64, RedisError> {
-        let mut con = self.reads.clone();
+        let mut con = self.queries.clone();
         let value: Option<u64> = redis::cmd("GET")
             .arg(watermark_key(projection, generation))
             .query_async(&mut con)
@@ -569,7 +596,7 @@ impl RedisStore {
     /// The projection's metadata, `None` when Redis has none (never started,
     /// or Redis lost its data).
     pub async fn meta(&self, projection: &str) -> Result<Option<Meta>, RedisError> {
-        let mut con = self.reads.clone();
+        let mut con = self.queries.clone();
         let fields: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(meta_key(projection))
             .query_async(&mut con)

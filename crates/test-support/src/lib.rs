@@ -18,6 +18,7 @@
 #![allow(clippy::unwrap_used)] // test harness: failing loudly is the point
 
 pub mod accounts;
+pub mod certs;
 mod docker;
 pub mod requests;
 

@@ -37,6 +37,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use tokio::time::Instant;
 
+use jetsource_core::config::RedisConfig;
 use jetsource_core::ErrorClass;
 
 /// How long a failed connection attempt is reused as the answer before the
@@ -138,6 +139,42 @@ pub fn class(error: &RedisError) -> ErrorClass {
         }
         _ => ErrorClass::Permanent,
     }
+}
+
+/// A client for `url` with `config`'s TLS files: the CA that signs the
+/// server's certificate (instead of the system's roots) and, if set, a
+/// client certificate and key. For `redis://` URLs the files do not matter;
+/// `rediss://` ones connect with TLS.
+pub fn client(url: &str, config: &RedisConfig) -> RedisResult<redis::Client> {
+    if config.tls_ca_file.is_none() && config.tls_cert_file.is_none() {
+        return redis::Client::open(url);
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            RedisError::from(std::io::Error::new(
+                e.kind(),
+                format!("redis.{key} {}: {e}", path.display()),
+            ))
+        })
+    };
+    let root_cert = match &config.tls_ca_file {
+        Some(path) => Some(read("tls_ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("tls_cert_file", cert)?,
+            client_key: read("tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
 }
 
 impl Connection {
