@@ -29,10 +29,7 @@ const CLI: &str = "jetsource";
 const MIN_GRACE_SECS: u64 = 11;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    jetsource_tests::workspace_root()
 }
 
 fn deploy(path: &str) -> PathBuf {
@@ -52,24 +49,7 @@ struct App {
 
 impl App {
     fn load() -> Self {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--no-deps",
-                "--offline",
-            ])
-            .current_dir(root())
-            .output()
-            .expect("cargo metadata runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let metadata: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let metadata: Value = jetsource_tests::cargo_metadata();
         let package = metadata["packages"]
             .as_array()
             .unwrap()

@@ -16,10 +16,7 @@ use jetsource_tests::{wait_for_service, Process};
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    jetsource_tests::workspace_root()
 }
 
 /// `(path, contents)` of every `<!-- file: path -->` block of the guide.

@@ -133,3 +133,33 @@ pub fn cli_at(nats_url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, Stri
 /// The shipped NATS users with fresh passwords (nats/accounts.conf,
 /// docs/SECURITY.md).
 pub use jetsource_test_support::accounts::{RoleCredentials, ROLES};
+
+/// The workspace's root directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `cargo metadata --no-deps` of the workspace, as JSON.
+pub fn cargo_metadata() -> serde_json::Value {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
+}
