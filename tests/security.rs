@@ -376,11 +376,25 @@ async fn server_refuses_the_client_role_everything_but_send_and_query() {
         "jetsource.progress.>",
         "$KV.SNAPSHOTS.>",
         "$SRV.>",
+        // Replies meant for the workers, or for anyone.
+        "_INBOX.>",
+        "_INBOX.command.>",
+        "_INBOX.projector.>",
     ] {
         let _subscription = client.subscribe(subject).await.unwrap();
         client.flush().await.unwrap();
         expect_violation(&mut errors, &format!("Subscription to \"{subject}\"")).await;
     }
+
+    // A worker answers requests, but cannot write into a client's inbox
+    // unasked (allow_responses, not a publish right on _INBOX.>).
+    let (projector, mut projector_errors) = secured.watched("projector").await;
+    projector
+        .publish("_INBOX.client.forged", "{}".into())
+        .await
+        .unwrap();
+    projector.flush().await.unwrap();
+    expect_violation(&mut projector_errors, "Publish to \"_INBOX.client.forged\"").await;
 
     // Nothing changed; the client still works.
     assert_eq!(event_count(&admin).await, events);
@@ -425,6 +439,18 @@ async fn server_refuses_anonymous_and_wrong_credentials() {
         matches!(tokio::time::timeout(wait, token).await, Ok(Err(_))),
         "a password was accepted as a token without its user"
     );
+    // The CLI says why it could not connect, not merely that it could not.
+    let (code, out, err) = cli_at(
+        &url,
+        &[
+            ("JETSOURCE__NATS__USER", "admin"),
+            ("JETSOURCE__NATS__PASSWORD", "guess"),
+            ("JETSOURCE__NATS__CONNECT_TIMEOUT_MS", "1000"),
+        ],
+        &["stream"],
+    );
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(err.contains("authorization violation"), "{err}");
     // The right ones are.
     secured.connect("admin").await.flush().await.unwrap();
 }

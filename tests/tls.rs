@@ -139,6 +139,8 @@ async fn fleet_runs_over_nats_tls() {
     let (code, out, err) = cli_at(&plain, &[], &["stream"]);
     assert_eq!(code, UNAVAILABLE, "{out}{err}");
     assert!(err.contains("not reachable"), "{err}");
+    // It says why: the server's certificate, not a server that is down.
+    assert!(err.contains("certificate"), "{err}");
 }
 
 /// The CLI's exit code for `unavailable`.

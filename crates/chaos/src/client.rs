@@ -3,6 +3,7 @@
 //! `unavailable`, `timeout`) is resent with the same id until a definite
 //! answer or a deadline, and every definite answer is recorded.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -15,9 +16,12 @@ use tokio::time::Instant;
 use crate::load::Stats;
 
 /// Connects to the cluster (any node) as NATS user `role` (`user`,
-/// `password`), retrying until `within` has passed.
+/// `password`) over TLS trusting `ca`, with the role's own reply inboxes
+/// (the only ones nats/accounts.conf lets it read), retrying until `within`
+/// has passed.
 pub async fn connect(
     urls: &str,
+    ca: &Path,
     name: &str,
     role: (&str, &str),
     within: Duration,
@@ -27,6 +31,9 @@ pub async fn connect(
     loop {
         let attempt =
             async_nats::ConnectOptions::with_user_and_password(role.0.into(), role.1.into())
+                .custom_inbox_prefix(format!("_INBOX.{}", role.0))
+                .add_root_certificates(ca.to_owned())
+                .require_tls(true)
                 .name(name)
                 .connect(servers.as_slice())
                 .await;

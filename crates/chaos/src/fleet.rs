@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use jetsource_test_support::accounts::RoleCredentials;
+use jetsource_test_support::certs::{nats_tls_block, redis_tls_args, write_test_pki, Pki};
 use jetsource_test_support::{workspace_binary, NatsCluster, RedisServer};
 
 use crate::progress::say;
@@ -119,6 +120,8 @@ pub struct Fleet {
     pub redis_url: String,
     /// A NATS user per role (nats/accounts.conf).
     pub credentials: RoleCredentials,
+    /// The run's certificates: NATS and Redis serve TLS only.
+    pub pki: Pki,
 }
 
 impl Fleet {
@@ -131,18 +134,25 @@ impl Fleet {
                 .collect::<HashMap<_, _>>()
         })
         .await?;
-        // Authorization on, as shipped: the workers, the clients and the
-        // run's own checks each connect as their role (docs/SECURITY.md).
+        // Authorization and TLS on, as production runs: the workers, the
+        // clients and the run's own checks each connect as their role
+        // (docs/SECURITY.md), over TLS to NATS and Redis (docs/TLS.md), with
+        // certificates made for this run.
         let credentials = RoleCredentials::generate();
-        let accounts = credentials.server_config();
+        let pki = write_test_pki(&run_dir.join("pki"));
+        let server_config = credentials.server_config() + &nats_tls_block(&pki, false);
         let cluster = blocking("starting the 3-node nats-server cluster", move || {
-            NatsCluster::start_configured(|_| accounts)
+            NatsCluster::start_configured(|_| server_config)
         })
         .await?;
-        let nats_urls = cluster.urls();
+        let nats_urls = cluster.urls().replace("nats://", "tls://");
         say(&format!("nats-server cluster up: {nats_urls}"));
-        let redis = blocking("starting redis-server", RedisServer::start).await?;
-        let redis_url = redis.url();
+        let redis_pki = pki.clone();
+        let redis = blocking("starting redis-server", move || {
+            RedisServer::start_configured(|_, port| redis_tls_args(&redis_pki, port, "no"))
+        })
+        .await?;
+        let redis_url = format!("rediss://127.0.0.1:{}/", redis.port());
         say(&format!("redis-server up: {redis_url}"));
         Ok(Self {
             cluster: Arc::new(Mutex::new(cluster)),
@@ -154,6 +164,7 @@ impl Fleet {
             nats_urls,
             redis_url,
             credentials,
+            pki,
         })
     }
 
@@ -191,6 +202,8 @@ impl Fleet {
             .env("JETSOURCE__NATS__URL", &self.nats_urls)
             .env("JETSOURCE__STORE__REPLICAS", "3")
             .env("JETSOURCE__REDIS__URL", &self.redis_url)
+            .env("JETSOURCE__NATS__TLS_CA_FILE", &self.pki.ca)
+            .env("JETSOURCE__REDIS__TLS_CA_FILE", &self.pki.ca)
             .env(
                 "JETSOURCE__PROJECTOR__RECENT_TRANSACTIONS",
                 RECENT_TRANSACTIONS.to_string(),

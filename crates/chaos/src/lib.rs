@@ -181,7 +181,14 @@ async fn exercise(
     // opening go through the operator's role; the load through the
     // client's.
     let as_admin = ("admin", fleet.credentials.password("admin"));
-    let admin = client::connect(&fleet.nats_urls, "jetsource-chaos", as_admin, within).await?;
+    let admin = client::connect(
+        &fleet.nats_urls,
+        &fleet.pki.ca,
+        "jetsource-chaos",
+        as_admin,
+        within,
+    )
+    .await?;
     start_workers(fleet, &admin).await?;
     let stats = Arc::new(Stats::default());
     let ledger: Ledger = Arc::default();
@@ -311,11 +318,19 @@ async fn drive(
     for c in 0..config.clients {
         let name = format!("jetsource-chaos-client-{c}");
         connections.push(
-            client::connect(&fleet.nats_urls, &name, as_client, Duration::from_secs(30)).await?,
+            client::connect(
+                &fleet.nats_urls,
+                &fleet.pki.ca,
+                &name,
+                as_client,
+                Duration::from_secs(30),
+            )
+            .await?,
         );
     }
     let probe = client::connect(
         &fleet.nats_urls,
+        &fleet.pki.ca,
         "jetsource-chaos-probe",
         as_client,
         Duration::from_secs(30),

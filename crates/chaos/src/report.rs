@@ -66,7 +66,7 @@ fn run(f: &Findings) -> Table {
         ("clients / accounts", format!("{} / {}", c.clients, c.accounts)),
         ("fault interval / node down", format!("{} s / {} s", c.fault_interval_secs, c.node_down_secs)),
         ("recovery bound", format!("{} s", c.recovery_bound_secs)),
-        ("topology", "3 nats-server nodes (sync_interval: always), stream EVENTS R3; 2 jetsource-command, 2 jetsource-projector, 1 jetsource-snapshotter; redis-server".into()),
+        ("topology", "3 nats-server nodes (sync_interval: always), stream EVENTS R3; 2 jetsource-command, 2 jetsource-projector, 1 jetsource-snapshotter; redis-server; a NATS user per role (nats/accounts.conf), TLS to NATS and Redis".into()),
         ("run directory (logs)", f.run_dir.display().to_string()),
     ];
     for (k, v) in rows {

@@ -228,6 +228,12 @@ pub struct NatsConfig {
     /// Client certificate and key (PEM) for servers that verify clients.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Subject prefix of this process's reply inboxes. Unset: `_INBOX.<user>`
+    /// with `user`, else NATS's `_INBOX`. The shipped accounts let each role
+    /// subscribe to its own `_INBOX.<role>.>` only, so one role cannot read
+    /// replies meant for another (docs/SECURITY.md); set it when
+    /// authenticating by nkey or creds file.
+    pub inbox_prefix: Option<String>,
     /// Bound on each NATS request (JetStream API calls, acks, direct gets).
     pub request_timeout_ms: u64,
     /// How long start-up waits for the first connection.
@@ -246,6 +252,7 @@ impl Default for NatsConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            inbox_prefix: None,
             request_timeout_ms: 5_000,
             connect_timeout_ms: 10_000,
         }
@@ -259,6 +266,15 @@ impl NatsConfig {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+
+    /// The reply-inbox prefix in effect (see [`NatsConfig::inbox_prefix`]).
+    pub fn inbox_prefix(&self) -> String {
+        match (&self.inbox_prefix, &self.user) {
+            (Some(prefix), _) => prefix.clone(),
+            (None, Some(user)) => format!("_INBOX.{user}"),
+            (None, None) => "_INBOX".to_owned(),
+        }
     }
 }
 
@@ -514,6 +530,17 @@ impl Config {
         }
         if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
             return invalid("nats.tls_cert_file and nats.tls_key_file go together");
+        }
+        let prefix = n.inbox_prefix();
+        if prefix.is_empty()
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t == "*" || t == ">" || t.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "nats: inbox prefix {prefix:?} (from nats.inbox_prefix or nats.user) is not a \
+                 subject: use dot-separated tokens without spaces or wildcards"
+            )));
         }
         let r = &self.redis;
         if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {

@@ -66,12 +66,17 @@ async fn authenticate(
     Ok(options)
 }
 
+/// Connects to NATS with the settings every jetsource process shares:
+/// credentials, TLS, the reply-inbox prefix of its role, reconnection for
+/// ever. Waits a bounded time for the first connection and, if none came,
+/// says why (refused, authorization, TLS).
 pub async fn connect(
     config: &config::NatsConfig,
     client_name: &str,
 ) -> Result<async_nats::Client, store::StoreError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(client_name)
+        .custom_inbox_prefix(config.inbox_prefix())
         .request_timeout(Some(config.request_timeout()))
         .retry_on_initial_connect()
         .max_reconnects(None);
@@ -82,7 +87,7 @@ pub async fn connect(
     // Several servers (a cluster) are given comma-separated; the client
     // also learns the others from the servers it reaches.
     let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
-    let client = options.connect(servers).await.map_err(|e| {
+    let client = options.connect(servers.as_slice()).await.map_err(|e| {
         store::StoreError::new(
             store::StoreErrorKind::Unavailable,
             format!("cannot connect to NATS at {}: {e}", config.url),
@@ -91,18 +96,47 @@ pub async fn connect(
     let deadline = std::time::Instant::now() + config.connect_timeout();
     while client.connection_state() != async_nats::connection::State::Connected {
         if std::time::Instant::now() > deadline {
+            let why = diagnose(config, &servers).await;
             return Err(store::StoreError::new(
                 store::StoreErrorKind::Unavailable,
-                format!(
-                    "NATS at {} not reachable within {:?}; is nats-server running (try `make run`)?",
-                    config.url,
-                    config.connect_timeout()
-                ),
+                not_connected_message(config, why.as_deref()),
             ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(client)
+}
+
+/// One connection attempt without retries, for its error: the retrying
+/// client reports a failed attempt only by its kind ("IO error"), while a
+/// single attempt says what went wrong (an untrusted certificate, an
+/// authorization violation, a refused connection).
+async fn diagnose(config: &config::NatsConfig, servers: &[&str]) -> Option<String> {
+    const ATTEMPT: std::time::Duration = std::time::Duration::from_secs(3);
+    let options = async_nats::ConnectOptions::new().connection_timeout(ATTEMPT);
+    let options = authenticate(options, config).await.ok()?;
+    match tokio::time::timeout(ATTEMPT, options.connect(servers)).await {
+        Ok(Err(e)) => Some(error_chain(&e)),
+        Ok(Ok(_)) => None,
+        Err(_) => Some(format!("no answer within {ATTEMPT:?}")),
+    }
+}
+
+/// Why the first connection did not come, with what to check.
+fn not_connected_message(config: &config::NatsConfig, failure: Option<&str>) -> String {
+    let within = config.connect_timeout();
+    let url = &config.url;
+    let Some(failure) = failure else {
+        return format!(
+            "NATS at {url} not reachable within {within:?}; is nats-server running (try `make run`)?"
+        );
+    };
+    format!(
+        "NATS at {url} not reachable within {within:?}: {failure}. Is nats-server running \
+         (try `make run`)? Check this role's credentials (nats.user/password, token, nkey or \
+         creds; .run/<role>.env after `make run`) and TLS (a tls:// URL, nats.tls_ca_file, a \
+         client certificate if the server verifies clients)"
+    )
 }
 
 /// Longest a stopping worker waits for NATS to take its last messages: with

@@ -66,12 +66,15 @@ impl RoleCredentials {
         ]
     }
 
-    /// Connection options for `role`.
+    /// Connection options for `role`, with the role's own reply inboxes
+    /// (`_INBOX.<role>`, what jetsource processes use: the only inboxes the
+    /// shipped accounts let a role subscribe to).
     pub fn options(&self, role: &str) -> async_nats::ConnectOptions {
         async_nats::ConnectOptions::with_user_and_password(
             role.to_owned(),
             self.password(role).to_owned(),
         )
+        .custom_inbox_prefix(format!("_INBOX.{role}"))
     }
 
     /// A client connected as `role`.
