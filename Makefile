@@ -14,19 +14,20 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install what is missing: pinned nats-server into tools/, redis-server via apt
+setup: ## Install what is missing: pinned nats-server into tools/, redis-server and openssl via apt
 	@scripts/install-nats-server.sh $(NATS_SERVER_VERSION) $(TOOLS)
-	@scripts/install-redis.sh
+	@scripts/install-apt.sh redis-server=redis-server redis-cli=redis-tools openssl=openssl
 
 build: ## Build every binary (debug)
 	cargo build --workspace --bins
 
 # `make run APP=shop` (or `make cluster APP=shop`) runs the shop example
 # instead of the bank.
-# Both run with authorization on: one NATS user per role, random passwords
-# generated on first use into .run/<role>.env (`source .run/client.env`
-# before the CLI's send and query, `.run/admin.env` before its operator
-# commands; docs/SECURITY.md).
+# Both run as production would: TLS to NATS (clients and routes) and Redis
+# with a development CA, one NATS user per role and Redis ACL users, all
+# generated on first use into .run/ (`source .run/client.env` before the
+# CLI's send and query, `.run/admin.env` before its operator commands;
+# docs/SECURITY.md, docs/TLS.md).
 run: setup build ## Start nats-server, redis-server and the workers in the foreground (APP=bank|shop; credentials in .run/); Ctrl-C stops all
 	APP=$(APP) scripts/run-dev.sh
 

@@ -9,35 +9,24 @@ cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
 
 ports_free 4222 4223 4224 6222 6223 6224 6379
-# Authorization on: per-role passwords in .run/<role>.env, the servers'
-# users in .run/nats-accounts.conf (dev-lib.sh).
-ensure_credentials
+# TLS and authorization on: development certificates in .run/tls, per-role
+# settings in .run/<role>.env, the servers' users in .run/nats-accounts.conf
+# (dev-lib.sh).
+ensure_certificates
+ensure_credentials "tls://127.0.0.1:4222,tls://127.0.0.1:4223,tls://127.0.0.1:4224" 3
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 for n in 1 2 3; do
   tools/bin/nats-server -c "nats/cluster/n$n.conf" > >(sed -u "s/^/[nats-n$n] /" >&2) 2>&1 &
   pids+=($!)
   echo "nats-server n$n: PID $!" >&2
 done
-for port in 4222 4223 4224; do wait_port "$port"; done
 # The workers create replicated streams: wait until the cluster has elected
-# its JetStream meta leader (every node's /healthz answers 200).
-healthy() {
-  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
-  printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
-  local status
-  read -r _ status _ <&3 || true
-  exec 3<&-
-  [ "$status" = 200 ]
-}
-for _ in $(seq 1 300); do
-  if healthy 8222 2>/dev/null && healthy 8223 2>/dev/null && healthy 8224 2>/dev/null; then break; fi
-  sleep 0.1
-done
+# its JetStream meta leader (every node's /healthz answers 200). Probing
+# the client ports instead would log a TLS handshake error per probe.
+wait_healthy 8222 8223 8224
 
 start_redis
 
-export JETSOURCE__NATS__URL="nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
-export JETSOURCE__STORE__REPLICAS=3
 start_workers
 
 {
@@ -45,11 +34,12 @@ start_workers
 
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
 4224 (monitoring http://127.0.0.1:8222 and up), streams with 3 replicas,
-redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
-Authorization is on: one NATS user per role, passwords in .run/<role>.env
-(client, command, projector, snapshotter, admin; docs/SECURITY.md).
-Try, in another terminal (the CLI reaches any node with this):
-  export JETSOURCE__NATS__URL=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
+redis on rediss://127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
+TLS (clients and routes) and authorization are on: a development CA in
+.run/tls, one NATS user per role (client, command, projector, snapshotter,
+admin) with its settings, all three nodes' URLs among them, in
+.run/<role>.env (docs/SECURITY.md, docs/TLS.md).
+Try, in another terminal:
 MSG
   print_examples
   cat <<'MSG'

@@ -7,26 +7,29 @@ cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
 
 ports_free 4222 6379
-# Authorization on: per-role passwords in .run/<role>.env, the server's
-# users in .run/nats-accounts.conf (dev-lib.sh).
-ensure_credentials
+# TLS and authorization on: development certificates in .run/tls, per-role
+# settings in .run/<role>.env, the server's users in .run/nats-accounts.conf
+# (dev-lib.sh).
+ensure_certificates
+ensure_credentials "tls://127.0.0.1:4222" 1
 # Process substitution, not a pipe, so that $! is nats-server's own PID.
 tools/bin/nats-server -c nats/dev.conf > >(sed -u 's/^/[nats] /' >&2) 2>&1 &
 pids+=($!)
-wait_port 4222
+# Monitoring, not the TLS client port: a bare probe there logs a handshake error.
+wait_healthy 8222
 
 start_redis
 
-export JETSOURCE__NATS__URL="nats://127.0.0.1:4222"
 start_workers
 
 {
   cat <<MSG
 
-$([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on 127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
-redis on 127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
-Authorization is on: one NATS user per role, passwords in .run/<role>.env
-(client, command, projector, snapshotter, admin; docs/SECURITY.md).
+$([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on tls://127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
+redis on rediss://127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
+TLS and authorization are on: a development CA in .run/tls, one NATS user per
+role (client, command, projector, snapshotter, admin) with its settings in
+.run/<role>.env (docs/SECURITY.md, docs/TLS.md).
 Try, in another terminal:
 MSG
   print_examples

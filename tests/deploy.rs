@@ -437,6 +437,15 @@ fn check_redis_acl(
         anonymous.is_err(),
         "{what}: an anonymous connection reads (the default user must be off)"
     );
+    // Not only these commands: the projector itself, writing as `writer` and
+    // answering a query as `reader`, works with these users.
+    let (writer_url, reader_url) = (local(writer), local(reader));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (reply, _fleet) = runtime.block_on(jetsource_tests::project_and_query(&[
+        ("JETSOURCE__REDIS__URL", writer_url.as_str()),
+        ("JETSOURCE__REDIS__QUERY_URL", reader_url.as_str()),
+    ]));
+    assert_eq!(reply["data"]["balance"], 42, "{what}: {reply}");
 }
 
 /// The arguments from the first `--user` on: the ACL part of a

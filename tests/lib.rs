@@ -5,8 +5,11 @@
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use jetsource_core::protocol::{decode_reply, CommandOutcome};
+use jetsource_test_support::requests::query;
 pub use jetsource_test_support::wait_for_service;
 use jetsource_test_support::{workspace_binary, NatsServer};
+use serde_json::{json, Value};
 
 /// A worker binary running as its own process, killed on drop if still up.
 #[derive(Debug)]
@@ -163,3 +166,45 @@ pub fn cargo_metadata() -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
 }
+
+/// A command worker and a projector against plain NATS and the Redis at
+/// `redis_env` (`JETSOURCE__REDIS__...`): the projector writes and answers
+/// queries through the users and TLS settings given there. Opens an account, deposits, and returns the query's reply
+/// and the fleet (still running).
+pub async fn project_and_query(redis_env: &[(&str, &str)]) -> (Value, Fleet) {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let command = Process::start("jetsource-command", &nats, &[]);
+    let projector = Process::start("jetsource-projector", &nats, redis_env);
+    wait_for_service(&client, "jetsource-command", 1).await;
+    wait_for_service(&client, "jetsource-projector", 1).await;
+    let mut last = None;
+    for body in [
+        json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
+        json!({"type": "Deposit", "data": {"amount": 25}}),
+        json!({"type": "Deposit", "data": {"amount": 17}}),
+    ] {
+        let reply = client
+            .request("cmd.account.r1", body.to_string().into())
+            .await
+            .unwrap();
+        last = Some(
+            decode_reply::<CommandOutcome>(&reply.payload)
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let last = last.unwrap();
+    let reply = query(
+        &client,
+        "query.account.r1",
+        json!({"min_sequence": last.sequence, "timeout_ms": 10_000}),
+    )
+    .await
+    .unwrap();
+    assert!(reply["sequence"].as_u64().unwrap() >= last.sequence);
+    (reply, (nats, command, projector))
+}
+
+/// NATS, a command worker and a projector.
+pub type Fleet = (NatsServer, Process, Process);

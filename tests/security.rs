@@ -514,9 +514,11 @@ async fn only_admin_may_delete_purge_or_reconfigure_a_stream() {
 }
 
 /// What `make run` and `make cluster` do first (scripts/dev-lib.sh
-/// `ensure_credentials`), in a scratch copy of the repository's `nats/`:
-/// private per-role env files, kept across runs, and a server configuration
-/// the shipped files include and that accepts exactly those credentials.
+/// `ensure_certificates`, `ensure_credentials`), in a scratch copy of the
+/// repository's `nats/`: a private development CA and server certificate,
+/// private per-role env files (URL, CA, credentials), kept across runs, and
+/// a server configuration the shipped files include and that accepts
+/// exactly those credentials, over TLS only.
 #[tokio::test]
 async fn make_run_generates_credentials_the_server_accepts() {
     use std::os::unix::fs::PermissionsExt;
@@ -536,7 +538,8 @@ async fn make_run_generates_credentials_the_server_accepts() {
                 "-euo",
                 "pipefail",
                 "-c",
-                "source scripts/dev-lib.sh; ensure_credentials",
+                "source scripts/dev-lib.sh; ensure_certificates; \
+                 ensure_credentials tls://127.0.0.1:4222 1",
             ])
             .current_dir(scratch.path())
             .output()
@@ -569,7 +572,33 @@ async fn make_run_generates_credentials_the_server_accepts() {
             .unwrap()
             .to_owned();
         assert_eq!(password.len(), 32, "{env}");
+        let ca = run.join("tls/ca.pem");
+        for line in [
+            "export JETSOURCE__NATS__URL=tls://127.0.0.1:4222\n".to_owned(),
+            format!("export JETSOURCE__NATS__TLS_CA_FILE={}\n", ca.display()),
+        ] {
+            assert!(env.contains(&line), "{file} lacks {line}{env}");
+        }
+        // Redis users: the projector writes, queries read, admin operates.
+        let redis = env
+            .lines()
+            .find_map(|l| l.strip_prefix("export JETSOURCE__REDIS__URL="));
+        match role {
+            "projector" | "admin" => {
+                let url = redis.unwrap_or_else(|| panic!("{file}: no Redis URL"));
+                assert!(url.starts_with(&format!("rediss://{role}:")), "{url}");
+            }
+            _ => assert!(redis.is_none(), "{file} names Redis"),
+        }
         passwords.push((role, password));
+    }
+    // The development certificates are private, and signed by the CA.
+    for key in ["ca-key.pem", "server-key.pem"] {
+        let mode = std::fs::metadata(run.join("tls").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{key}: {mode:o}");
     }
     let rendered = read("nats-accounts.conf");
     let mode = std::fs::metadata(run.join("nats-accounts.conf"))
@@ -602,17 +631,29 @@ async fn make_run_generates_credentials_the_server_accepts() {
         );
     }
 
-    // A server with it takes each role's generated password, nothing else.
-    let server = NatsServer::start_configured(Sync::Default, |_| format!("\n{rendered}"));
+    // A server with them (TLS as nats/dev.conf sets it) takes each role's
+    // generated password over TLS with the generated CA, nothing else.
+    let tls = run.join("tls");
+    let server = NatsServer::start_configured(Sync::Default, |_| {
+        format!(
+            "\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n{rendered}",
+            tls.join("server.pem"),
+            tls.join("server-key.pem")
+        )
+    });
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let as_role = |role: &str, password: &str| {
+        async_nats::ConnectOptions::with_user_and_password(role.into(), password.into())
+            .add_root_certificates(tls.join("ca.pem"))
+            .require_tls(true)
+            .connect(url.clone())
+    };
     for (role, password) in &passwords {
-        async_nats::ConnectOptions::with_user_and_password(role.to_string(), password.clone())
-            .connect(server.url())
+        as_role(role, password)
             .await
             .unwrap_or_else(|e| panic!("{role} refused: {e}"));
     }
-    let swapped =
-        async_nats::ConnectOptions::with_user_and_password("admin".into(), passwords[0].1.clone())
-            .connect(server.url());
+    let swapped = as_role("admin", &passwords[0].1);
     assert!(
         matches!(
             tokio::time::timeout(Duration::from_secs(10), swapped).await,
@@ -620,8 +661,20 @@ async fn make_run_generates_credentials_the_server_accepts() {
         ),
         "admin logged in with the client's password"
     );
+    // Neither anonymous nor without TLS.
+    let anonymous = async_nats::ConnectOptions::new()
+        .add_root_certificates(tls.join("ca.pem"))
+        .require_tls(true)
+        .connect(url.clone());
     assert!(matches!(
-        tokio::time::timeout(Duration::from_secs(10), async_nats::connect(server.url())).await,
+        tokio::time::timeout(Duration::from_secs(10), anonymous).await,
+        Ok(Err(_))
+    ));
+    let plain =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), passwords[4].1.clone())
+            .connect(server.url());
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(10), plain).await,
         Ok(Err(_))
     ));
 }

@@ -8,11 +8,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use jetsource_core::protocol::{decode_reply, CommandOutcome};
 use jetsource_test_support::certs::{nats_tls_block, redis_tls_args, write_test_pki, Pki};
-use jetsource_test_support::requests::{query, send};
+use jetsource_test_support::requests::send;
 use jetsource_test_support::{NatsServer, RedisServer, Sync};
-use jetsource_tests::{cli_at, wait_for_service, Process};
+use jetsource_tests::{cli_at, project_and_query, wait_for_service, Process};
 use serde_json::{json, Value};
 
 fn path(p: &Path) -> &str {
@@ -182,47 +181,6 @@ async fn nats_verify_refuses_clients_without_a_certificate() {
     let (code, out, err) = cli_at(&url, &env, &["stream"]);
     assert_eq!(code, 0, "{out}{err}");
 }
-
-/// A command worker and a projector against plain NATS and the Redis at
-/// `redis_env`; opens an account, deposits, and returns the query's reply
-/// and the fleet (still running).
-async fn project_and_query(redis_env: &[(&str, &str)]) -> (Value, Fleet) {
-    let nats = NatsServer::start();
-    let client = nats.client().await;
-    let command = Process::start("jetsource-command", &nats, &[]);
-    let projector = Process::start("jetsource-projector", &nats, redis_env);
-    wait_for_service(&client, "jetsource-command", 1).await;
-    wait_for_service(&client, "jetsource-projector", 1).await;
-    let mut last = None;
-    for body in [
-        json!({"type": "OpenAccount", "data": {"owner": "ada"}}),
-        json!({"type": "Deposit", "data": {"amount": 25}}),
-        json!({"type": "Deposit", "data": {"amount": 17}}),
-    ] {
-        let reply = client
-            .request("cmd.account.r1", body.to_string().into())
-            .await
-            .unwrap();
-        last = Some(
-            decode_reply::<CommandOutcome>(&reply.payload)
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    let last = last.unwrap();
-    let reply = query(
-        &client,
-        "query.account.r1",
-        json!({"min_sequence": last.sequence, "timeout_ms": 10_000}),
-    )
-    .await
-    .unwrap();
-    assert!(reply["sequence"].as_u64().unwrap() >= last.sequence);
-    (reply, (nats, command, projector))
-}
-
-/// NATS, a command worker and a projector.
-type Fleet = (NatsServer, Process, Process);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_over_rediss_with_client_certificate() {

@@ -65,19 +65,22 @@ impl Context {
     }
 
     pub async fn redis(&self) -> anyhow::Result<RedisStore> {
+        // With the configured TLS files and query user, as the projector.
         let url = &self.config.redis.url;
-        RedisStore::connect(url).await.map_err(|e| {
-            let hint = if e.is_connection_refusal() {
-                "; is redis-server running?"
-            } else {
-                ""
-            };
-            Failure::new(
-                crate::exit::redis_code(&e),
-                format!("cannot reach Redis at {url}: {e}{hint}"),
-            )
-            .into()
-        })
+        RedisStore::connect_with(&self.config.redis)
+            .await
+            .map_err(|e| {
+                let hint = if e.is_connection_refusal() {
+                    "; is redis-server running?"
+                } else {
+                    ""
+                };
+                Failure::new(
+                    crate::exit::redis_code(&e),
+                    format!("cannot reach Redis at {url}: {e}{hint}"),
+                )
+                .into()
+            })
     }
 
     /// A registered aggregate type, or invalid input naming the known ones.
