@@ -416,3 +416,130 @@ async fn a_cluster_without_quorum_is_read_only_commands_unavailable_queries_answ
         |o| status(o) == Some(200),
     );
 }
+
+/// Snapshots in the bucket, as `jetsource snapshot status` counts them.
+fn snapshot_count(url: &str) -> u64 {
+    let (code, out, err) = jetsource_tests::cli_at(url, &[], &["--json", "snapshot", "status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    rows.iter().filter_map(|r| r["snapshots"].as_u64()).sum()
+}
+
+/// Opens account `id` and deposits once: two events, a snapshot due with
+/// `snapshot.every` = 2.
+async fn two_events(client: &async_nats::Client, id: &str) {
+    for body in [
+        json!({"type": "OpenAccount", "data": {"owner": "o"}}),
+        json!({"type": "Deposit", "data": {"amount": 5}}),
+    ] {
+        let (reply, _) = command(client, id, &body).await.unwrap();
+        reply.unwrap();
+    }
+}
+
+/// The snapshotter's durable consumer deleted behind its back (an
+/// operator's slip, a restore): it notices, creates it again and goes on
+/// taking snapshots; while it cannot (the event stream itself gone),
+/// `/readyz` fails and says why, and it recovers once the stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshotter_recreates_a_deleted_consumer_and_is_unready_while_it_cannot() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let http = listen_address();
+    let env = [
+        ("JETSOURCE__HTTP__LISTEN", http.as_str()),
+        ("JETSOURCE__SNAPSHOT__EVERY", "2"),
+    ];
+    let _command = Process::start("jetsource-command", &nats, &[]);
+    let _snapshotter = Process::start("jetsource-snapshotter", &nats, &env);
+    wait_for_service(&client, "jetsource-command", 1).await;
+    wait_for_service(&client, "jetsource-snapshotter", 1).await;
+    let ready = |o: &std::io::Result<(u16, String)>| status(o) == Some(200);
+    wait_for(&http, "/readyz", Duration::from_secs(20), "ready", ready);
+    two_events(&client, "before").await;
+    let url = nats.url();
+    let wait_snapshots = |n: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while snapshot_count(&url) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: fewer than {n} snapshots"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_snapshots(1, "before the deletion");
+
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("EVENTS").await.unwrap();
+    stream.delete_consumer("snapshotter").await.unwrap();
+    two_events(&client, "after").await;
+    wait_snapshots(2, "after the consumer was deleted");
+    stream.consumer_info("snapshotter").await.unwrap();
+    wait_for(&http, "/readyz", Duration::from_secs(20), "ready", ready);
+
+    // The event stream gone: no consumer can be made; not ready, saying so.
+    js.delete_stream("EVENTS").await.unwrap();
+    let (code, body) = wait_for(
+        &http,
+        "/readyz",
+        Duration::from_secs(20),
+        "not ready without the stream",
+        |o| status(o) == Some(503),
+    )
+    .unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("consumer"), "{body}");
+
+    // The stream back (any CLI command that opens the store makes it,
+    // docs/RUNBOOK.md): ready again, and snapshots go on.
+    let (code, out, err) = jetsource_tests::cli_at(&url, &[], &["stream"]);
+    assert_eq!(code, 0, "{out}{err}");
+    two_events(&client, "back").await;
+    wait_for(
+        &http,
+        "/readyz",
+        Duration::from_secs(30),
+        "ready again",
+        ready,
+    );
+    wait_snapshots(3, "after the stream came back");
+}
+
+/// The projector's durable consumers deleted behind its back: it creates
+/// them again and read-your-writes queries keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_recreates_deleted_consumers() {
+    use futures::TryStreamExt;
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let client = nats.client().await;
+    let redis_url = redis.url();
+    let _command = Process::start("jetsource-command", &nats, &[]);
+    let _projector = Process::start(
+        "jetsource-projector",
+        &nats,
+        &[("JETSOURCE__REDIS__URL", redis_url.as_str())],
+    );
+    wait_for_service(&client, "jetsource-command", 1).await;
+    wait_for_service(&client, "jetsource-projector", 1).await;
+    two_events(&client, "p-1").await;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("EVENTS").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    assert!(!names.is_empty());
+    for name in &names {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    let body = json!({"type": "Deposit", "data": {"amount": 7}});
+    let (reply, _) = command(&client, "p-1", &body).await.unwrap();
+    let sequence = reply.unwrap().sequence;
+    let answer = query(
+        &client,
+        "query.account.p-1",
+        json!({"min_sequence": sequence, "timeout_ms": 8_000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer["data"]["balance"], 12, "{answer}");
+}

@@ -221,7 +221,7 @@ pub async fn run(
     let (batches, queue) = mpsc::channel::<Batch>(2);
     let writer = tokio::spawn(write_batches(run.clone(), queue, stop.clone()));
     let abort = writer.abort_handle();
-    let puller = Puller::new(&run, watermark).pull(&consumer, batches, stop);
+    let puller = Puller::new(&run, watermark).pull(consumer, batches, stop);
     tokio::select! {
         _ = puller => abort.abort(),
         _ = writer => {}
@@ -349,16 +349,21 @@ impl<'a> Puller<'a> {
     }
 
     /// Pulls until `stop` or until the writer is gone.
-    async fn pull(mut self, consumer: &PullConsumer, batches: mpsc::Sender<Batch>, mut stop: Stop) {
+    async fn pull(mut self, consumer: PullConsumer, batches: mpsc::Sender<Batch>, mut stop: Stop) {
+        let mut consumer = consumer;
         loop {
-            let Some(mut chunks) = self.subscribe(consumer, &mut stop).await else {
+            let Some(mut chunks) = self.subscribe(&consumer, &mut stop).await else {
                 return;
             };
-            loop {
+            let gone = loop {
                 match self.step(&mut chunks, &batches, &mut stop).await {
                     Step::Stop => return,
-                    Step::Reopen => break,
-                    Step::Chunk(chunk) => self.receive(chunk),
+                    Step::Reopen => break false,
+                    Step::Chunk(chunk) => {
+                        if self.receive(chunk) {
+                            break true;
+                        }
+                    }
                     Step::Advance => {
                         if !self.advance(&batches).await {
                             return;
@@ -373,8 +378,55 @@ impl<'a> Puller<'a> {
                         permit.send(batch);
                     }
                 }
+            };
+            if gone {
+                match self.recreate(&mut stop).await {
+                    Some(again) => consumer = again,
+                    None => return,
+                }
             }
         }
+    }
+
+    /// The consumer was deleted behind our back (by hand, or with a stream
+    /// restore): created again if the generation is still wanted (active or
+    /// building), from the start of the stream; the watermark skips what
+    /// was applied. A retired generation's consumer is deleted on purpose:
+    /// then the runner stops and tells the manager.
+    async fn recreate(&self, stop: &mut Stop) -> Option<PullConsumer> {
+        let (name, generation) = (self.run.name(), self.run.generation);
+        let mut backoff = Backoff::new();
+        let wanted = loop {
+            match self.run.shared.redis.meta(name).await {
+                Ok(meta) => {
+                    break meta.is_some_and(|m| {
+                        m.active == generation || m.building.is_some_and(|(b, _)| b == generation)
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(projection = name, error = %e, "cannot read the projection's metadata; retrying");
+                    if !backoff.pause(stop).await {
+                        return None;
+                    }
+                }
+            }
+        };
+        if !wanted {
+            self.run.report_stopped();
+            return None;
+        }
+        tracing::warn!(
+            projection = name,
+            generation,
+            "consumer deleted; creating it again"
+        );
+        create_consumer(
+            &self.run.shared,
+            self.run.projection.as_ref(),
+            generation,
+            stop,
+        )
+        .await
     }
 
     /// A pull subscription in the priority group, with retries; `None` when
@@ -429,14 +481,28 @@ impl<'a> Puller<'a> {
 
     /// Adds delivered messages to the pending ones, noting whether their
     /// deliveries follow each other.
-    fn receive(&mut self, chunk: Vec<Result<Message, pull::MessagesError>>) {
+    /// Takes a chunk of pulled messages; `true` when the pull stream said
+    /// the consumer no longer exists (deleted: the server said so, or
+    /// nothing answers the pull requests).
+    fn receive(&mut self, chunk: Vec<Result<Message, pull::MessagesError>>) -> bool {
         if self.pending.is_empty() {
             self.contiguous = self.last_delivery.is_some();
         }
         let projection = self.run.name();
+        let mut gone = false;
         for item in chunk {
             let message = match item {
                 Ok(message) => message,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        pull::MessagesErrorKind::ConsumerDeleted
+                            | pull::MessagesErrorKind::NoResponders
+                    ) =>
+                {
+                    gone = true;
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(projection, error = %e, "pull stream notice");
                     continue;
@@ -458,6 +524,7 @@ impl<'a> Puller<'a> {
                 }
             }
         }
+        gone
     }
 
     /// Raises the watermark over other types' events if it may (see

@@ -404,11 +404,17 @@ async fn pull_messages(consumer: &PullConsumer) -> Result<Chunks, StreamError> {
 /// of its aggregate and writes the snapshots that fall due, acknowledging
 /// each event after it. A chunk taken is finished (its retries end when
 /// `stop` turns true); the caller bounds that by the stop deadline.
+///
+/// When the pull stream ends or says the consumer is gone (deleted by
+/// hand, or with its stream), the consumer is created again (the same
+/// durable: where it stopped if it still exists, else from the start,
+/// which only re-takes snapshots already taken); `/readyz` fails
+/// (`consumer`) until that works.
 async fn follow_events(
     shared: Arc<Shared>,
-    consumer: PullConsumer,
     mut chunks: Chunks,
     cache_size: usize,
+    readiness: Readiness,
     stop: Stop,
 ) {
     // Aggregate states folded from the consumer's own events: a snapshot
@@ -425,42 +431,91 @@ async fn follow_events(
             () = stopping_now(&mut stopped) => return,
             chunk = chunks.next() => chunk,
         };
-        let Some(chunk) = chunk else {
-            match resubscribe(&consumer, &stop).await {
+        let gone = match chunk {
+            None => Some("the pull subscription ended".to_owned()),
+            Some(chunk) => follow_chunk(&shared, &mut states, chunk, &stop).await,
+        };
+        if let Some(why) = gone {
+            tracing::warn!(consumer = CONSUMER, %why, "creating the consumer again");
+            readiness.fail("consumer", format!("consumer {CONSUMER}: {why}"));
+            match reopen(&shared.store, &readiness, &stop).await {
                 Some(more) => chunks = more,
                 None => return,
-            }
-            continue;
-        };
-        for message in chunk.into_iter().flatten() {
-            if let Ok(info) = message.info() {
-                let event = RecordedEvent::from_parts(
-                    message.subject.as_str(),
-                    info.stream_sequence,
-                    info.published,
-                    message.headers.as_ref(),
-                    message.payload.clone(),
-                );
-                if let Ok(event) = event {
-                    shared.follow(&mut states, &event, &stop).await;
-                }
-            }
-            if let Err(e) = message.ack().await {
-                tracing::debug!(error = %e, "ack failed; the event will come again");
             }
         }
     }
 }
 
-/// A new pull subscription after the last one ended, retried with back-off
-/// until `stop`.
-async fn resubscribe(consumer: &PullConsumer, stop: &Stop) -> Option<Chunks> {
+/// Folds one chunk of pulled messages; `Some(reason)` when the pull stream
+/// said its consumer is gone (no more events will come through it).
+async fn follow_chunk(
+    shared: &Shared,
+    states: &mut States,
+    chunk: Vec<Result<async_nats::jetstream::Message, pull::MessagesError>>,
+    stop: &Stop,
+) -> Option<String> {
+    let mut gone = None;
+    for item in chunk {
+        let message = match item {
+            Ok(message) => message,
+            Err(e) if consumer_gone(&e) => {
+                gone = Some(e.to_string());
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "pull stream notice");
+                continue;
+            }
+        };
+        if let Ok(info) = message.info() {
+            let event = RecordedEvent::from_parts(
+                message.subject.as_str(),
+                info.stream_sequence,
+                info.published,
+                message.headers.as_ref(),
+                message.payload.clone(),
+            );
+            if let Ok(event) = event {
+                shared.follow(states, &event, stop).await;
+            }
+        }
+        if let Err(e) = message.ack().await {
+            tracing::debug!(error = %e, "ack failed; the event will come again");
+        }
+    }
+    gone
+}
+
+/// The pull stream's errors that mean its consumer no longer exists: the
+/// server said so, or nothing answers its pull requests.
+fn consumer_gone(error: &pull::MessagesError) -> bool {
+    matches!(
+        error.kind(),
+        pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::NoResponders
+    )
+}
+
+/// Creates the consumer (again: the same durable, so an existing one is
+/// kept as it is) and a new pull subscription, retried with back-off until
+/// `stop`; `consumer` readiness passes once both worked.
+async fn reopen(store: &EventStore, readiness: &Readiness, stop: &Stop) -> Option<Chunks> {
     let mut stop = stop.clone();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match pull_messages(consumer).await {
-            Ok(chunks) => return Some(chunks),
-            Err(e) => tracing::warn!(error = %e, "cannot pull the events; retrying"),
+        let attempt = async {
+            let consumer = store.create_consumer(consumer_config()).await?;
+            Ok::<_, RunError>(pull_messages(&consumer).await?)
+        };
+        match attempt.await {
+            Ok(chunks) => {
+                readiness.pass("consumer");
+                return Some(chunks);
+            }
+            Err(e) => {
+                let why = jetsource_core::error_chain(&e);
+                tracing::warn!(error = %why, "cannot follow the event stream; retrying");
+                readiness.fail("consumer", format!("consumer {CONSUMER}: {why}"));
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -501,7 +556,6 @@ pub async fn run(
     let Started {
         client,
         shared,
-        consumer,
         chunks,
         requests,
         service,
@@ -513,9 +567,9 @@ pub async fn run(
     let cache_size = config.snapshot.cache_size;
     let events = tokio::spawn(follow_events(
         shared.clone(),
-        consumer,
         chunks,
         cache_size,
+        readiness.clone(),
         stop.clone(),
     ));
     let stopped = async {
@@ -576,7 +630,6 @@ async fn finish_events(mut events: tokio::task::JoinHandle<()>, deadline: tokio:
 struct Started {
     client: async_nats::Client,
     shared: Arc<Shared>,
-    consumer: PullConsumer,
     chunks: Chunks,
     requests: async_nats::Subscriber,
     service: MicroService,
@@ -640,7 +693,6 @@ async fn start(
     Ok(Started {
         client,
         shared,
-        consumer,
         chunks,
         requests,
         service,
