@@ -12,6 +12,7 @@ mod deploy;
 mod fleet;
 mod guide;
 mod health;
+mod metrics;
 mod read_side;
 mod redis_outage;
 mod security;

@@ -7,7 +7,8 @@ use jetsource_core::aggregate::{
 };
 use jetsource_core::config::CommandConfig;
 use jetsource_core::envelope::RecordedEvent;
-use jetsource_core::loader::{LoadError, Loaded, Until};
+use jetsource_core::loader::{LoadError, Loaded, SnapshotUse, Until};
+use jetsource_core::metrics;
 use jetsource_core::protocol::{
     check_client_id, parse_command_subject, CommandOutcome, CommandRequest, ErrorBody, ErrorCode,
     ReplyEvent,
@@ -129,8 +130,33 @@ impl Worker {
     }
 
     /// Handles one request. Never panics on input and never appends
-    /// anything for a request it refuses.
+    /// anything for a request it refuses. Counted and timed
+    /// (docs/METRICS.md), under labels from the registry only.
     pub async fn handle(&self, subject: &str, payload: &[u8]) -> Reply {
+        let started = std::time::Instant::now();
+        let mut labels = (metrics::UNKNOWN, metrics::UNKNOWN.to_owned());
+        let reply = self.handle_labelled(subject, payload, &mut labels).await;
+        let (aggregate_type, command_type) = labels;
+        ::metrics::counter!(
+            metrics::COMMANDS,
+            "aggregate_type" => aggregate_type,
+            "command_type" => command_type,
+            "outcome" => metrics::outcome(&reply),
+        )
+        .increment(1);
+        ::metrics::histogram!(metrics::COMMAND_DURATION, "aggregate_type" => aggregate_type)
+            .record(started.elapsed().as_secs_f64());
+        reply
+    }
+
+    /// [`Worker::handle`]; sets `labels` to the aggregate type and command
+    /// type once each is known to be registered.
+    async fn handle_labelled(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        labels: &mut (&'static str, String),
+    ) -> Reply {
         let (aggregate_type, aggregate_id) = parse_command_subject(subject)?;
         let aggregate = self.registry.get(aggregate_type).ok_or_else(|| {
             ErrorBody::invalid(format!(
@@ -138,6 +164,7 @@ impl Worker {
                 self.aggregate_types().join(", ")
             ))
         })?;
+        labels.0 = aggregate.aggregate_type();
         if payload.len() > self.config.max_request_bytes {
             return Err(ErrorBody::invalid(format!(
                 "request body is {} bytes, the limit is {} (command.max_request_bytes)",
@@ -171,6 +198,7 @@ impl Worker {
                 DecideError::Malformed(message) => ErrorBody::invalid(message),
                 DecideError::Domain(e) => ErrorBody::invalid(e.message),
             })?;
+        labels.1 = request.command_type.clone();
         let reply = self
             .decide_and_append(aggregate, aggregate_id, &request, &command)
             .instrument(span.clone())
@@ -194,6 +222,8 @@ impl Worker {
         aggregate: &dyn DynAggregate,
         aggregate_id: &str,
     ) -> Result<u64, ErrorBody> {
+        let result = if slot.loaded.is_some() { "hit" } else { "miss" };
+        ::metrics::counter!(metrics::CACHE_LOOKUPS, "result" => result).increment(1);
         let applied = match slot.loaded.as_mut() {
             Some(loaded) => loaded
                 .catch_up(&self.store, aggregate, aggregate_id, Until::End)
@@ -202,7 +232,7 @@ impl Worker {
             None => {
                 // First load: from the latest snapshot plus the tail.
                 let started = std::time::Instant::now();
-                let (loaded, _) = Loaded::load_with_snapshot(
+                let (loaded, used) = Loaded::load_with_snapshot(
                     &self.store,
                     &self.snapshots.store,
                     aggregate,
@@ -211,6 +241,12 @@ impl Worker {
                 )
                 .await
                 .map_err(load_failure)?;
+                let from = match used {
+                    SnapshotUse::Used { version } => version,
+                    _ => 0,
+                };
+                ::metrics::histogram!(metrics::SNAPSHOT_TAIL, "aggregate_type" => aggregate.aggregate_type())
+                    .record(loaded.version.saturating_sub(from) as f64);
                 let took = started.elapsed();
                 if self.snapshots.slow_load.is_some_and(|limit| took > limit) {
                     // Ask the snapshotter for a snapshot; fire and forget.
@@ -354,6 +390,8 @@ impl Worker {
                         return reply;
                     }
                     conflicts += 1;
+                    ::metrics::counter!(metrics::COMMAND_CONFLICTS, "aggregate_type" => cmd.aggregate.aggregate_type())
+                        .increment(1);
                     if conflicts > self.config.max_retries {
                         return Err(cmd.gave_up(conflicts));
                     }
@@ -387,7 +425,9 @@ impl Worker {
             correlation_id: &cmd.correlation_id,
             causation_id: &cmd.causation_id,
         };
+        let started = std::time::Instant::now();
         let appended = self.store.append(&append).await;
+        ::metrics::histogram!(metrics::APPEND_DURATION).record(started.elapsed().as_secs_f64());
         if !matches!(&appended, Ok(appended) if !appended.duplicate) {
             // Whatever happened, the store may hold events the slot lacks
             // (a timeout may still have stored them).

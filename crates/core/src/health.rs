@@ -1,5 +1,6 @@
 //! The workers' HTTP listener: `GET /healthz` and `GET /readyz`
-//! (docs/PROTOCOL.md, "Health and readiness").
+//! (docs/PROTOCOL.md, "Health and readiness"), and `GET /metrics`
+//! (Prometheus text format, docs/METRICS.md).
 //!
 //! A worker creates a [`Readiness`] before it connects anywhere, starts the
 //! listener with [`serve`] (the address from `http.listen`; empty: none),
@@ -190,11 +191,16 @@ pub async fn serve(config: &HttpConfig, readiness: Readiness) -> std::io::Result
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
+    let recorder = crate::metrics::install();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route(
             "/readyz",
             axum::routing::get(move || readyz(readiness.clone())),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || metrics(recorder.clone())),
         );
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -216,6 +222,16 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
 
 async fn healthz() -> Response {
     json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(recorder: Option<metrics_exporter_prometheus::PrometheusHandle>) -> Response {
+    let body = recorder.map(|r| r.render()).unwrap_or_default();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
 }
 
 async fn readyz(readiness: Readiness) -> Response {

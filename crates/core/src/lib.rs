@@ -7,13 +7,15 @@
 //!   JetStream streams.
 //! - [`loader`]: rebuilding an aggregate's state from the store.
 //! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
-//! - [`health`]: the workers' `/healthz` and `/readyz` listener.
+//! - [`health`]: the workers' `/healthz`, `/readyz` and `/metrics` listener.
+//! - [`metrics`]: Prometheus metric names and the recorder.
 
 pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod health;
 pub mod loader;
+pub mod metrics;
 pub mod micro;
 pub mod protocol;
 pub mod snapshot;

@@ -301,6 +301,12 @@ async fn start(
     readiness: &Readiness,
 ) -> Result<Started, RunError> {
     let router = Router::new(&projections).map_err(RunError::Setup)?;
+    // Counters an alert watches exist from the start, at 0, so that the
+    // first dead letter is an increase (docs/METRICS.md).
+    for projection in &projections {
+        ::metrics::counter!(jetsource_core::metrics::DEAD_LETTERS, "projection" => projection.name())
+            .increment(0);
+    }
     let client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     readiness.watch_nats(client.clone());
     let store =

@@ -249,7 +249,24 @@ fn parse_body(
     Ok((request, params))
 }
 
+/// Answers one query, counted and timed under its declared name
+/// (`unknown` for a subject no query declares; docs/METRICS.md).
 async fn handle(shared: &Shared, subject: &str, payload: &[u8]) -> Result<QueryReply, ErrorBody> {
+    use jetsource_core::metrics;
+    let started = std::time::Instant::now();
+    let name = shared
+        .router
+        .route(subject)
+        .map_or(metrics::UNKNOWN, |route| route.spec.name);
+    let reply = answer(shared, subject, payload).await;
+    ::metrics::counter!(metrics::QUERIES, "query" => name, "outcome" => metrics::outcome(&reply))
+        .increment(1);
+    ::metrics::histogram!(metrics::QUERY_DURATION, "query" => name)
+        .record(started.elapsed().as_secs_f64());
+    reply
+}
+
+async fn answer(shared: &Shared, subject: &str, payload: &[u8]) -> Result<QueryReply, ErrorBody> {
     let Route {
         spec,
         projection,

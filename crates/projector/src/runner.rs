@@ -133,6 +133,8 @@ struct Batch {
     newest: Option<Message>,
     /// Messages the consumer still had after this batch.
     pending: u64,
+    /// Events the batch applies (0 for a redelivery or a raised watermark).
+    events: usize,
 }
 
 /// One running generation of one projection: what every step of its runner
@@ -542,6 +544,7 @@ impl<'a> Puller<'a> {
                     write: Some(write),
                     newest: None,
                     pending: 0,
+                    events: 0,
                 };
                 if batches.send(batch).await.is_err() {
                     return false;
@@ -586,10 +589,12 @@ impl<'a> Puller<'a> {
             }
         };
         self.prepared = self.prepared.max(newest_sequence);
+        let events = if write.is_some() { messages.len() } else { 0 };
         Some(Batch {
             write,
             newest: Some(newest),
             pending: left,
+            events,
         })
     }
 }
@@ -686,6 +691,7 @@ async fn acknowledge(run: &Run, batch: &Batch) {
             tracing::warn!(projection = run.name(), error = %e, "ack failed; the batch will be redelivered and skipped");
         }
     }
+    record_progress(run, batch);
     let watermark = run.progress.watermark.load(Ordering::SeqCst);
     run.progress
         .caught_up
@@ -696,6 +702,32 @@ async fn acknowledge(run: &Run, batch: &Batch) {
     if batch.pending == 0 {
         run.shared.wake_managers();
     }
+}
+
+/// Metrics of an applied batch (docs/METRICS.md): events applied, batch
+/// size, and the lag behind the stream in events and in seconds (the age
+/// of its newest event; 0 once nothing is pending).
+fn record_progress(run: &Run, batch: &Batch) {
+    use jetsource_core::metrics;
+    let projection = run.name();
+    if batch.events > 0 {
+        ::metrics::counter!(metrics::PROJECTOR_EVENTS, "projection" => projection)
+            .increment(batch.events as u64);
+        ::metrics::histogram!(metrics::PROJECTOR_BATCH, "projection" => projection)
+            .record(batch.events as f64);
+    }
+    ::metrics::gauge!(metrics::PROJECTOR_LAG_EVENTS, "projection" => projection)
+        .set(batch.pending as f64);
+    let age = match (
+        batch.pending,
+        batch.newest.as_ref().and_then(|m| m.info().ok()),
+    ) {
+        (0, _) | (_, None) => 0.0,
+        (_, Some(info)) => (time::OffsetDateTime::now_utc() - info.published)
+            .as_seconds_f64()
+            .max(0.0),
+    };
+    ::metrics::gauge!(metrics::PROJECTOR_LAG_SECONDS, "projection" => projection).set(age);
 }
 
 /// The messages above `prepared`, by stream sequence, as stored messages.
@@ -901,6 +933,9 @@ impl Run {
             payload: message.payload.clone(),
             reason: &reason,
         };
-        crate::dlq::publish(&self.shared.js, &letter).await
+        crate::dlq::publish(&self.shared.js, &letter).await?;
+        ::metrics::counter!(jetsource_core::metrics::DEAD_LETTERS, "projection" => self.name())
+            .increment(1);
+        Ok(())
     }
 }

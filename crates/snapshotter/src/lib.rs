@@ -106,11 +106,19 @@ pub async fn take(
     let Some(snapshot) = loaded.to_snapshot(aggregate, aggregate_id) else {
         return Ok(None);
     };
-    Ok(Some(
-        snapshots
-            .put_if_newer(&snapshot, aggregate.state_schema_version())
-            .await?,
-    ))
+    let written = snapshots
+        .put_if_newer(&snapshot, aggregate.state_schema_version())
+        .await?;
+    count_written(aggregate, written);
+    Ok(Some(written))
+}
+
+/// Counts a stored snapshot (docs/METRICS.md).
+fn count_written(aggregate: &dyn DynAggregate, written: Written) {
+    if written == Written::Stored {
+        ::metrics::counter!(jetsource_core::metrics::SNAPSHOTS_WRITTEN, "aggregate_type" => aggregate.aggregate_type())
+            .increment(1);
+    }
 }
 
 /// Whether the event at `version` of `aggregate_type` is a snapshot point.
@@ -296,6 +304,7 @@ impl Shared {
         let put = || self.snapshots.put_if_newer(&snapshot, schema);
         if let Ok(written) = retry(&name, stop, StoreError::class, put).await {
             tracing::debug!(aggregate = %name, ?written, "snapshot");
+            count_written(aggregate, written);
         }
     }
 
@@ -468,6 +477,8 @@ async fn follow_chunk(
             }
         };
         if let Ok(info) = message.info() {
+            ::metrics::gauge!(jetsource_core::metrics::SNAPSHOTTER_LAG_EVENTS)
+                .set(info.pending as f64);
             let event = RecordedEvent::from_parts(
                 message.subject.as_str(),
                 info.stream_sequence,
