@@ -81,7 +81,7 @@ ports_free() {
 # nats/cluster/n*.conf include, and .run/<role>.env: everything a process of
 # that role needs (`source` it to act as that role). `rm -r .run/tls
 # .run/*.env .run/*.secret` makes new ones; `make clean-data` deletes all.
-roles=(client command projector snapshotter admin)
+roles=(client command projector snapshotter admin gateway)
 random_password() {
   local password
   password="$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 32 || true)"

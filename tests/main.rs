@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod deploy;
 mod fleet;
+mod gateway;
 mod guide;
 mod health;
 mod metrics;

@@ -115,25 +115,7 @@ fn param_value(spec: &QuerySpec, name: &str, value: &str) -> Result<Value, Failu
         let flag = name.replace('_', "-");
         return Err(Failure::invalid(format!("use --{flag} for {name}")));
     }
-    let Some(param) = spec.params.iter().find(|p| p.name == name) else {
-        let known: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
-        let known = if known.is_empty() {
-            "it takes none".to_owned()
-        } else {
-            format!("its parameters: {}", known.join(", "))
-        };
-        return Err(Failure::invalid(format!(
-            "query {} has no parameter {name:?}; {known}",
-            spec.name
-        )));
-    };
-    match param.kind {
-        ParamKind::Integer { .. } => value
-            .parse::<i64>()
-            .map(Value::from)
-            .map_err(|_| Failure::invalid(format!("{name} must be an integer, not {value:?}"))),
-        ParamKind::Text { .. } => Ok(Value::from(value)),
-    }
+    spec.param_from_text(name, value).map_err(Failure::invalid)
 }
 
 fn list(specs: &[(QuerySpec, &'static str)], out: &mut Out<'_>) -> anyhow::Result<()> {

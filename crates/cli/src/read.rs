@@ -3,9 +3,7 @@
 //! point, the stream's settings.
 
 use async_nats::jetstream::stream::Info;
-use jetsource_core::aggregate::DynAggregate;
-use jetsource_core::envelope::RecordedEvent;
-use jetsource_core::loader::{Loaded, SnapshotUse, Until};
+use jetsource_core::loader::{event_json, state_at, SnapshotUse, Until};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -55,25 +53,6 @@ pub async fn history(ctx: &Context, args: AggregateArgs, out: &mut Out<'_>) -> a
     out.table(&table)
 }
 
-/// The event as JSON with its data in the current schema: `schema_version`
-/// is the version it was stored under, `data_schema_version` the one
-/// `data` is in (absent when the type is not registered here).
-fn event_json(aggregate: Option<&dyn DynAggregate>, event: &RecordedEvent) -> Value {
-    let mut value = serde_json::to_value(event).unwrap_or(Value::Null);
-    let Some(aggregate) = aggregate else {
-        return value;
-    };
-    match aggregate.upcast(event.stored()) {
-        Ok(data) => {
-            value["data"] = serde_json::from_slice(&data)
-                .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&data).into_owned()));
-            value["data_schema_version"] = aggregate.event_schema_version().into();
-        }
-        Err(e) => value["upcast_error"] = e.to_string().into(),
-    }
-    value
-}
-
 /// `1`, `1->2` when upcast, `1 (not upcast: why)`.
 fn schema_text(row: &Value) -> String {
     let (stored, now) = (&row["schema_version"], &row["data_schema_version"]);
@@ -94,13 +73,7 @@ pub async fn state(ctx: &Context, args: StateArgs, out: &mut Out<'_>) -> anyhow:
     let until = until(&args)?;
     let store = ctx.store().await?;
     let snapshots = ctx.snapshots(&store).await?;
-    // From the latest snapshot that does not go past the point.
-    let (mut loaded, used) =
-        Loaded::load_with_snapshot(&store, &snapshots, aggregate, id, until).await?;
-    // "No events" and the state shown must not depend on a replica that lags.
-    loaded
-        .catch_up_confirmed(&store, aggregate, id, until)
-        .await?;
+    let (loaded, used) = state_at(&store, &snapshots, aggregate, id, until).await?;
     if loaded.version == 0 {
         let point = match until {
             Until::End => String::new(),

@@ -24,6 +24,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
+    pub gateway: GatewayConfig,
 }
 
 /// A secret from configuration (a password, a token, an nkey seed): kept
@@ -63,6 +64,39 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// The HTTP API gateway (`*-gateway`, docs/GATEWAY.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `host:port` of the API (and of its `/healthz`, `/readyz`,
+    /// `/metrics`).
+    pub listen: String,
+    /// API keys, as `role=<sha256 of the key, hex>` separated by commas;
+    /// roles `read`, `write`, `admin`. Only hashes are configured, never
+    /// the keys. None: every API request is refused (401).
+    pub api_keys: Secret,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Origins allowed to call the API from a browser (CORS), comma
+    /// separated; empty: none (same-origin only, e.g. the console).
+    pub cors_origins: String,
+    /// How long a command or query may take before the gateway answers
+    /// 504 (a query's own `timeout_ms` counts within it).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            api_keys: Secret::default(),
+            max_body_bytes: 1 << 20,
+            cors_origins: String::new(),
+            request_timeout_ms: 30_000,
         }
     }
 }

@@ -191,17 +191,7 @@ pub async fn serve(config: &HttpConfig, readiness: Readiness) -> std::io::Result
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
-    let recorder = crate::metrics::install();
-    let app = axum::Router::new()
-        .route("/healthz", axum::routing::get(healthz))
-        .route(
-            "/readyz",
-            axum::routing::get(move || readyz(readiness.clone())),
-        )
-        .route(
-            "/metrics",
-            axum::routing::get(move || metrics(recorder.clone())),
-        );
+    let app = routes(readiness);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "http listener ended");
@@ -209,6 +199,27 @@ pub async fn serve(config: &HttpConfig, readiness: Readiness) -> std::io::Result
     });
     tracing::info!("http listening on {addr}");
     Ok(Some(Server { addr, task }))
+}
+
+/// `/healthz` and `/readyz`, for a server of its own (the gateway's API,
+/// for load balancers that probe the port they send to).
+pub fn probes(readiness: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .route(
+            "/readyz",
+            axum::routing::get(move || readyz(readiness.clone())),
+        )
+}
+
+/// [`probes`] and `/metrics` (installing the metrics recorder): what
+/// [`serve`] serves.
+fn routes(readiness: Readiness) -> axum::Router {
+    let recorder = crate::metrics::install();
+    probes(readiness).route(
+        "/metrics",
+        axum::routing::get(move || metrics(recorder.clone())),
+    )
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response {

@@ -361,3 +361,47 @@ impl Loaded {
         Ok(loaded)
     }
 }
+
+/// An aggregate's state at `until` as an operator sees it: from the latest
+/// snapshot that does not go past the point, then brought up to everything
+/// the stream leader has (never decided by a replica that lags), so "no
+/// events" and the state shown are exact. For the CLI's `state` and the
+/// gateway.
+pub async fn state_at(
+    store: &EventStore,
+    snapshots: &SnapshotStore,
+    aggregate: &dyn DynAggregate,
+    aggregate_id: &str,
+    until: Until,
+) -> Result<(Loaded, SnapshotUse), LoadError> {
+    let (mut loaded, used) =
+        Loaded::load_with_snapshot(store, snapshots, aggregate, aggregate_id, until).await?;
+    loaded
+        .catch_up_confirmed(store, aggregate, aggregate_id, until)
+        .await?;
+    Ok((loaded, used))
+}
+
+/// A stored event as JSON with its data in the current schema (through the
+/// aggregate's upcasters): `schema_version` is the version it was stored
+/// under, `data_schema_version` the one `data` is in (absent when the type
+/// is not registered here), `upcast_error` when an upcaster refused it.
+pub fn event_json(
+    aggregate: Option<&dyn DynAggregate>,
+    event: &crate::envelope::RecordedEvent,
+) -> serde_json::Value {
+    let mut value = serde_json::to_value(event).unwrap_or(serde_json::Value::Null);
+    let Some(aggregate) = aggregate else {
+        return value;
+    };
+    match aggregate.upcast(event.stored()) {
+        Ok(data) => {
+            value["data"] = serde_json::from_slice(&data).unwrap_or_else(|_| {
+                serde_json::Value::from(String::from_utf8_lossy(&data).into_owned())
+            });
+            value["data_schema_version"] = aggregate.event_schema_version().into();
+        }
+        Err(e) => value["upcast_error"] = e.to_string().into(),
+    }
+    value
+}

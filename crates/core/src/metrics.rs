@@ -53,6 +53,12 @@ pub const SNAPSHOTS_WRITTEN: &str = "jetsource_snapshots_written_total";
 /// Events the snapshotter's consumer still has to deliver.
 pub const SNAPSHOTTER_LAG_EVENTS: &str = "jetsource_snapshotter_lag_events";
 
+/// Gateway requests, by `route` (the matched pattern, e.g.
+/// `/v1/commands/{aggregate_type}/{aggregate_id}`), `method` and `status`.
+pub const HTTP_REQUESTS: &str = "jetsource_http_requests_total";
+/// Gateway request latency, by `route`.
+pub const HTTP_DURATION: &str = "jetsource_http_request_duration_seconds";
+
 /// The label value for anything outside a bounded set.
 pub const UNKNOWN: &str = "unknown";
 
@@ -145,6 +151,15 @@ fn describe() {
     describe_gauge!(
         SNAPSHOTTER_LAG_EVENTS,
         "Events the snapshotter's consumer still has to deliver."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Gateway requests, by route pattern, method and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Gateway request latency, to the response head."
     );
 }
 

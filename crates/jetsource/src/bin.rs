@@ -1,4 +1,4 @@
-//! The four binaries of an application, one function each: parse the
+//! The binaries of an application, one function each: parse the
 //! command line and configuration, start logging, run until SIGINT or
 //! SIGTERM. Flags and environment variables are the same for every
 //! application (docs/PROTOCOL.md, jetsource.example.toml).
@@ -79,6 +79,23 @@ pub fn snapshotter(app: App) -> ExitCode {
             }
         },
     )
+}
+
+/// The HTTP API gateway: commands, queries, histories, state at a point
+/// and live events over HTTP (docs/GATEWAY.md). Stateless: run copies
+/// behind any HTTP load balancer.
+pub fn gateway(app: App) -> ExitCode {
+    worker(&app, "gateway", "HTTP API gateway", |config| {
+        let registry = app.registry().clone();
+        let projections = app.projections(&config);
+        async move {
+            jetsource_core::until_stopped(|shutdown| {
+                jetsource_gateway::run(config, registry, projections, shutdown)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        }
+    })
 }
 
 /// The CLI: send commands, history, temporal state, queries, operations.

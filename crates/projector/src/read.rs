@@ -46,6 +46,30 @@ pub enum ParamKind {
 pub const RESERVED_PARAMS: [&str; 2] = ["min_sequence", "timeout_ms"];
 
 impl QuerySpec {
+    /// A parameter given as text (a command-line flag, a URL's query
+    /// string) as the JSON value this query declares for it.
+    pub fn param_from_text(&self, name: &str, value: &str) -> Result<Value, String> {
+        let Some(param) = self.params.iter().find(|p| p.name == name) else {
+            let known: Vec<&str> = self.params.iter().map(|p| p.name).collect();
+            let known = if known.is_empty() {
+                "it takes none".to_owned()
+            } else {
+                format!("its parameters: {}", known.join(", "))
+            };
+            return Err(format!(
+                "query {} has no parameter {name:?}; {known}",
+                self.name
+            ));
+        };
+        match param.kind {
+            ParamKind::Integer { .. } => value
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| format!("{name} must be an integer, not {value:?}")),
+            ParamKind::Text { .. } => Ok(Value::from(value)),
+        }
+    }
+
     /// The subject pattern clients use: `query.accounts.top`,
     /// `query.account.<id>`.
     pub fn subject_pattern(&self) -> String {

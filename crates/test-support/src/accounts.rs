@@ -8,7 +8,14 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
 /// The roles of `nats/accounts.conf`.
-pub const ROLES: [&str; 5] = ["client", "command", "projector", "snapshotter", "admin"];
+pub const ROLES: [&str; 6] = [
+    "client",
+    "command",
+    "projector",
+    "snapshotter",
+    "admin",
+    "gateway",
+];
 
 /// A password per role and the server configuration made from them.
 #[derive(Debug, Clone)]

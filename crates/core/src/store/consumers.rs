@@ -44,6 +44,73 @@ impl EventStore {
     }
 }
 
+/// Where [`EventStore::follow`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowFrom {
+    /// Events stored from now on.
+    Now,
+    /// Events after this stream sequence (a client resuming from the last
+    /// one it saw).
+    After(u64),
+}
+
+impl EventStore {
+    /// Events matching `filter` (a subject such as `events.account.acc-1`
+    /// or `events.account.>`) in stream order, as they are stored, through
+    /// an ordered consumer of the server's own: nothing to acknowledge,
+    /// nothing left behind when the stream is dropped, and the client
+    /// recreates it from the last sequence seen after a disconnection. For
+    /// live views (the gateway's Server-Sent Events).
+    pub async fn follow(
+        &self,
+        filter: &str,
+        from: FollowFrom,
+    ) -> Result<
+        impl futures::Stream<Item = Result<crate::envelope::RecordedEvent, StoreError>>,
+        StoreError,
+    > {
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+        let deliver_policy = match from {
+            FollowFrom::Now => DeliverPolicy::New,
+            FollowFrom::After(sequence) => DeliverPolicy::ByStartSequence {
+                start_sequence: sequence + 1,
+            },
+        };
+        let consumer = self
+            .stream()
+            .await?
+            .create_consumer(OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_error("cannot follow the event stream", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| StoreError::unavailable("cannot follow the event stream", e))?;
+        Ok(messages.map(|message| {
+            let message =
+                message.map_err(|e| StoreError::unavailable("following the event stream", e))?;
+            let info = message.info().map_err(|e| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!("event without metadata: {e}"),
+                )
+            })?;
+            crate::envelope::RecordedEvent::from_parts(
+                message.subject.as_str(),
+                info.stream_sequence,
+                info.published,
+                message.headers.as_ref(),
+                message.payload.clone(),
+            )
+            .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e.to_string()))
+        }))
+    }
+}
+
 fn consumer_error(what: &str, e: ConsumerError) -> StoreError {
     match e.kind() {
         ConsumerErrorKind::JetStream(api) => {

@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 pub mod backup;
 pub mod codes;
 mod consumers;
+pub use consumers::FollowFrom;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
