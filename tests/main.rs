@@ -21,3 +21,4 @@ mod shutdown;
 mod snapshots;
 mod tidy;
 mod tls;
+mod tracing;

@@ -602,6 +602,7 @@ async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Re
                     command_id: None,
                     correlation_id: None,
                     causation_id: None,
+                    traceparent: None,
                     data: bytes::Bytes::from_static(data.as_bytes()),
                     aggregate_id: id,
                 };

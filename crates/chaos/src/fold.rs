@@ -234,6 +234,7 @@ pub(crate) mod tests {
             command_id: Some(command_id.into()),
             correlation_id: None,
             causation_id: None,
+            traceparent: None,
             data: serde_json::to_vec(&data).unwrap_or_default().into(),
         }
     }

@@ -426,7 +426,14 @@ impl Worker {
             causation_id: &cmd.causation_id,
         };
         let started = std::time::Instant::now();
-        let appended = self.store.append(&append).await;
+        let appended = self
+            .store
+            .append(&append)
+            .instrument(tracing::info_span!(
+                "append",
+                events = decision.events.len()
+            ))
+            .await;
         ::metrics::histogram!(metrics::APPEND_DURATION).record(started.elapsed().as_secs_f64());
         if !matches!(&appended, Ok(appended) if !appended.duplicate) {
             // Whatever happened, the store may hold events the slot lacks

@@ -10,6 +10,7 @@ mod handler;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
@@ -93,8 +94,12 @@ pub async fn run(
     let handle = move |message: async_nats::Message| {
         let worker = worker.clone();
         async move {
+            // The client's trace continues here (docs/TRACING.md).
+            let span = tracing::info_span!("receive command", subject = %message.subject);
+            jetsource_core::telemetry::continue_from_nats(&span, message.headers.as_ref());
             let reply = worker
                 .handle(message.subject.as_str(), &message.payload)
+                .instrument(span)
                 .await;
             (message.reply, reply)
         }

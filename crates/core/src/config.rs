@@ -25,6 +25,17 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub gateway: GatewayConfig,
+    pub trace: TraceConfig,
+}
+
+/// Distributed tracing (docs/TRACING.md): W3C trace context through NATS
+/// headers and the stored events, exported over OTLP when configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceConfig {
+    /// OTLP/HTTP (protobuf) traces endpoint, the full URL, e.g.
+    /// `http://otel-collector:4318/v1/traces`; empty: tracing off.
+    pub otlp_endpoint: String,
 }
 
 /// A secret from configuration (a password, a token, an nkey seed): kept

@@ -54,6 +54,10 @@ pub struct RecordedEvent {
     pub command_id: Option<String>,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// W3C trace context of the command that appended it (header
+    /// `traceparent`), when tracing was on (docs/TRACING.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     #[serde(serialize_with = "raw_json")]
     pub data: Bytes,
 }
@@ -125,6 +129,7 @@ impl RecordedEvent {
             command_id: get(COMMAND_ID),
             correlation_id: get(CORRELATION_ID),
             causation_id: get(CAUSATION_ID),
+            traceparent: get(crate::telemetry::TRACEPARENT),
             data,
         })
     }

@@ -58,7 +58,11 @@ async fn request(
     silence: fn(String) -> ApiError,
 ) -> Result<Value, ApiError> {
     use async_nats::RequestErrorKind;
-    let sent = api.client.request(subject.clone(), body.into());
+    let mut headers = async_nats::HeaderMap::new();
+    jetsource_core::telemetry::inject_nats(&mut headers);
+    let sent = api
+        .client
+        .request_with_headers(subject.clone(), headers, body.into());
     let reply = match tokio::time::timeout(wait, sent).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {

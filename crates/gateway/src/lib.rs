@@ -100,7 +100,8 @@ fn routes(
 }
 
 /// Counts and times each request under its route pattern (never the raw
-/// path: ids would make a series each; docs/METRICS.md).
+/// path: ids would make a series each; docs/METRICS.md), in a span that
+/// continues the caller's `traceparent` (docs/TRACING.md).
 async fn count_requests(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -115,8 +116,14 @@ async fn count_requests(
         axum::http::Method::POST => "POST",
         _ => "other",
     };
+    let span = tracing::info_span!("http request", route = %route, method);
+    let traceparent = request
+        .headers()
+        .get(jetsource_core::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    jetsource_core::telemetry::continue_from_traceparent(&span, traceparent);
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
     ::metrics::counter!(metrics::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);

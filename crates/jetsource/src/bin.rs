@@ -123,11 +123,18 @@ where
     };
     let result = (|| {
         let config = Config::load(args.config.as_deref())?;
-        jetsource_core::telemetry::init(&config.log);
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(run(config))
+            .block_on(async {
+                // Inside the runtime: the span exporter runs on it.
+                let telemetry = jetsource_core::telemetry::init(&config.log, &config.trace, &name);
+                let result = run(config).await;
+                telemetry
+                    .shutdown(std::time::Duration::from_millis(1500))
+                    .await;
+                result
+            })
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use async_nats::jetstream::consumer::{
     pull, AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer,
@@ -135,7 +136,14 @@ struct Batch {
     pending: u64,
     /// Events the batch applies (0 for a redelivery or a raised watermark).
     events: usize,
+    /// Trace contexts of the commands whose events it applies (distinct, at
+    /// most [`MAX_LINKS`]): the apply span links to them.
+    traces: Vec<String>,
 }
+
+/// Links of one apply span: enough to find the commands of a small batch;
+/// a large batch (a backlog) links to its first ones.
+const MAX_LINKS: usize = 32;
 
 /// One running generation of one projection: what every step of its runner
 /// needs.
@@ -545,6 +553,7 @@ impl<'a> Puller<'a> {
                     newest: None,
                     pending: 0,
                     events: 0,
+                    traces: Vec::new(),
                 };
                 if batches.send(batch).await.is_err() {
                     return false;
@@ -590,11 +599,28 @@ impl<'a> Puller<'a> {
         };
         self.prepared = self.prepared.max(newest_sequence);
         let events = if write.is_some() { messages.len() } else { 0 };
+        let mut traces: Vec<String> = Vec::new();
+        let carried = messages.values().filter_map(|m| {
+            let value = m
+                .headers
+                .as_ref()?
+                .get(jetsource_core::telemetry::TRACEPARENT)?;
+            Some(value.as_str().to_owned())
+        });
+        for traceparent in carried {
+            if traces.len() == MAX_LINKS {
+                break;
+            }
+            if !traces.contains(&traceparent) {
+                traces.push(traceparent);
+            }
+        }
         Some(Batch {
             write,
             newest: Some(newest),
             pending: left,
             events,
+            traces,
         })
     }
 }
@@ -647,7 +673,18 @@ enum Applied {
 async fn write_batches(run: Arc<Run>, mut queue: mpsc::Receiver<Batch>, mut stop: Stop) {
     while let Some(batch) = queue.recv().await {
         if let Some(write) = &batch.write {
-            match apply(&run, write, &mut stop).await {
+            // One span per batch, linked to the commands it applies
+            // (docs/TRACING.md).
+            let span = tracing::info_span!(
+                "apply",
+                projection = run.name(),
+                generation = run.generation,
+                events = batch.events
+            );
+            for traceparent in &batch.traces {
+                jetsource_core::telemetry::link(&span, traceparent);
+            }
+            match apply(&run, write, &mut stop).instrument(span).await {
                 Applied::Done => {}
                 Applied::Gone => {
                     run.report_stopped();

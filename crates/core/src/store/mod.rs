@@ -485,6 +485,9 @@ impl EventStore {
         }
         headers.insert(envelope::CORRELATION_ID, append.correlation_id);
         headers.insert(envelope::CAUSATION_ID, append.causation_id);
+        if let Some(traceparent) = crate::telemetry::current_traceparent() {
+            headers.insert(crate::telemetry::TRACEPARENT, traceparent.as_str());
+        }
         if index == 0 {
             // Only the first message of a batch may carry these: the server
             // checks the expected sequence per message at commit time, and a
