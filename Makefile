@@ -14,9 +14,9 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install what is missing: pinned nats-server into tools/, redis-server and openssl via apt
+setup: ## Install what is missing: pinned nats-server into tools/; redis-server, openssl, chromium (console tests) via apt
 	@scripts/install-nats-server.sh $(NATS_SERVER_VERSION) $(TOOLS)
-	@scripts/install-apt.sh redis-server=redis-server redis-cli=redis-tools openssl=openssl
+	@scripts/install-apt.sh redis-server=redis-server redis-cli=redis-tools openssl=openssl chromium=chromium
 
 build: ## Build every binary (debug)
 	cargo build --workspace --bins

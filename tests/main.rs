@@ -8,6 +8,7 @@ mod bench;
 mod chaos;
 mod cli;
 mod cluster;
+mod console;
 mod deploy;
 mod fleet;
 mod gateway;

@@ -72,36 +72,7 @@ async fn status_row(
     name: &str,
     last: u64,
 ) -> anyhow::Result<Value> {
-    let Some(meta) = redis.meta(name).await? else {
-        return Ok(json!({"projection": name, "state": "not built (no projector has run)"}));
-    };
-    let checkpoint = redis.watermark(name, meta.active).await?;
-    let lag = last.saturating_sub(checkpoint);
-    // Lag in time: how long the oldest event not yet applied has waited.
-    let lag_seconds = match (lag, store.get(checkpoint + 1).await) {
-        (1.., Ok(Some(event))) => (time::OffsetDateTime::now_utc() - event.timestamp)
-            .as_seconds_f64()
-            .max(0.0),
-        _ => 0.0,
-    };
-    let rebuild = match meta.building {
-        Some((generation, _)) => {
-            let done = redis.watermark(name, generation).await?;
-            json!({"generation": generation, "checkpoint": done})
-        }
-        None => Value::Null,
-    };
-    Ok(json!({
-        "projection": name,
-        "state": "active",
-        "generation": meta.active,
-        "partitions": meta.partitions,
-        "checkpoint": checkpoint,
-        "stream_last_sequence": last,
-        "lag_events": lag,
-        "lag_seconds": lag_seconds,
-        "rebuild": rebuild,
-    }))
+    Ok(jetsource_projector::status::projection_status(redis, store, name, last).await?)
 }
 
 fn status_cells(row: &Value) -> [String; 7] {

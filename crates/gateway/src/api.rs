@@ -30,7 +30,7 @@ use crate::{Api, Gateway};
 type Shared = State<Arc<Gateway>>;
 
 /// The connected half of the gateway, or `unavailable` while it starts.
-fn api(gateway: &Gateway) -> Result<&Api, ApiError> {
+pub(crate) fn api(gateway: &Gateway) -> Result<&Api, ApiError> {
     gateway
         .api
         .get()
@@ -370,7 +370,7 @@ pub async fn state(
     })))
 }
 
-fn store_error(e: jetsource_core::store::StoreError) -> ApiError {
+pub(crate) fn store_error(e: jetsource_core::store::StoreError) -> ApiError {
     use jetsource_core::ErrorClass;
     match e.class() {
         ErrorClass::Transient => ApiError::unavailable(e.to_string()),

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod error;
 
 use std::future::Future;
@@ -63,6 +64,11 @@ pub struct Api {
     store: EventStore,
     snapshots: SnapshotStore,
     registry: Registry,
+    /// Read models' metadata and watermarks, for projection status (the
+    /// query user's connection when `redis.query_url` is set); connects on
+    /// first use, so the API works without Redis.
+    redis: jetsource_projector::redis_store::RedisStore,
+    projections: Vec<&'static str>,
 }
 
 /// The routes over `gateway`; health, readiness and metrics beside them.
@@ -88,6 +94,10 @@ fn routes(
             get(api::state),
         )
         .route("/v1/events/live", get(api::live))
+        .route("/v1/types", get(console::types))
+        .route("/v1/projections", get(console::projections))
+        .route("/v1/stream", get(console::stream))
+        .route("/console", get(console::page))
         .route("/openapi.json", get(api::openapi))
         .fallback(api::fallback)
         .layer(axum::middleware::from_fn(count_requests))
@@ -215,8 +225,9 @@ pub async fn run(
         }
     });
     tokio::pin!(shutdown);
+    let names: Vec<&'static str> = projections.iter().map(|p| p.name()).collect();
     tokio::select! {
-        connected = connect(&config, registry, &readiness) => {
+        connected = connect(&config, registry, names, &readiness) => {
             let api = connected?;
             let _ = gateway.api.set(api);
             readiness.pass("event_store");
@@ -244,8 +255,11 @@ pub async fn run(
 async fn connect(
     config: &Config,
     registry: Registry,
+    projections: Vec<&'static str>,
     readiness: &Readiness,
 ) -> Result<Api, RunError> {
+    let redis = jetsource_projector::redis_store::RedisStore::lazy(&config.redis)
+        .map_err(|e| RunError::Config(format!("redis.url: {e}")))?;
     let client = jetsource_core::connect(&config.nats, "jetsource-gateway").await?;
     readiness.watch_nats(client.clone());
     let store =
@@ -261,5 +275,7 @@ async fn connect(
         store,
         snapshots,
         registry,
+        redis,
+        projections,
     })
 }

@@ -16,6 +16,7 @@ mod query;
 pub mod read;
 pub mod redis_store;
 pub mod runner;
+pub mod status;
 
 pub use query::Router;
 /// The Redis client crate the projector is built with: queries read through
