@@ -68,7 +68,12 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let keys = format!("read={hash}");
+    let admin_key = "console-admin-key-0123";
+    let admin_hash: String = Sha256::digest(admin_key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let keys = format!("read={hash},admin={admin_hash}");
     let _gateway = Process::start(
         "jetsource-gateway",
         &nats,
@@ -96,6 +101,33 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
                 .unwrap();
         last = outcome.sequence;
     }
+    // An event the accounts read model refuses: a dead letter.
+    let config = jetsource_core::config::Config::default();
+    let mut nats_config = config.nats.clone();
+    nats_config.url = nats.url();
+    let store =
+        jetsource_core::store::EventStore::open(client.clone(), &nats_config, &config.store)
+            .await
+            .unwrap();
+    let bad = jetsource_core::aggregate::NewEvent {
+        event_type: "Deposited".into(),
+        data: br#"{"amount":0}"#.to_vec(),
+    };
+    let poisoned = store
+        .append(&jetsource_core::store::Append {
+            aggregate_type: "account",
+            aggregate_id: "c-bad",
+            expected_last_sequence: 0,
+            version: 0,
+            events: std::slice::from_ref(&bad),
+            schema_version: 1,
+            command_id: None,
+            correlation_id: "test",
+            causation_id: "test",
+        })
+        .await
+        .unwrap();
+    last = poisoned.last_sequence;
     query(
         &client,
         "query.account.c-1",
@@ -136,6 +168,38 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
     );
     let stream = dom.split("id=\"stream\"").nth(1).unwrap();
     assert!(stream.contains("<td>EVENTS</td>"), "{stream}");
+    // The dead letter, its reason, and a replay button.
+    let letters = dom.split("id=\"dead-letters\"").nth(1).unwrap();
+    let letters = letters.split("</tbody>").next().unwrap();
+    assert!(letters.contains("is outside"), "{letters}");
+    assert!(
+        letters.contains(&format!("events.account.c-bad #{last}")),
+        "{letters}"
+    );
+    assert!(letters.contains("Replay</button>"), "{letters}");
+
+    // Replaying needs an admin key; this one still fails, and is kept.
+    let sequence = letters
+        .split("<td>")
+        .nth(1)
+        .and_then(|s| s.split("</td>").next())
+        .unwrap()
+        .to_owned();
+    let replay = |key: &str| {
+        let path = format!("/v1/dead-letters/{sequence}/replay");
+        let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+        use std::io::{Read, Write};
+        write!(socket, "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        socket.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert!(replay(key).contains(" 403 "), "a read key replayed");
+    let kept = replay(admin_key);
+    assert!(
+        kept.contains(" 200 ") && kept.contains("\"result\":\"kept\""),
+        "{kept}"
+    );
 
     // Without a key the page says so and shows nothing.
     let url = format!("http://{addr}/console");

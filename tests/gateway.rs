@@ -523,6 +523,7 @@ async fn the_gateway_runs_as_its_own_nats_role() {
             &[
                 ("JETSOURCE__GATEWAY__LISTEN", addr.as_str()),
                 ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
+                ("JETSOURCE__REDIS__URL", redis_url.as_str()),
             ],
         ),
     );
@@ -586,6 +587,16 @@ async fn the_gateway_runs_as_its_own_nats_role() {
         "",
     );
     assert_eq!(state.status, 200, "{state:?}");
+    // The console's views too.
+    for path in [
+        "/v1/types",
+        "/v1/projections",
+        "/v1/stream",
+        "/v1/dead-letters",
+    ] {
+        let answer = http(&addr, "GET", path, &headers, "");
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+    }
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains("Server is ready"),

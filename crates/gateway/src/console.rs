@@ -41,7 +41,7 @@ pub async fn types(State(gateway): Shared, headers: HeaderMap) -> Result<Json<Va
     let api = api(&gateway)?;
     Ok(Json(json!({
         "aggregate_types": api.registry.types().collect::<Vec<_>>(),
-        "projections": api.projections,
+        "projections": api.projections.iter().map(|p| p.name()).collect::<Vec<_>>(),
     })))
 }
 
@@ -61,7 +61,7 @@ pub async fn projections(
         .state
         .last_sequence;
     let mut rows = Vec::new();
-    for name in &api.projections {
+    for name in api.projections.iter().map(|p| p.name()) {
         let row =
             jetsource_projector::status::projection_status(&api.redis, &api.store, name, last)
                 .await
@@ -99,4 +99,80 @@ pub async fn stream(State(gateway): Shared, headers: HeaderMap) -> Result<Json<V
         "last_sequence": info.state.last_sequence,
         "cluster": cluster,
     })))
+}
+
+/// The dead-letter stream, `None` while no projection ever needed it.
+async fn dead_letter_stream(
+    api: &crate::Api,
+) -> Result<Option<async_nats::jetstream::stream::Stream>, ApiError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match api.store.jetstream().get_stream(&api.dead_letters).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                GetStreamErrorKind::JetStream(ref a)
+                    if a.error_code().0 == jetsource_core::store::codes::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(ApiError::unavailable(format!(
+            "cannot open the dead-letter stream: {e}; retry"
+        ))),
+    }
+}
+
+fn dlq_error(e: jetsource_projector::dlq::DlqError) -> ApiError {
+    match e.class() {
+        jetsource_core::ErrorClass::Transient => ApiError::unavailable(e.to_string()),
+        _ => ApiError::Protocol(jetsource_core::protocol::ErrorBody::new(
+            jetsource_core::protocol::ErrorCode::Internal,
+            e.to_string(),
+        )),
+    }
+}
+
+/// Every dead letter, oldest first, with its reason.
+pub async fn dead_letters(
+    State(gateway): Shared,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    gateway.keys.require(&headers, Role::Read)?;
+    let api = api(&gateway)?;
+    let letters = match dead_letter_stream(api).await? {
+        Some(mut stream) => jetsource_projector::dlq::list(&mut stream)
+            .await
+            .map_err(dlq_error)?,
+        None => Vec::new(),
+    };
+    Ok(Json(json!({"dead_letters": letters})))
+}
+
+/// Applies one dead letter again with the current projection code (as
+/// `jetsource dlq replay <seq>`): it leaves the stream if it applies now,
+/// and is kept with the new reason if not. Needs role admin.
+pub async fn replay(
+    State(gateway): Shared,
+    axum::extract::Path(sequence): axum::extract::Path<u64>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    gateway.keys.require(&headers, Role::Admin)?;
+    let api = api(&gateway)?;
+    let Some(mut stream) = dead_letter_stream(api).await? else {
+        return Err(ApiError::not_found(format!("no dead letter {sequence}")));
+    };
+    let results = jetsource_projector::dlq::replay(
+        &mut stream,
+        &api.store,
+        &api.redis,
+        &api.projections,
+        Some(sequence),
+    )
+    .await
+    .map_err(dlq_error)?;
+    let Some(result) = results.into_iter().next() else {
+        return Err(ApiError::not_found(format!("no dead letter {sequence}")));
+    };
+    Ok(Json(json!(result)))
 }

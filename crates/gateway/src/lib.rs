@@ -68,7 +68,9 @@ pub struct Api {
     /// query user's connection when `redis.query_url` is set); connects on
     /// first use, so the API works without Redis.
     redis: jetsource_projector::redis_store::RedisStore,
-    projections: Vec<&'static str>,
+    projections: Vec<Arc<dyn Projection>>,
+    /// The dead-letter stream's name (`projector.dead_letter_stream`).
+    dead_letters: String,
 }
 
 /// The routes over `gateway`; health, readiness and metrics beside them.
@@ -97,6 +99,8 @@ fn routes(
         .route("/v1/types", get(console::types))
         .route("/v1/projections", get(console::projections))
         .route("/v1/stream", get(console::stream))
+        .route("/v1/dead-letters", get(console::dead_letters))
+        .route("/v1/dead-letters/{sequence}/replay", post(console::replay))
         .route("/console", get(console::page))
         .route("/openapi.json", get(api::openapi))
         .fallback(api::fallback)
@@ -182,6 +186,7 @@ pub async fn run(
         tracing::warn!("gateway.api_keys is empty: every API request is refused (401)");
     }
     let router = Router::new(&projections).map_err(RunError::Config)?;
+    let projections = projections.clone();
     let (stop, stopping) = watch::channel(false);
     let gateway = Arc::new(Gateway {
         keys,
@@ -225,9 +230,8 @@ pub async fn run(
         }
     });
     tokio::pin!(shutdown);
-    let names: Vec<&'static str> = projections.iter().map(|p| p.name()).collect();
     tokio::select! {
-        connected = connect(&config, registry, names, &readiness) => {
+        connected = connect(&config, registry, projections, &readiness) => {
             let api = connected?;
             let _ = gateway.api.set(api);
             readiness.pass("event_store");
@@ -255,7 +259,7 @@ pub async fn run(
 async fn connect(
     config: &Config,
     registry: Registry,
-    projections: Vec<&'static str>,
+    projections: Vec<Arc<dyn Projection>>,
     readiness: &Readiness,
 ) -> Result<Api, RunError> {
     let redis = jetsource_projector::redis_store::RedisStore::lazy(&config.redis)
@@ -277,5 +281,6 @@ async fn connect(
         registry,
         redis,
         projections,
+        dead_letters: config.projector.dead_letter_stream.clone(),
     })
 }
