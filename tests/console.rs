@@ -85,7 +85,6 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
     );
     wait_for_service(&client, "jetsource-command", 1).await;
     wait_for_service(&client, "jetsource-projector", 1).await;
-    let mut last = 0;
     for body in [
         json!({"type": "OpenAccount", "data": {"owner": "grace"}}),
         json!({"type": "Deposit", "data": {"amount": 70}}),
@@ -95,11 +94,10 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
             .request("cmd.account.c-1", body.to_string().into())
             .await
             .unwrap();
-        let outcome: jetsource_core::protocol::CommandOutcome =
+        let _: jetsource_core::protocol::CommandOutcome =
             jetsource_core::protocol::decode_reply(&reply.payload)
                 .unwrap()
                 .unwrap();
-        last = outcome.sequence;
     }
     // An event the accounts read model refuses: a dead letter.
     let config = jetsource_core::config::Config::default();
@@ -127,7 +125,7 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
         })
         .await
         .unwrap();
-    last = poisoned.last_sequence;
+    let last = poisoned.last_sequence;
     query(
         &client,
         "query.account.c-1",
