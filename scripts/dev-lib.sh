@@ -161,6 +161,18 @@ export JETSOURCE__REDIS__QUERY_URL=rediss://query:$(secret redis-query)@127.0.0.
 export JETSOURCE__REDIS__TLS_CA_FILE=$ca
 ENV
             ;;
+          gateway)
+            # The HTTP API on 127.0.0.1:8080 with one admin API key
+            # (.run/gateway-key.secret; only its hash is configured), the
+            # query user for projection status, admin's for replays.
+            cat <<ENV
+export JETSOURCE__GATEWAY__LISTEN=127.0.0.1:8080
+export JETSOURCE__GATEWAY__API_KEYS=admin=$(printf %s "$(secret gateway-key)" | sha256sum | cut -d' ' -f1)
+export JETSOURCE__REDIS__URL=rediss://admin:$(secret redis-admin)@127.0.0.1:6379/
+export JETSOURCE__REDIS__QUERY_URL=rediss://query:$(secret redis-query)@127.0.0.1:6379/
+export JETSOURCE__REDIS__TLS_CA_FILE=$ca
+ENV
+            ;;
         esac
       } >".run/$role.env.tmp"
       mv ".run/$role.env.tmp" ".run/$role.env"
@@ -210,13 +222,13 @@ start_redis() {
 # The app's three workers, each with its own role's settings.
 start_workers() {
   local role
-  for role in command projector snapshotter; do
+  for role in command projector snapshotter gateway; do
     if [ ! -x "$bin/$prefix-$role" ]; then
       echo "$bin/$prefix-$role is not built: run \`cargo build --workspace --bins\`" >&2
       exit 1
     fi
   done
-  for role in command projector snapshotter; do
+  for role in command projector snapshotter gateway; do
     # A subshell that execs the worker: $! is the worker's own PID.
     (
       source ".run/$role.env"
@@ -229,6 +241,8 @@ start_workers() {
 # What to try in another terminal, for the app that runs: send and query as
 # the client role, the operator commands as admin.
 print_examples() {
+  echo "  console: http://127.0.0.1:8080/console#key=$(secret gateway-key)"
+  echo "  API:     curl -H \"Authorization: Bearer \$(cat .run/gateway-key.secret)\" http://127.0.0.1:8080/v1/queries"
   echo "  source .run/client.env    # role client: send and query, nothing else"
   case "$app" in
     bank)

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/dev-lib.sh
 
-ports_free 4222 6379
+ports_free 4222 6379 8080
 # TLS and authorization on: development certificates in .run/tls, per-role
 # settings in .run/<role>.env, the server's users in .run/nats-accounts.conf
 # (dev-lib.sh).
@@ -26,7 +26,7 @@ start_workers
   cat <<MSG
 
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on tls://127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
-redis on rediss://127.0.0.1:6379, $prefix-command, -projector and -snapshotter.
+redis on rediss://127.0.0.1:6379, $prefix-command, -projector, -snapshotter and -gateway (HTTP API and console on 127.0.0.1:8080).
 TLS and authorization are on: a development CA in .run/tls, one NATS user per
 role (client, command, projector, snapshotter, admin) with its settings in
 .run/<role>.env (docs/SECURITY.md, docs/TLS.md).

@@ -588,6 +588,15 @@ async fn make_run_generates_credentials_the_server_accepts() {
                 let url = redis.unwrap_or_else(|| panic!("{file}: no Redis URL"));
                 assert!(url.starts_with(&format!("rediss://{role}:")), "{url}");
             }
+            // The gateway replays dead letters as admin; its API key is
+            // configured as a hash only.
+            "gateway" => {
+                let url = redis.unwrap_or_else(|| panic!("{file}: no Redis URL"));
+                assert!(url.starts_with("rediss://admin:"), "{url}");
+                let key = std::fs::read_to_string(run.join("gateway-key.secret")).unwrap();
+                assert!(!env.contains(&key), "{file} holds the API key itself");
+                assert!(env.contains("JETSOURCE__GATEWAY__API_KEYS=admin="), "{env}");
+            }
             _ => assert!(redis.is_none(), "{file} names Redis"),
         }
         passwords.push((role, password));
