@@ -136,6 +136,10 @@ impl Fleet {
                 ("JETSOURCE__GATEWAY__LISTEN", addr.as_str()),
                 ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
                 ("JETSOURCE__GATEWAY__MAX_BODY_BYTES", "2048"),
+                (
+                    "JETSOURCE__GATEWAY__CORS_ORIGINS",
+                    "https://console.example",
+                ),
                 ("JETSOURCE__HTTP__LISTEN", probes.as_str()),
             ],
         );
@@ -361,6 +365,46 @@ async fn the_gateway_serves_the_api_over_http() {
     assert_eq!(now.json()["state"]["balance"], 40);
     let bad_time = fleet.get("/v1/aggregates/account/g-1/state?at_time=yesterday", &[]);
     assert_eq!(bad_time.status, 400);
+    // At a time: the first event's timestamp shows the state after it.
+    let first_time = events[0]["timestamp"].as_str().unwrap();
+    let at_time = fleet.get(
+        &format!("/v1/aggregates/account/g-1/state?at_time={first_time}"),
+        &[],
+    );
+    assert_eq!(at_time.status, 200, "{at_time:?}");
+    assert_eq!(at_time.json()["version"], 1);
+    let before = fleet.get(
+        "/v1/aggregates/account/g-1/state?at_time=2000-01-01T00:00:00Z",
+        &[],
+    );
+    assert_eq!(before.status, 404);
+
+    // CORS: the configured origin may call, another may not.
+    let preflight = |origin: &str| {
+        http(
+            &addr,
+            "OPTIONS",
+            "/v1/queries/account/g-1",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "GET"),
+                ("Access-Control-Request-Headers", "authorization"),
+            ],
+            "",
+        )
+    };
+    let allowed = preflight("https://console.example");
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://console.example"),
+        "{allowed:?}"
+    );
+    let other = preflight("https://evil.example");
+    assert_eq!(
+        other.header("access-control-allow-origin"),
+        None,
+        "{other:?}"
+    );
 
     // Live events: one arrives as it is stored, with its sequence as id.
     let live = live_stream(
@@ -608,4 +652,61 @@ async fn the_gateway_runs_as_its_own_nats_role() {
         .map(str::to_owned)
         .collect();
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// On a 3-node cluster the console's stream view names the leader and
+/// both followers, current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_view_shows_a_clusters_leader_and_replicas() {
+    let cluster = jetsource_test_support::NatsCluster::start();
+    let _client = cluster.client().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let keys = format!("read={}", sha256_hex(READ_KEY));
+    let _gateway = Process::start_at(
+        "jetsource-gateway",
+        &cluster.urls(),
+        &[
+            ("JETSOURCE__GATEWAY__LISTEN", addr.as_str()),
+            ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
+            ("JETSOURCE__STORE__REPLICAS", "3"),
+        ],
+        None,
+    );
+    let auth = bearer(READ_KEY);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        let answer = TcpStream::connect(&addr).ok().map(|_| {
+            http(
+                &addr,
+                "GET",
+                "/v1/stream",
+                &[("Authorization", auth.as_str())],
+                "",
+            )
+        });
+        if let Some(answer) = answer.filter(|a| a.status == 200) {
+            let stream = answer.json();
+            let replicas = stream["cluster"]["replicas"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if replicas.len() == 2 && replicas.iter().all(|r| r["current"] == true) {
+                break stream;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader and two current replicas"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(stream["replicas"], 3);
+    let leader = stream["cluster"]["leader"].as_str().unwrap();
+    let followers: Vec<&str> = stream["cluster"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(!followers.contains(&leader), "{stream}");
 }
