@@ -710,3 +710,41 @@ async fn the_stream_view_shows_a_clusters_leader_and_replicas() {
         .collect();
     assert!(!followers.contains(&leader), "{stream}");
 }
+
+/// The gateway and its console know nothing of the bank: the shop's
+/// gateway serves the shop's types, projections and queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_applications_gateway_serves_its_own_types_and_queries() {
+    let nats = NatsServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let keys = format!("read={}", sha256_hex(READ_KEY));
+    let _gateway = Process::start(
+        "shop-gateway",
+        &nats,
+        &[
+            ("JETSOURCE__GATEWAY__LISTEN", addr.as_str()),
+            ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
+        ],
+    );
+    let auth = bearer(READ_KEY);
+    let headers = [("Authorization", auth.as_str())];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&addr).is_err() || http(&addr, "GET", "/readyz", &[], "").status != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the shop's gateway did not get ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let types = http(&addr, "GET", "/v1/types", &headers, "").json();
+    assert_eq!(
+        types["aggregate_types"],
+        json!(["item", "order"]),
+        "{types}"
+    );
+    assert!(!types.to_string().contains("account"), "{types}");
+    let queries = http(&addr, "GET", "/v1/queries", &headers, "").body;
+    assert!(queries.contains("orders.by_customer"), "{queries}");
+    assert_eq!(http(&addr, "GET", "/console", &[], "").status, 200);
+}
