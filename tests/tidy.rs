@@ -22,6 +22,7 @@ const FRAMEWORK: &[&str] = &[
     "jetsource-command",
     "jetsource-projector",
     "jetsource-snapshotter",
+    "jetsource-gateway",
     "jetsource-cli",
     "jetsource-test-support",
 ];
