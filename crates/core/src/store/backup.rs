@@ -34,6 +34,9 @@ use super::{StoreError, StoreErrorKind};
 pub const CHUNK: usize = 128 * 1024;
 /// How long one API call, one chunk or one message of a read-back may take.
 const WAIT: Duration = Duration::from_secs(60);
+/// How long a restore chunk is resent while its subject has no interest
+/// yet on this server (see [`send_chunk`]).
+const INTEREST_WAIT: Duration = Duration::from_secs(10);
 
 /// What a snapshot saved.
 #[derive(Debug, Clone)]
@@ -181,14 +184,14 @@ pub async fn restore(
         if n == 0 {
             break;
         }
-        let answer = request(client, &deliver, buffer[..n].to_vec()).await?;
+        let answer = send_chunk(client, &deliver, buffer[..n].to_vec()).await?;
         if !answer.payload.is_empty() {
             check(parse(&answer.payload, &what)?, &what)?;
         }
         sent += n as u64;
         progress(sent);
     }
-    let done = request(client, &deliver, Vec::new()).await?;
+    let done = send_chunk(client, &deliver, Vec::new()).await?;
     check(parse(&done.payload, &what)?, &what)?;
     Ok(())
 }
@@ -368,6 +371,39 @@ async fn request(
         .send_request(subject.to_owned(), request)
         .await
         .map_err(|e| StoreError::unavailable(&format!("JetStream on {subject}"), e))
+}
+
+/// A restore chunk. In a cluster the server that takes the restore
+/// subscribes to `deliver` itself, and the interest reaches the server this
+/// client is connected to a moment later (over the routes): until then a
+/// chunk has no responders. Nothing received it then, so it is sent again,
+/// for up to [`INTEREST_WAIT`].
+async fn send_chunk(
+    client: &async_nats::Client,
+    deliver: &str,
+    body: Vec<u8>,
+) -> Result<async_nats::Message, StoreError> {
+    let deadline = tokio::time::Instant::now() + INTEREST_WAIT;
+    loop {
+        let request = Request::new()
+            .payload(body.clone().into())
+            .timeout(Some(WAIT));
+        match client.send_request(deliver.to_owned(), request).await {
+            Ok(answer) => return Ok(answer),
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    &format!("JetStream on {deliver}"),
+                    e,
+                ))
+            }
+        }
+    }
 }
 
 fn parse(payload: &[u8], what: &str) -> Result<Value, StoreError> {
