@@ -634,13 +634,7 @@ fn gadget_cli(url: &str, args: &[&str]) -> (u8, String, String) {
 async fn history_and_state_show_events_in_the_current_schema() {
     let nats = NatsServer::start();
     let client = nats.client().await;
-    let config = Config::default();
-    let mut nats_config = config.nats.clone();
-    nats_config.url = nats.url();
-    let store =
-        jetsource_core::store::EventStore::open(client.clone(), &nats_config, &config.store)
-            .await
-            .unwrap();
+    let store = jetsource_tests::open_store(&client, &nats.url()).await;
     append_named(store.jetstream(), 1, 1, json!({"nm": "old"})).await;
     append_named(store.jetstream(), 2, 2, json!({"name": "new"})).await;
 

@@ -100,31 +100,10 @@ async fn the_console_shows_history_state_at_a_point_projections_and_stream() {
                 .unwrap();
     }
     // An event the accounts read model refuses: a dead letter.
-    let config = jetsource_core::config::Config::default();
-    let mut nats_config = config.nats.clone();
-    nats_config.url = nats.url();
-    let store =
-        jetsource_core::store::EventStore::open(client.clone(), &nats_config, &config.store)
-            .await
-            .unwrap();
-    let bad = jetsource_core::aggregate::NewEvent {
-        event_type: "Deposited".into(),
-        data: br#"{"amount":0}"#.to_vec(),
-    };
-    let poisoned = store
-        .append(&jetsource_core::store::Append {
-            aggregate_type: "account",
-            aggregate_id: "c-bad",
-            expected_last_sequence: 0,
-            version: 0,
-            events: std::slice::from_ref(&bad),
-            schema_version: 1,
-            command_id: None,
-            correlation_id: "test",
-            causation_id: "test",
-        })
-        .await
-        .unwrap();
+    let store = jetsource_tests::open_store(&client, &nats.url()).await;
+    let poisoned =
+        jetsource_tests::append_behind(&store, "c-bad", (0, 0), "Deposited", br#"{"amount":0}"#)
+            .await;
     let last = poisoned.last_sequence;
     query(
         &client,

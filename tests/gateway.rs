@@ -94,6 +94,18 @@ fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &s
     }
 }
 
+/// Waits until the gateway at `addr` answers `/readyz` with 200.
+fn wait_until_ready(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() || http(addr, "GET", "/readyz", &[], "").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway at {addr} did not get ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
@@ -145,17 +157,7 @@ impl Fleet {
         );
         wait_for_service(&client, "jetsource-command", 1).await;
         wait_for_service(&client, "jetsource-projector", 1).await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = TcpStream::connect(&addr)
-                .ok()
-                .map(|_| http(&addr, "GET", "/readyz", &[], ""));
-            if ready.is_some_and(|r| r.status == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the gateway did not get ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_ready(&addr);
         Self {
             nats,
             _redis: redis,
@@ -576,12 +578,7 @@ async fn the_gateway_runs_as_its_own_nats_role() {
     wait_for_service(&admin, "jetsource-projector", 1).await;
     let auth = bearer(WRITE_KEY);
     let headers = [("Authorization", auth.as_str())];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(&addr).is_err() || http(&addr, "GET", "/readyz", &[], "").status != 200
-    {
-        assert!(Instant::now() < deadline, "the gateway did not get ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_ready(&addr);
     let live = {
         let mut socket = TcpStream::connect(&addr).unwrap();
         socket
@@ -728,15 +725,7 @@ async fn another_applications_gateway_serves_its_own_types_and_queries() {
     );
     let auth = bearer(READ_KEY);
     let headers = [("Authorization", auth.as_str())];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(&addr).is_err() || http(&addr, "GET", "/readyz", &[], "").status != 200
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the shop's gateway did not get ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_ready(&addr);
     let types = http(&addr, "GET", "/v1/types", &headers, "").json();
     assert_eq!(
         types["aggregate_types"],

@@ -208,3 +208,46 @@ pub async fn project_and_query(redis_env: &[(&str, &str)]) -> (Value, Fleet) {
 
 /// NATS, a command worker and a projector.
 pub type Fleet = (NatsServer, Process, Process);
+
+/// The event store at `url` with the default settings, as a writer that is
+/// not a command worker (a test's "other writer").
+pub async fn open_store(
+    client: &async_nats::Client,
+    url: &str,
+) -> jetsource_core::store::EventStore {
+    let config = jetsource_core::config::Config::default();
+    let mut nats = config.nats.clone();
+    nats.url = url.to_owned();
+    jetsource_core::store::EventStore::open(client.clone(), &nats, &config.store)
+        .await
+        .unwrap()
+}
+
+/// Appends one event of `event_type` with `data` to an `account` behind the
+/// command workers' backs, guarded by `expected_last_sequence` at `version`.
+pub async fn append_behind(
+    store: &jetsource_core::store::EventStore,
+    id: &str,
+    (expected_last_sequence, version): (u64, u64),
+    event_type: &str,
+    data: &[u8],
+) -> jetsource_core::store::Appended {
+    let event = jetsource_core::aggregate::NewEvent {
+        event_type: event_type.into(),
+        data: data.to_vec(),
+    };
+    store
+        .append(&jetsource_core::store::Append {
+            aggregate_type: "account",
+            aggregate_id: id,
+            expected_last_sequence,
+            version,
+            events: std::slice::from_ref(&event),
+            schema_version: 1,
+            command_id: None,
+            correlation_id: "test",
+            causation_id: "test",
+        })
+        .await
+        .unwrap()
+}

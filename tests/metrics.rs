@@ -170,13 +170,7 @@ async fn workers_export_prometheus_metrics_that_move_under_load() {
 
     // Another writer appends behind the worker's cached state: its next
     // command conflicts once, then succeeds on fresh state.
-    let config = jetsource_core::config::Config::default();
-    let mut nats_config = config.nats.clone();
-    nats_config.url = nats.url();
-    let store =
-        jetsource_core::store::EventStore::open(client.clone(), &nats_config, &config.store)
-            .await
-            .unwrap();
+    let store = jetsource_tests::open_store(&client, &nats.url()).await;
     let last = command(
         &client,
         "m-1",
@@ -184,24 +178,8 @@ async fn workers_export_prometheus_metrics_that_move_under_load() {
     )
     .await
     .unwrap();
-    let event = jetsource_core::aggregate::NewEvent {
-        event_type: "Deposited".into(),
-        data: br#"{"amount":2}"#.to_vec(),
-    };
-    store
-        .append(&jetsource_core::store::Append {
-            aggregate_type: "account",
-            aggregate_id: "m-1",
-            expected_last_sequence: last.sequence,
-            version: last.version,
-            events: std::slice::from_ref(&event),
-            schema_version: 1,
-            command_id: None,
-            correlation_id: "test",
-            causation_id: "test",
-        })
-        .await
-        .unwrap();
+    let behind = (last.sequence, last.version);
+    jetsource_tests::append_behind(&store, "m-1", behind, "Deposited", br#"{"amount":2}"#).await;
     let after = command(
         &client,
         "m-1",
@@ -212,24 +190,7 @@ async fn workers_export_prometheus_metrics_that_move_under_load() {
     assert_eq!(after.version, last.version + 2);
     // And an event the accounts read model refuses (an amount of 0, which
     // no command would decide): a dead letter.
-    let bad = jetsource_core::aggregate::NewEvent {
-        event_type: "Deposited".into(),
-        data: br#"{"amount":0}"#.to_vec(),
-    };
-    store
-        .append(&jetsource_core::store::Append {
-            aggregate_type: "account",
-            aggregate_id: "m-bad",
-            expected_last_sequence: 0,
-            version: 0,
-            events: std::slice::from_ref(&bad),
-            schema_version: 1,
-            command_id: None,
-            correlation_id: "test",
-            causation_id: "test",
-        })
-        .await
-        .unwrap();
+    jetsource_tests::append_behind(&store, "m-bad", (0, 0), "Deposited", br#"{"amount":0}"#).await;
 
     let samples = scrape(&command_http);
     let commands = |labels: &[(&str, &str)]| value(&samples, "jetsource_commands_total", labels);
