@@ -1,5 +1,5 @@
 //! The workers' `GET /healthz` and `GET /readyz` over real HTTP
-//! (docs/PROTOCOL.md, "Health and readiness"), and read-only mode: a
+//! (docs/PROTOCOL.md, "Health, readiness and metrics"), and read-only mode: a
 //! 3-node cluster that lost its quorum answers commands `unavailable`
 //! promptly while queries keep answering from Redis.
 

@@ -1,5 +1,5 @@
 //! The workers' HTTP listener: `GET /healthz` and `GET /readyz`
-//! (docs/PROTOCOL.md, "Health and readiness"), and `GET /metrics`
+//! (docs/PROTOCOL.md, "Health, readiness and metrics"), and `GET /metrics`
 //! (Prometheus text format, docs/METRICS.md).
 //!
 //! A worker creates a [`Readiness`] before it connects anywhere, starts the
