@@ -9,7 +9,7 @@ TOOLS := $(CURDIR)/tools
 NATS_SERVER := $(TOOLS)/bin/nats-server
 export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup build run cluster test bench chaos lint fmt clean-data
+.PHONY: help setup build run cluster test bench bench-peer chaos lint fmt clean-data
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,9 +42,17 @@ test: setup build ## Run every test against real servers (needs nothing running)
 	fi
 	cargo test --workspace --doc
 
-bench: setup ## Full benchmark suite (release build, ~5 min); rewrites docs/BENCHMARKS.md and docs/bench/
+bench: setup bench-peer ## Full benchmark suite (release build, ~5 min); rewrites docs/BENCHMARKS.md and docs/bench/
 	cargo build --release --workspace --bins
 	target/release/jetsource-bench --out docs
+
+# The PostgreSQL peer (cqrs-es + postgres-es) is its own workspace under
+# bench/peer, kept out of `make build`/`make test`; it shares target/ so that
+# target/release/jetsource-bench-peer sits beside jetsource-bench. Debian keeps
+# initdb off PATH, hence the path pattern.
+bench-peer: ## Install PostgreSQL if missing and build the benchmark's PostgreSQL peer (target/release/jetsource-bench-peer)
+	@scripts/install-apt.sh '/usr/lib/postgresql/*/bin/initdb=postgresql'
+	CARGO_TARGET_DIR=$(CURDIR)/target cargo build --release --manifest-path bench/peer/Cargo.toml
 
 # `make chaos SEED=7 DURATION=300`: SEED defaults to the clock (the run
 # prints it), DURATION to the 180 s of issue 9.
