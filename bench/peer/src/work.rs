@@ -2,6 +2,7 @@
 //! `Stats`, `drive`, `measure` and `account_of` are the same definitions, so
 //! the numbers of both binaries mean the same thing and can be divided.
 
+use std::fmt::Write;
 use std::future::Future;
 use std::io::IsTerminal as _;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::EventStore as _;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use postgres_es::PostgresEventRepository;
 use serde::Serialize;
 use sqlx::{PgPool, Postgres};
@@ -72,10 +73,16 @@ impl Progress {
     pub fn start(phase: &str, total: u64) -> Self {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total).with_prefix(phase.to_owned());
-            if let Ok(style) = ProgressStyle::with_template(
-                "  {prefix}: {bar:30} {human_pos}/{human_len}  {per_sec:.0}  ETA {eta}",
-            ) {
-                bar.set_style(style);
+            if let Ok(style) =
+                ProgressStyle::with_template("  {prefix}: {bar:30} {pos}/{len}  {rate}  ETA {eta}")
+            {
+                // indicatif's own {per_sec} prints four decimals.
+                bar.set_style(style.with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                ));
             }
             bar.enable_steady_tick(Duration::from_millis(250));
             return Self { bar, printer: None };
