@@ -334,6 +334,11 @@ pub struct StoreConfig {
     pub duplicate_window_secs: u64,
     /// Events fetched per direct-get batch when loading an aggregate.
     pub read_batch: usize,
+    /// Appends a process keeps in flight one by one before it commits the
+    /// ones waiting behind them together, as one atomic batch (group
+    /// commit: docs/ARCHITECTURE.md). 0 groups whatever arrives while the
+    /// previous write is in flight.
+    pub group_commit_after: usize,
 }
 
 impl Default for StoreConfig {
@@ -343,6 +348,7 @@ impl Default for StoreConfig {
             replicas: 1,
             duplicate_window_secs: 600,
             read_batch: 1000,
+            group_commit_after: crate::store::group::DEFAULT_GROUP_COMMIT_AFTER,
         }
     }
 }

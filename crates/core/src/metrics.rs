@@ -21,6 +21,11 @@ pub const COMMANDS: &str = "jetsource_commands_total";
 pub const COMMAND_DURATION: &str = "jetsource_command_duration_seconds";
 /// One append (a command's events, one atomic write) to the event store.
 pub const APPEND_DURATION: &str = "jetsource_append_duration_seconds";
+/// Appends committed together as one atomic batch (group commit).
+pub const APPEND_GROUP_SIZE: &str = "jetsource_append_group_size";
+/// Groups the server refused because of one member (its guard or command
+/// id); their members were sorted out and written again.
+pub const APPEND_GROUPS_REFUSED: &str = "jetsource_append_groups_refused_total";
 /// Decisions taken again after another writer appended first (optimistic
 /// concurrency), by `aggregate_type`.
 pub const COMMAND_CONFLICTS: &str = "jetsource_command_conflicts_total";
@@ -113,6 +118,15 @@ fn describe() {
         APPEND_DURATION,
         Unit::Seconds,
         "One append of a command's events to the event store."
+    );
+    describe_histogram!(
+        APPEND_GROUP_SIZE,
+        Unit::Count,
+        "Appends of concurrent commands committed together as one atomic batch."
+    );
+    describe_counter!(
+        APPEND_GROUPS_REFUSED,
+        "Groups of appends refused because of one member, then sorted out."
     );
     describe_counter!(
         COMMAND_CONFLICTS,

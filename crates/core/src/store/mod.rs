@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 pub mod backup;
 pub mod codes;
 mod consumers;
+pub mod group;
 pub use consumers::FollowFrom;
 
 use crate::config::{NatsConfig, StoreConfig};
@@ -183,6 +184,15 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// One append made ready to write: its messages with every header but the
+/// batch headers, which depend on the write it ends up in.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    subject: String,
+    messages: Vec<(HeaderMap, Bytes)>,
+    expected_last_sequence: u64,
+}
+
 /// The `Nats-Msg-Id` of a command's first event. Scoped to the aggregate, so
 /// command ids need only be unique per aggregate.
 pub fn message_id(aggregate_type: &str, aggregate_id: &str, command_id: &str) -> String {
@@ -201,6 +211,9 @@ pub struct EventStore {
     /// turns a burst of multi-event commands into a short queue instead of
     /// errors.
     batch_permits: Arc<Semaphore>,
+    /// Where appends queue to be committed together; `None` in the group
+    /// committer's own handle, which writes them.
+    group: Option<group::Handle>,
 }
 
 /// How long [`EventStore::open`] keeps retrying a stream that is not
@@ -432,14 +445,20 @@ impl EventStore {
                 }
             }
         }
-        Ok(Self {
+        let mut store = Self {
             client,
             js,
             stream_name: config.stream.clone(),
             read_batch: config.read_batch,
             timeout: nats.request_timeout(),
             batch_permits: Arc::new(Semaphore::new(MAX_OPEN_BATCHES)),
-        })
+            group: None,
+        };
+        store.group = Some(group::Handle::start(
+            store.clone(),
+            config.group_commit_after,
+        ));
+        Ok(store)
     }
 
     pub fn stream_name(&self) -> &str {
@@ -508,58 +527,98 @@ impl EventStore {
 
     /// Appends the events of one command atomically, guarded by the expected
     /// last sequence of the aggregate's subject.
+    ///
+    /// Concurrent appends may be committed together (group commit, see
+    /// [`group`]): each still gets exactly the answer it would get alone.
     pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
-        let subject = event_subject(append.aggregate_type, append.aggregate_id);
-        match append.events {
-            [] => Err(StoreError::new(
+        let prepared = self.prepare(append)?;
+        match &self.group {
+            Some(group) => group.submit(prepared).await,
+            None => self.write_alone(&prepared).await,
+        }
+    }
+
+    /// The messages of one append, headers and all, checked for size.
+    fn prepare(&self, append: &Append<'_>) -> Result<Prepared, StoreError> {
+        match append.events.len() {
+            0 => Err(StoreError::new(
                 StoreErrorKind::Rejected,
                 "an append needs at least one event",
             )),
-            [event] => {
-                let headers = self.event_headers(append, 0, event);
-                let publish = PublishMessage::build()
-                    .payload(Bytes::copy_from_slice(&event.data))
-                    .headers(headers);
-                let ack = self
-                    .js
-                    .send_publish(subject, publish)
-                    .await
-                    .map_err(publish_error)?
-                    .await
-                    .map_err(publish_error)?;
-                Ok(Appended {
-                    first_sequence: ack.sequence,
-                    last_sequence: ack.sequence,
-                    duplicate: ack.duplicate,
-                })
-            }
-            events if events.len() > MAX_EVENTS_PER_APPEND => Err(StoreError::new(
+            n if n > MAX_EVENTS_PER_APPEND => Err(StoreError::new(
                 StoreErrorKind::TooLarge,
                 format!(
-                    "a command may produce at most {MAX_EVENTS_PER_APPEND} events, this one produced {}",
-                    events.len()
+                    "a command may produce at most {MAX_EVENTS_PER_APPEND} events, this one produced {n}"
                 ),
             )),
-            events => {
-                let _permit = self
-                    .batch_permits
-                    .acquire()
-                    .await
-                    .map_err(|e| StoreError::unavailable("atomic batch", e))?;
-                // Other processes share the server's limit: back off and
-                // retry a few times before reporting it.
-                let mut backoff = Duration::from_millis(5);
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match self.append_batch(append, subject.clone(), events).await {
-                        Err(e) if is_too_many_batches(&e) && attempt < 6 => {
-                            tokio::time::sleep(backoff).await;
-                            backoff *= 2;
-                        }
-                        other => return other,
-                    }
+            _ => Ok(Prepared {
+                subject: event_subject(append.aggregate_type, append.aggregate_id),
+                messages: append
+                    .events
+                    .iter()
+                    .enumerate()
+                    .map(|(index, event)| {
+                        (
+                            self.event_headers(append, index, event),
+                            Bytes::copy_from_slice(&event.data),
+                        )
+                    })
+                    .collect(),
+                expected_last_sequence: append.expected_last_sequence,
+            }),
+        }
+    }
+
+    /// Writes one append on its own: one event as a plain publish, several
+    /// as an atomic batch of their own.
+    pub(crate) async fn write_alone(&self, prepared: &Prepared) -> Result<Appended, StoreError> {
+        if let [(headers, payload)] = prepared.messages.as_slice() {
+            let publish = PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers.clone());
+            let ack = self
+                .js
+                .send_publish(prepared.subject.clone(), publish)
+                .await
+                .map_err(publish_error)?
+                .await
+                .map_err(publish_error)?;
+            return Ok(Appended {
+                first_sequence: ack.sequence,
+                last_sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        }
+        let last = self.write_batch(&[prepared]).await?;
+        let count = prepared.messages.len() as u64;
+        Ok(Appended {
+            first_sequence: last + 1 - count,
+            last_sequence: last,
+            duplicate: false,
+        })
+    }
+
+    /// Writes the messages of `appends`, in order, as one JetStream atomic
+    /// batch and returns the stream sequence of its last message. Holds one
+    /// of this process's batch permits, and retries the server's "too many
+    /// open batches" a few times before reporting it (other processes share
+    /// the server's limit).
+    pub(crate) async fn write_batch(&self, appends: &[&Prepared]) -> Result<u64, StoreError> {
+        let _permit = self
+            .batch_permits
+            .acquire()
+            .await
+            .map_err(|e| StoreError::unavailable("atomic batch", e))?;
+        let mut backoff = Duration::from_millis(5);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.send_batch(appends).await {
+                Err(e) if is_too_many_batches(&e) && attempt < 6 => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
                 }
+                other => return other,
             }
         }
     }
@@ -569,24 +628,30 @@ impl EventStore {
     /// ones are plain publishes (a gap makes the server reject the batch), the
     /// last carries `Nats-Batch-Commit` and gets the pub ack. Nothing is
     /// visible until the commit, and a failed check at commit stores nothing.
-    async fn append_batch(
-        &self,
-        append: &Append<'_>,
-        subject: String,
-        events: &[NewEvent],
-    ) -> Result<Appended, StoreError> {
+    async fn send_batch(&self, appends: &[&Prepared]) -> Result<u64, StoreError> {
+        let total: usize = appends.iter().map(|a| a.messages.len()).sum();
+        if total < 2 {
+            return Err(StoreError::new(
+                StoreErrorKind::Rejected,
+                "an atomic batch needs at least two messages",
+            ));
+        }
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        let last = events.len() - 1;
-        for (index, event) in events.iter().enumerate() {
-            let mut headers = self.event_headers(append, index, event);
+        let mut messages = Vec::with_capacity(total);
+        for append in appends {
+            for (headers, payload) in &append.messages {
+                messages.push((&append.subject, headers, payload));
+            }
+        }
+        for (index, (subject, headers, payload)) in messages.into_iter().enumerate() {
+            let mut headers = headers.clone();
             headers.insert(NATS_BATCH_ID, batch_id.as_str());
             headers.insert(NATS_BATCH_SEQUENCE, (index + 1).to_string().as_str());
-            let payload = Bytes::copy_from_slice(&event.data);
             if index == 0 {
                 let reply = tokio::time::timeout(
                     self.timeout,
                     self.client
-                        .request_with_headers(subject.clone(), headers, payload),
+                        .request_with_headers(subject.clone(), headers, payload.clone()),
                 )
                 .await
                 .map_err(|_| StoreError::unavailable("atomic batch start", "timed out"))?
@@ -594,14 +659,11 @@ impl EventStore {
                 if !reply.payload.is_empty() {
                     return Err(batch_reply_error(&reply.payload));
                 }
-            } else if index < last {
-                self.client
-                    .publish_with_headers(subject.clone(), headers, payload)
-                    .await
-                    .map_err(|e| StoreError::unavailable("atomic batch publish", e))?;
-            } else {
+            } else if index == total - 1 {
                 headers.insert(NATS_BATCH_COMMIT, "1");
-                let publish = PublishMessage::build().payload(payload).headers(headers);
+                let publish = PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(headers);
                 let ack = self
                     .js
                     .send_publish(subject.clone(), publish)
@@ -609,15 +671,15 @@ impl EventStore {
                     .map_err(publish_error)?
                     .await
                     .map_err(publish_error)?;
-                let count = events.len() as u64;
-                return Ok(Appended {
-                    first_sequence: ack.sequence + 1 - count,
-                    last_sequence: ack.sequence,
-                    duplicate: ack.duplicate,
-                });
+                return Ok(ack.sequence);
+            } else {
+                self.client
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await
+                    .map_err(|e| StoreError::unavailable("atomic batch publish", e))?;
             }
         }
-        unreachable!("the loop returns at the last event")
+        unreachable!("the loop returns at the last message")
     }
 
     /// Reads an aggregate's events in order, starting at stream sequence
