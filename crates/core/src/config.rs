@@ -336,9 +336,10 @@ pub struct StoreConfig {
     pub read_batch: usize,
     /// Appends a process keeps in flight one by one before it commits the
     /// ones waiting behind them together, as one atomic batch (group
-    /// commit: docs/ARCHITECTURE.md). 0 groups whatever arrives while the
-    /// previous write is in flight.
-    pub group_commit_after: usize,
+    /// commit: docs/ARCHITECTURE.md). Unset (the default): learned from
+    /// what writes cost. 0 groups whatever arrives while the previous write
+    /// is in flight (tests use it to force groups).
+    pub group_commit_after: Option<usize>,
 }
 
 impl Default for StoreConfig {
@@ -348,7 +349,7 @@ impl Default for StoreConfig {
             replicas: 1,
             duplicate_window_secs: 600,
             read_batch: 1000,
-            group_commit_after: crate::store::group::DEFAULT_GROUP_COMMIT_AFTER,
+            group_commit_after: None,
         }
     }
 }

@@ -9,8 +9,10 @@
 //! wait; on a replicated stream it is one Raft entry.
 //!
 //! The committer therefore works like this:
-//! - up to `store.group_commit_after` appends are in flight one by one, each
-//!   written as it arrives (a lone command never waits for company);
+//! - appends go out one by one as they arrive (a lone command never waits
+//!   for company) while that is faster than a group write: up to as many in
+//!   flight as fit in the time a group write takes, by costs learned from
+//!   the writes (see `Costs`);
 //! - appends arriving while all of those are in flight queue up, and
 //!   whatever queued while the previous group was being written goes out
 //!   as the next group: one atomic batch (at most one group in flight), in
@@ -34,17 +36,13 @@
 //! command id".
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Appended, EventStore, Prepared, StoreError, StoreErrorKind, MAX_EVENTS_PER_APPEND};
-
-/// `store.group_commit_after` by default. With the default fsync interval
-/// 16 single appends in flight keep up with more than one worker can send,
-/// so groups form only when the server syncs every message.
-pub const DEFAULT_GROUP_COMMIT_AFTER: usize = 16;
 
 /// Most messages in one group: the server's atomic batch limit.
 const MAX_GROUP_MESSAGES: usize = MAX_EVENTS_PER_APPEND;
@@ -67,8 +65,9 @@ struct Pending {
     answer: Answer,
     /// Refused once in a group already.
     retried: bool,
-    /// Must be written on its own.
-    alone: bool,
+    /// Non-zero: part of a group being split after a refusal, to be
+    /// written with the members of the same seal and no others.
+    seal: u64,
 }
 
 impl Pending {
@@ -88,9 +87,14 @@ const HEADER_ALLOWANCE: usize = 1024;
 impl Handle {
     /// Starts the committer of `store` (a store without a group of its
     /// own). It ends when every handle is gone and its writes are done.
-    pub(crate) fn start(store: EventStore, after: usize) -> Self {
+    pub(crate) fn start(store: EventStore, after: Option<usize>) -> Self {
         let (queue, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(Committer { store, after }.run(incoming));
+        let committer = Committer {
+            store,
+            after,
+            seals: AtomicU64::new(0),
+        };
+        tokio::spawn(committer.run(incoming));
         Self { queue }
     }
 
@@ -100,7 +104,7 @@ impl Handle {
             prepared,
             answer,
             retried: false,
-            alone: false,
+            seal: 0,
         };
         let stopped = || {
             StoreError::new(
@@ -115,13 +119,66 @@ impl Handle {
 
 struct Committer {
     store: EventStore,
-    after: usize,
+    /// Appends in flight one by one before the rest wait for a group:
+    /// learned from the store's costs when `None`.
+    after: Option<usize>,
+    /// The last seal given to the half of a split group.
+    seals: AtomicU64,
 }
 
-/// What a finished write frees, and what it hands back to the queue.
+/// Most appends in flight one by one, whatever the costs say.
+const MAX_ALONE_IN_FLIGHT: usize = 1024;
+
+/// What writes cost here, learned from the writes themselves (moving
+/// averages, in seconds). While one-by-one appends are served faster than a
+/// group could be written, they go one by one; once waiting behind those in
+/// flight would take longer than a group write, newcomers wait for the next
+/// group instead. With fsync per message the per-message cost is the fsync
+/// (~0.2 ms) and groups form from about fifteen appends in flight; with the
+/// default fsync interval appends pipeline at a few µs each and groups
+/// practically never form.
+#[derive(Debug, Clone, Copy)]
+struct Costs {
+    /// Time per single-message append, from one-by-one appends: their
+    /// latency divided by the appends in flight when they were sent.
+    per_append: f64,
+    /// Latency of a group write.
+    group: f64,
+}
+
+impl Costs {
+    /// Starting point: nothing known about appends (so all go one by one
+    /// until their cost shows), and a group at what a single-node batch
+    /// commit costs.
+    const START: Costs = Costs {
+        per_append: 0.0,
+        group: 0.003,
+    };
+
+    fn alone_limit(&self) -> usize {
+        if self.per_append <= 0.0 {
+            return MAX_ALONE_IN_FLIGHT;
+        }
+        ((self.group / self.per_append) as usize).clamp(1, MAX_ALONE_IN_FLIGHT)
+    }
+
+    fn learn(value: &mut f64, sample: f64) {
+        *value = if *value <= 0.0 {
+            sample
+        } else {
+            0.9 * *value + 0.1 * sample
+        };
+    }
+}
+
+/// What a finished write frees, what it hands back to the queue, and what
+/// it cost.
 enum Done {
-    Alone,
-    Group(Vec<Pending>),
+    /// A one-by-one append; the time per append it showed, if it was a
+    /// single message.
+    Alone(Option<f64>),
+    /// A group; its members to write again, and its latency if stored.
+    Group(Vec<Pending>, Option<f64>),
 }
 
 impl Committer {
@@ -131,16 +188,16 @@ impl Committer {
         let mut alone_in_flight = 0;
         let mut group_in_flight = false;
         let mut open = true;
+        let mut costs = Costs::START;
         loop {
             while let Ok(pending) = incoming.try_recv() {
                 queue.push_back(pending);
             }
-            while alone_in_flight < self.after {
-                let Some(pending) = queue.pop_front() else {
-                    break;
-                };
+            let limit = self.after.unwrap_or_else(|| costs.alone_limit());
+            while alone_in_flight < limit && queue.front().is_some_and(|p| p.seal == 0) {
+                let pending = queue.pop_front().expect("checked above");
                 alone_in_flight += 1;
-                writes.push(self.write_alone(pending).boxed());
+                writes.push(self.write_alone(pending, alone_in_flight).boxed());
             }
             if !group_in_flight && !queue.is_empty() {
                 group_in_flight = true;
@@ -156,9 +213,17 @@ impl Committer {
                     None => open = false,
                 },
                 Some(done) = writes.next() => match done {
-                    Done::Alone => alone_in_flight -= 1,
-                    Done::Group(again) => {
+                    Done::Alone(per_append) => {
+                        alone_in_flight -= 1;
+                        if let Some(sample) = per_append {
+                            Costs::learn(&mut costs.per_append, sample);
+                        }
+                    }
+                    Done::Group(again, latency) => {
                         group_in_flight = false;
+                        if let Some(sample) = latency {
+                            Costs::learn(&mut costs.group, sample);
+                        }
                         for pending in again.into_iter().rev() {
                             queue.push_front(pending);
                         }
@@ -168,10 +233,15 @@ impl Committer {
         }
     }
 
-    async fn write_alone(&self, pending: Pending) -> Done {
+    /// Writes one append on its own, sent with `in_flight` appends (itself
+    /// included) on their way.
+    async fn write_alone(&self, pending: Pending, in_flight: usize) -> Done {
+        let started = std::time::Instant::now();
         let result = self.store.write_alone(&pending.prepared).await;
+        let sample = (result.is_ok() && pending.prepared.messages.len() == 1)
+            .then(|| started.elapsed().as_secs_f64() / in_flight as f64);
         let _ = pending.answer.send(result);
-        Done::Alone
+        Done::Alone(sample)
     }
 
     /// Writes a group (a single append on its own) and answers its
@@ -181,30 +251,35 @@ impl Committer {
             let pending = group.into_iter().next().expect("one member");
             let result = self.store.write_alone(&pending.prepared).await;
             let _ = pending.answer.send(result);
-            return Done::Group(Vec::new());
+            return Done::Group(Vec::new(), None);
         }
         ::metrics::histogram!(crate::metrics::APPEND_GROUP_SIZE).record(group.len() as f64);
         let prepared: Vec<&Prepared> = group.iter().map(|p| &p.prepared).collect();
+        let started = std::time::Instant::now();
         let written = self.store.write_batch(&prepared).await;
         match written {
             Ok(last) => {
                 answer_stored(group, last);
-                Done::Group(Vec::new())
+                Done::Group(Vec::new(), Some(started.elapsed().as_secs_f64()))
             }
             Err(e) if e.kind() == StoreErrorKind::Unavailable => {
                 // Not stored, or not known to be: what each would hear alone.
                 for pending in group {
                     let _ = pending.answer.send(Err(e.clone()));
                 }
-                Done::Group(Vec::new())
+                Done::Group(Vec::new(), None)
             }
-            Err(e) => Done::Group(self.sort_out(group, &e).await),
+            Err(e) => Done::Group(self.sort_out(group, &e).await, None),
         }
     }
 
     /// After a refused group: answers the members whose guard the stream
-    /// leader shows broken, and returns the others to be written again
-    /// (alone if refused before, or if nobody's guard explains the refusal).
+    /// leader shows broken (what they would have heard alone: sequences
+    /// only grow), and returns the others to be written again: grouped
+    /// freely the first time if that explained the refusal, otherwise split
+    /// in two sealed halves, so that a member refused for its own reason
+    /// (a resent command id, a message too large) ends up alone after at
+    /// most log2(group size) splits, and gets its own answer.
     async fn sort_out(&self, group: Vec<Pending>, refusal: &StoreError) -> Vec<Pending> {
         ::metrics::counter!(crate::metrics::APPEND_GROUPS_REFUSED).increment(1);
         tracing::debug!(members = group.len(), error = %refusal, "group refused; sorting out its members");
@@ -216,7 +291,7 @@ impl Committer {
         .await;
         let mut again = Vec::with_capacity(group.len());
         let mut explained = false;
-        for (mut pending, last) in group.into_iter().zip(lasts) {
+        for (pending, last) in group.into_iter().zip(lasts) {
             match last {
                 Ok(last) if last != pending.prepared.expected_last_sequence => {
                     explained = true;
@@ -226,17 +301,21 @@ impl Committer {
                         "the aggregate changed since it was loaded (wrong last sequence)",
                     )));
                 }
-                _ => {
-                    pending.alone = pending.retried;
-                    pending.retried = true;
-                    again.push(pending);
-                }
+                _ => again.push(pending),
             }
         }
-        if !explained {
+        if explained && again.iter().all(|p| !p.retried && p.seal == 0) {
             for pending in &mut again {
-                pending.alone = true;
+                pending.retried = true;
             }
+            return again;
+        }
+        let half = again.len().div_ceil(2);
+        for (i, pending) in again.iter_mut().enumerate() {
+            if i == 0 || i == half {
+                self.seals.fetch_add(1, Ordering::Relaxed);
+            }
+            pending.seal = self.seals.load(Ordering::Relaxed);
         }
         again
     }
@@ -261,24 +340,26 @@ fn answer_stored(group: Vec<Pending>, last: u64) {
     }
 }
 
-/// The next group from the front of the queue, in arrival order: one
-/// append that must be written alone, or as many others as fit in one
-/// batch, stopping at the first that does not (or whose aggregate is in the
-/// group already: its guard would see the group's own message).
+/// The next group from the front of the queue, in arrival order: the
+/// members of a sealed half, or as many free appends as fit in one batch,
+/// stopping at the first that does not (or whose aggregate is in the group
+/// already: its guard would see the group's own message).
 fn take_group(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut group: Vec<Pending> = Vec::new();
+    let seal = queue.front().map_or(0, |p| p.seal);
+    if seal != 0 {
+        while queue.front().is_some_and(|p| p.seal == seal) {
+            group.extend(queue.pop_front());
+        }
+        return group;
+    }
     let mut subjects = HashSet::new();
     let (mut messages, mut bytes) = (0, 0);
     while let Some(next) = queue.front() {
-        if next.alone {
-            if group.is_empty() {
-                group.extend(queue.pop_front());
-            }
-            break;
-        }
         let (m, b) = (next.prepared.messages.len(), next.bytes());
         let fits = messages + m <= MAX_GROUP_MESSAGES && bytes + b <= MAX_GROUP_BYTES;
-        if !group.is_empty() && (!fits || subjects.contains(&next.prepared.subject)) {
+        let joins = fits && next.seal == 0 && !subjects.contains(&next.prepared.subject);
+        if !group.is_empty() && !joins {
             break;
         }
         subjects.insert(next.prepared.subject.clone());

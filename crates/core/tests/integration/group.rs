@@ -91,7 +91,7 @@ async fn grouping_store(url: &str, replicas: usize) -> EventStore {
     };
     let config = StoreConfig {
         replicas,
-        group_commit_after: 0,
+        group_commit_after: Some(0),
         ..Default::default()
     };
     let client = async_nats::connect(
@@ -140,16 +140,22 @@ async fn seed(store: &EventStore, id: &str, kind: Kind, command_id: &str) -> (u6
 
 async fn round(store: &EventStore, round: u64) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (round + 1));
+    // Mostly fine members, as in real traffic, and a few of each other kind.
     let kinds = [
-        Kind::Fine,
         Kind::Stale,
         Kind::ResentOne,
         Kind::ResentMany,
         Kind::Twin,
+        Kind::Fine,
+        Kind::Fine,
+        Kind::Fine,
+        Kind::Fine,
+        Kind::Fine,
+        Kind::Fine,
     ];
     let mut members = Vec::new();
     let mut originals = BTreeMap::new();
-    for k in 0..30 {
+    for k in 0..40 {
         let kind = kinds[(rng.next() % kinds.len() as u64) as usize];
         let id = format!("r{round}a{k}");
         let command = format!("cmd-{k}");
