@@ -30,15 +30,25 @@ use crate::projection::Op;
 /// A redelivered event is skipped; a crash between this call and the ack
 /// loses nothing and doubles nothing.
 ///
-/// ARGV is flat so the script decodes nothing. `e` form, per event:
-/// `sequence, op_count`, then per op `argc, command, key, args...`. `m` form
-/// (a merged batch, see [`merge`]): `first, last, events, op_count, ops...`,
-/// applied whole or not at all: -1 when the checkpoint lies inside the
-/// range, and the caller sends the `e` form instead. Each op runs straight
-/// from ARGV with `unpack(ARGV, from, to)`; an earlier version sent JSON and
-/// spent a fifth of Redis' time in `cjson.decode`.
+/// **Precondition** (`after`, ARGV[2]): the checkpoint must have reached
+/// the last event of this partition in the batches the runner wrote before
+/// this one; if not, an earlier batch's write of this partition failed or
+/// has not run yet, and the script returns -2 without writing anything.
+/// This is what makes two batches in flight safe: whichever order Redis
+/// runs them in, and whichever of them fails, a partition's events are
+/// applied in stream order and none is skipped (see `runner::Window`).
+///
+/// ARGV is flat so the script decodes nothing. After `form, after`: `e`
+/// form, per event: `sequence, op_count`, then per op `argc, command, key,
+/// args...`. `m` form (a merged batch, see [`merge`]): `first, last,
+/// events, op_count, ops...`, applied whole or not at all: -1 when the
+/// checkpoint lies inside the range, and the caller sends the `e` form
+/// instead. Each op runs straight from ARGV with `unpack(ARGV, from, to)`;
+/// an earlier version sent JSON and spent a fifth of Redis' time in
+/// `cjson.decode`.
 const APPLY: &str = r#"
 local checkpoint = tonumber(redis.call('GET', KEYS[1]) or '0')
+if checkpoint < tonumber(ARGV[2]) then return -2 end
 local function run(i, ops)
   for _ = 1, ops do
     local argc = tonumber(ARGV[i])
@@ -47,15 +57,15 @@ local function run(i, ops)
   end
 end
 if ARGV[1] == 'm' then
-  local first, last = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local first, last = tonumber(ARGV[3]), tonumber(ARGV[4])
   if checkpoint >= last then return 0 end
   if checkpoint >= first then return -1 end
-  run(6, tonumber(ARGV[5]))
-  redis.call('SET', KEYS[1], ARGV[3])
-  return tonumber(ARGV[4])
+  run(7, tonumber(ARGV[6]))
+  redis.call('SET', KEYS[1], ARGV[4])
+  return tonumber(ARGV[5])
 end
 local applied = 0
-local i = 2
+local i = 3
 local n = #ARGV
 while i <= n do
   local sequence = tonumber(ARGV[i])
@@ -180,9 +190,14 @@ fn amount_index(command: &str) -> usize {
     }
 }
 
-/// Raises a watermark, never lowers it.
+/// Raises a watermark to ARGV[1], never lowers it, and returns it. Only
+/// from ARGV[2] or above: a watermark below it has lost what the caller
+/// saw applied (Redis restarted from an older snapshot), so the caller's
+/// batches no longer sit on applied events, and the script returns -1
+/// without writing.
 const RAISE: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[2]) then return -1 end
 if tonumber(ARGV[1]) > current then
   redis.call('SET', KEYS[1], ARGV[1])
   return tonumber(ARGV[1])
@@ -229,16 +244,22 @@ redis.call('HDEL', KEYS[1], 'building', 'partitions_building')
 return 1
 "#;
 
-/// One partition's share of a batch: its checkpoint key and its events, in
-/// stream order, each with the writes it projects to.
+/// One partition's share of a batch: its checkpoint key, the precondition
+/// on it, and its events, in stream order, each with the writes it
+/// projects to.
 #[derive(Debug, Clone)]
 pub struct PartitionBatch {
     pub checkpoint: String,
+    /// The sequence of this partition's last event in the batches written
+    /// before this one (0 if there was none): the apply script refuses the
+    /// partition while its checkpoint is below it (see [`APPLY`]).
+    pub after: u64,
     pub events: Vec<(u64, Vec<Op>)>,
 }
 
 /// A batch encoded by [`RedisStore::prepare`], ready to be written (and
-/// written again, unchanged, if the first attempt fails).
+/// written again, unchanged, as often as it takes: every attempt applies
+/// only what is not applied yet).
 #[derive(Debug)]
 pub struct PreparedWrite {
     pipe: redis::Pipeline,
@@ -252,18 +273,31 @@ pub struct PreparedWrite {
 struct Fallback {
     projection: String,
     partitions: Vec<PartitionBatch>,
-    watermark: u64,
 }
 
 /// What [`RedisStore::write`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Written {
-    /// Events applied (the others were at or below a partition checkpoint).
-    pub applied: u64,
-    /// The generation's watermark after the write.
-    pub watermark: u64,
-    /// A merged partition was not applied (its checkpoint lay inside it).
+pub enum Written {
+    /// Every event of the batch is applied now: `applied` of them by this
+    /// write, the others before (at or below their partition checkpoint).
+    Applied { applied: u64 },
+    /// At least one partition refused the batch (its precondition did not
+    /// hold): an event of an earlier batch in that partition is not applied
+    /// yet. Refused partitions wrote nothing; the others may have applied
+    /// their part. Write the earlier batch, then this one again.
+    Refused,
+    /// The generation is retired, or Redis lost the projection's metadata:
+    /// its runner stops.
+    Retired,
+}
+
+/// The replies of one pipeline of [`RedisStore::write`].
+struct Replies {
+    live: bool,
+    applied: u64,
+    /// A merged partition met a checkpoint inside its range.
     partial: bool,
+    refused: bool,
 }
 
 /// A projection's generations, from `jetsource:<projection>:meta`.
@@ -400,24 +434,25 @@ impl RedisStore {
 
     async fn load_scripts(&self) -> Result<(), RedisError> {
         let mut con = self.writes.clone();
-        for script in [&self.apply, &self.raise, &self.replay] {
+        for script in [&self.apply, &self.replay] {
             script.prepare_invoke().load_async(&mut con).await?;
         }
         Ok(())
     }
 
     /// Encodes a batch for [`RedisStore::write`]: the projection's metadata
-    /// (to learn whether the generation is still live), one APPLY per
-    /// partition (merged where [`merge`] can), and the watermark raised to
-    /// `watermark`, as one pipeline.
+    /// (to learn whether the generation is still live) and one APPLY per
+    /// partition (merged where [`merge`] can), as one pipeline. The
+    /// watermark is not part of it: it is raised
+    /// ([`RedisStore::raise_watermark`]) once this batch and every one
+    /// before it are known to be applied.
     pub fn prepare(
         &self,
         projection: &str,
         generation: u64,
         partitions: Vec<PartitionBatch>,
-        watermark: u64,
     ) -> PreparedWrite {
-        let (pipe, merged) = self.encode(projection, generation, &partitions, watermark, true);
+        let (pipe, merged) = self.encode(projection, &partitions, true);
         PreparedWrite {
             pipe,
             generation,
@@ -425,7 +460,6 @@ impl RedisStore {
             fallback: merged.then(|| Fallback {
                 projection: projection.to_owned(),
                 partitions,
-                watermark,
             }),
         }
     }
@@ -434,15 +468,18 @@ impl RedisStore {
     fn encode(
         &self,
         projection: &str,
-        generation: u64,
         partitions: &[PartitionBatch],
-        watermark: u64,
         merging: bool,
     ) -> (redis::Pipeline, bool) {
         let mut pipe = redis::pipe();
         let mut merged_any = false;
         pipe.cmd("HGETALL").arg(meta_key(projection));
-        for PartitionBatch { checkpoint, events } in partitions {
+        for PartitionBatch {
+            checkpoint,
+            after,
+            events,
+        } in partitions
+        {
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.apply.get_hash())
@@ -453,6 +490,7 @@ impl RedisStore {
                 (Some(writes), Some((first, _)), Some((last, _))) => {
                     merged_any = true;
                     cmd.arg("m")
+                        .arg(after)
                         .arg(first)
                         .arg(last)
                         .arg(events.len())
@@ -472,7 +510,7 @@ impl RedisStore {
                     }
                 }
                 _ => {
-                    cmd.arg("e");
+                    cmd.arg("e").arg(after);
                     for (sequence, ops) in events {
                         cmd.arg(sequence).arg(ops.len());
                         for op in ops {
@@ -482,43 +520,42 @@ impl RedisStore {
                 }
             }
         }
-        pipe.cmd("EVALSHA")
-            .arg(self.raise.get_hash())
-            .arg(1)
-            .arg(watermark_key(projection, generation))
-            .arg(watermark);
         (pipe, merged_any)
     }
 
     /// Runs a prepared batch in one round trip. The metadata is read before
-    /// the writes in the same pipeline; a generation found retired is
-    /// reported as `None` and its runner stops.
-    pub async fn write(&self, prepared: &PreparedWrite) -> Result<Option<Written>, RedisError> {
-        let written = self
+    /// the writes in the same pipeline. Safe to call again with the same
+    /// batch, and safe to call while the write of another batch is in
+    /// flight: see [`Written`].
+    pub async fn write(&self, prepared: &PreparedWrite) -> Result<Written, RedisError> {
+        let first = self
             .run(&prepared.pipe, prepared.generation, prepared.applies)
             .await?;
-        match (&written, &prepared.fallback) {
+        let replies = match &prepared.fallback {
             // A merged partition met a checkpoint inside its range (a batch
             // partly applied before a failover): send every partition event
             // by event; those already applied are skipped.
-            (Some(w), Some(fallback)) if w.partial => {
-                let (pipe, _) = self.encode(
-                    &fallback.projection,
-                    prepared.generation,
-                    &fallback.partitions,
-                    fallback.watermark,
-                    false,
-                );
+            Some(fallback) if first.live && first.partial && !first.refused => {
+                let (pipe, _) = self.encode(&fallback.projection, &fallback.partitions, false);
                 let again = self
                     .run(&pipe, prepared.generation, prepared.applies)
                     .await?;
-                Ok(again.map(|a| Written {
-                    applied: a.applied + written.map_or(0, |w| w.applied),
-                    ..a
-                }))
+                Replies {
+                    applied: first.applied + again.applied,
+                    ..again
+                }
             }
-            _ => Ok(written),
-        }
+            _ => first,
+        };
+        Ok(if !replies.live {
+            Written::Retired
+        } else if replies.refused || replies.partial {
+            Written::Refused
+        } else {
+            Written::Applied {
+                applied: replies.applied,
+            }
+        })
     }
 
     async fn run(
@@ -526,7 +563,7 @@ impl RedisStore {
         pipe: &redis::Pipeline,
         generation: u64,
         applies: usize,
-    ) -> Result<Option<Written>, RedisError> {
+    ) -> Result<Replies, RedisError> {
         let mut con = self.writes.clone();
         let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
             Err(e) if is_noscript(&e) => {
@@ -539,29 +576,51 @@ impl RedisStore {
         let mut replies = replies.into_iter();
         let meta: std::collections::HashMap<String, u64> =
             redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(parse)?;
-        let mut applied = 0;
-        let mut partial = false;
+        let mut out = Replies {
+            live: Meta::from_fields(&meta)
+                .and_then(|m| m.partitions_of(generation))
+                .is_some(),
+            applied: 0,
+            partial: false,
+            refused: false,
+        };
         for _ in 0..applies {
             let n: i64 = redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
                 .map_err(parse)?;
             match u64::try_from(n) {
-                Ok(n) => applied += n,
-                Err(_) => partial = true,
+                Ok(n) => out.applied += n,
+                Err(_) if n == -1 => out.partial = true,
+                // -2: the precondition did not hold.
+                Err(_) => out.refused = true,
             }
         }
-        let watermark: u64 =
-            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(parse)?;
-        if Meta::from_fields(&meta)
-            .and_then(|m| m.partitions_of(generation))
-            .is_none()
-        {
-            return Ok(None);
-        }
-        Ok(Some(Written {
-            applied,
-            watermark,
-            partial,
-        }))
+        Ok(out)
+    }
+
+    /// Raises the generation's watermark from `from` to `to` (never
+    /// lowers it) and returns it; `None`, writing nothing, when the
+    /// watermark is below `from`: Redis lost writes (restarted from an
+    /// older snapshot). The watermark promises that every event up to it
+    /// is reflected: call this only once the batches up to `to` are all
+    /// applied ([`Written::Applied`]), never from inside their pipelines,
+    /// whose writes may still fail; `from` is the watermark those batches
+    /// were written on.
+    pub async fn raise_watermark(
+        &self,
+        projection: &str,
+        generation: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<u64>, RedisError> {
+        let mut con = self.reads.clone();
+        let raised: i64 = self
+            .raise
+            .key(watermark_key(projection, generation))
+            .arg(to)
+            .arg(from)
+            .invoke_async(&mut con)
+            .await?;
+        Ok(u64::try_from(raised).ok())
     }
 
     pub async fn watermark(&self, projection: &str, generation: u64) -> Result<u64, RedisError> {

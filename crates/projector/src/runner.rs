@@ -3,7 +3,7 @@
 //! projector copy applies it at a time (per-aggregate order across copies)
 //! and a standby takes over when that copy stops pulling.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,9 @@ use async_nats::jetstream::consumer::{
     pull, AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer,
 };
 use async_nats::jetstream::Message;
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use jetsource_core::envelope::{EnvelopeError, RecordedEvent, EVENT_SUBJECT_PREFIX};
 use jetsource_core::store::{StoreError, StoredMessage};
 use jetsource_core::ErrorClass;
@@ -22,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::dlq::DlqError;
 use crate::keys::{partition_of, KeySpace};
 use crate::projection::{Op, Projection, ProjectionError};
-use crate::redis_store::{PartitionBatch, PreparedWrite};
+use crate::redis_store::{PartitionBatch, PreparedWrite, Written};
 use crate::shared::Shared;
 
 /// Priority group every projector copy pulls in.
@@ -39,7 +41,9 @@ pub struct Progress {
     /// The last batch left nothing pending: the generation is live.
     pub caught_up: AtomicBool,
     pub watermark: AtomicU64,
-    /// The runner found its generation retired or Redis emptied, and stopped.
+    /// The runner stopped by itself: its generation is retired, Redis lost
+    /// the projection's metadata, or Redis lost writes it had confirmed
+    /// (the manager starts a wanted generation again, from its watermark).
     pub stopped: AtomicBool,
 }
 
@@ -126,8 +130,13 @@ enum Unapplicable {
 /// A batch on its way from the puller to the writer.
 struct Batch {
     /// The Redis writes, `None` when every message was applied already (a
-    /// redelivery): the batch is then only acknowledged.
-    write: Option<PreparedWrite>,
+    /// redelivery) or for a watermark raised over other types' events.
+    /// Shared with the writes in flight, which may be sent again.
+    write: Option<Arc<PreparedWrite>>,
+    /// What the watermark becomes once this batch and every one before it
+    /// are applied: its newest sequence (or, over other types' events, the
+    /// stream's last one). `None` for a redelivery, which moves nothing.
+    watermark: Option<u64>,
     /// Newest message of the batch: acknowledging it covers all older ones
     /// (`AckPolicy::All`). `None` for a watermark raised over other types'
     /// events, which acknowledges nothing.
@@ -200,8 +209,9 @@ impl Backoff {
 /// Runs until `stop` turns true or the generation is retired.
 ///
 /// Two stages run side by side: the puller reads messages, fills gaps,
-/// projects and encodes batch N+1 while the writer applies batch N in Redis
-/// and acknowledges it. With one stage after the other the projector and
+/// projects and encodes the next batch while the writer applies the
+/// earlier ones in Redis (up to two writes in flight, see [`Window`]) and
+/// acknowledges them. With one stage after the other the projector and
 /// Redis took turns, each idle half of the time.
 pub async fn run(
     shared: Arc<Shared>,
@@ -226,10 +236,11 @@ pub async fn run(
         return;
     };
     let run = Arc::new(Run { partitions, ..run });
-    // Two batches in flight keep both stages busy; more would only hold
-    // memory.
-    let (batches, queue) = mpsc::channel::<Batch>(2);
-    let writer = tokio::spawn(write_batches(run.clone(), queue, stop.clone()));
+    // One batch waiting beside the writer's two in flight keeps both
+    // stages busy; more would only hold memory (and make batches smaller:
+    // messages join the next batch while it cannot be handed over).
+    let (batches, queue) = mpsc::channel::<Batch>(1);
+    let writer = tokio::spawn(write_batches(run.clone(), queue, watermark, stop.clone()));
     let abort = writer.abort_handle();
     let puller = Puller::new(&run, watermark).pull(consumer, batches, stop);
     tokio::select! {
@@ -327,6 +338,10 @@ struct Puller<'a> {
     run: &'a Run,
     /// Everything up to here is prepared (handed to the writer).
     prepared: u64,
+    /// Per partition, the sequence of its last event in a batch handed to
+    /// the writer (0: none since the runner started): the precondition of
+    /// the partition's next write ([`PartitionBatch::after`]).
+    partition_last: Vec<u64>,
     /// Delivery (consumer) sequences grow by one for every delivery to any
     /// copy, redeliveries included: a run with no jump since our last one
     /// means nothing was delivered elsewhere meanwhile, so no event between
@@ -350,6 +365,7 @@ impl<'a> Puller<'a> {
         Self {
             run,
             prepared: watermark,
+            partition_last: vec![0; run.partitions.max(1) as usize],
             last_delivery: None,
             pending: Vec::new(),
             contiguous: false,
@@ -544,12 +560,11 @@ impl<'a> Puller<'a> {
         let run = self.run;
         match advance(&run.shared, run.projection.as_ref(), self.prepared).await {
             Ok(Some(to)) => {
-                let write = run
-                    .shared
-                    .redis
-                    .prepare(run.name(), run.generation, Vec::new(), to);
+                // Raised by the writer in its turn, so never over a batch
+                // handed to it before and not yet applied.
                 let batch = Batch {
-                    write: Some(write),
+                    write: None,
+                    watermark: Some(to),
                     newest: None,
                     pending: 0,
                     events: 0,
@@ -585,6 +600,7 @@ impl<'a> Puller<'a> {
                     newest_sequence,
                     &mut messages,
                     self.contiguous,
+                    &mut self.partition_last,
                 )
                 .await;
             match attempt {
@@ -616,7 +632,8 @@ impl<'a> Puller<'a> {
             }
         }
         Some(Batch {
-            write,
+            watermark: write.is_some().then_some(newest_sequence),
+            write: write.map(Arc::new),
             newest: Some(newest),
             pending: left,
             events,
@@ -660,67 +677,248 @@ async fn advance(
     Ok(Some(last))
 }
 
-/// What became of a batch's Redis writes.
-enum Applied {
-    Done,
-    /// The generation is retired or Redis lost its metadata.
-    Gone,
-    Stopped,
+/// Writes in flight at most: while Redis runs one batch, the next is on its
+/// way, so Redis does not sit idle while a reply travels back and the next
+/// batch is sent.
+const IN_FLIGHT: usize = 2;
+
+/// The reply to one write of a batch.
+type Reply = BoxFuture<'static, Result<Written, redis::RedisError>>;
+
+/// A batch the writer holds from the moment it takes it until it is
+/// finished (applied, reflected in the watermark, acknowledged).
+struct Held {
+    batch: Batch,
+    /// The batch's `apply` span, linked to the commands it applies: one
+    /// for all its writes.
+    span: tracing::Span,
+    /// Every batch before this one was applied when its latest write was
+    /// sent, so no earlier batch can explain a refusal of it.
+    sent_alone: bool,
 }
 
-/// Applies prepared batches in order and acknowledges them. Returns when
-/// the generation is retired, `stop` turns true or the puller is gone.
-async fn write_batches(run: Arc<Run>, mut queue: mpsc::Receiver<Batch>, mut stop: Stop) {
-    while let Some(batch) = queue.recv().await {
-        if let Some(write) = &batch.write {
+/// The batches the writer holds, oldest first, with the replies of their
+/// latest writes (one per held batch, in the same order).
+///
+/// Two writes in flight are safe because of one invariant, kept by the
+/// apply script and by the order in which this window finishes batches:
+///
+/// - **A partition's write applies only on top of all its earlier events.**
+///   Each partition of batch N+1 carries the sequence of that partition's
+///   last event in the batches before it ([`PartitionBatch::after`]); the
+///   apply script refuses the partition, writing nothing, while the
+///   partition checkpoint is below it. So if the write of batch N fails (or
+///   runs later, or only partly) and that of N+1 runs, N+1 cannot apply an
+///   event of an aggregate before an earlier one, nor move a checkpoint
+///   over an event that N has still to apply. Partitions of N+1 that N did
+///   not touch may apply: their order is not at stake.
+/// - **The watermark and the acknowledgements follow only what is known to
+///   be applied.** Batches are finished strictly in order, and only when
+///   the reply of their write says every partition applied
+///   ([`Written::Applied`]); only then is the watermark raised over the
+///   batch (by its own call, never in the pipeline of a write that may
+///   still fail, and only from the watermark the batch was written on)
+///   and its newest message acknowledged (`AckPolicy::All`). A batch after
+///   a failed or refused one is never finished first; neither is a
+///   watermark raised over other types' events while idle, which is a
+///   batch like the others.
+///
+/// On a failure the window forgets the replies in flight (the writes may
+/// still run in Redis, late; the invariant makes that harmless) and,
+/// after a back-off, writes every held batch again, oldest first. That is
+/// the rewind: the held batches are exactly those not yet finished, and
+/// writing again skips what any earlier attempt applied (partition
+/// checkpoints). A refusal of a batch written while an earlier one was
+/// still in flight is written again at once, now alone. A refusal of a
+/// batch written alone, or a watermark found below the one this runner
+/// raised, means Redis lost writes it had confirmed (restarted from an
+/// older snapshot): the runner stops, and the manager starts it again
+/// from the watermark Redis has. The new runner's first batch reads every
+/// event between that watermark and its first delivery from the stream
+/// (as after any start); the messages the old runner held come back after
+/// the ack wait.
+struct Window {
+    redis: crate::redis_store::RedisStore,
+    held: VecDeque<Held>,
+    replies: FuturesOrdered<Reply>,
+}
+
+impl Window {
+    fn new(run: &Run) -> Self {
+        Self {
+            redis: run.shared.redis.clone(),
+            held: VecDeque::new(),
+            replies: FuturesOrdered::new(),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.held.len() < IN_FLIGHT
+    }
+
+    /// Takes a batch and writes it at once.
+    fn take(&mut self, run: &Run, batch: Batch) {
+        let span = match batch.write {
             // One span per batch, linked to the commands it applies
             // (docs/TRACING.md).
-            let span = tracing::info_span!(
-                "apply",
-                projection = run.name(),
-                generation = run.generation,
-                events = batch.events
-            );
-            for traceparent in &batch.traces {
-                jetsource_core::telemetry::link(&span, traceparent);
-            }
-            match apply(&run, write, &mut stop).instrument(span).await {
-                Applied::Done => {}
-                Applied::Gone => {
-                    run.report_stopped();
-                    return;
+            Some(_) => {
+                let span = tracing::info_span!(
+                    "apply",
+                    projection = run.name(),
+                    generation = run.generation,
+                    events = batch.events
+                );
+                for traceparent in &batch.traces {
+                    jetsource_core::telemetry::link(&span, traceparent);
                 }
-                Applied::Stopped => return,
+                span
             }
+            None => tracing::Span::none(),
+        };
+        let held = Held {
+            batch,
+            span,
+            sent_alone: self.held.is_empty(),
+        };
+        self.replies.push_back(write(&self.redis, &held));
+        self.held.push_back(held);
+    }
+
+    /// Forgets the replies in flight: their writes may still run, and
+    /// nothing depends on them any more.
+    fn forget(&mut self) {
+        self.replies = FuturesOrdered::new();
+    }
+
+    /// Writes every held batch again, oldest first.
+    fn write_again(&mut self) {
+        self.forget();
+        for (i, held) in self.held.iter_mut().enumerate() {
+            held.sent_alone = i == 0;
+            self.replies.push_back(write(&self.redis, held));
         }
-        acknowledge(&run, &batch).await;
     }
 }
 
-/// Writes a batch to Redis, retrying with back-off until it applies.
-async fn apply(run: &Run, write: &PreparedWrite, stop: &mut Stop) -> Applied {
+/// One write of a held batch. A batch without writes (a redelivery, a
+/// watermark raised over other types' events) is applied as it is.
+fn write(redis: &crate::redis_store::RedisStore, held: &Held) -> Reply {
+    match &held.batch.write {
+        None => futures::future::ready(Ok(Written::Applied { applied: 0 })).boxed(),
+        Some(write) => {
+            let (redis, write) = (redis.clone(), write.clone());
+            async move { redis.write(&write).await }
+                .instrument(held.span.clone())
+                .boxed()
+        }
+    }
+}
+
+/// Applies prepared batches, up to [`IN_FLIGHT`] at once, and finishes
+/// them in order (see [`Window`]), from `watermark`, the one the puller
+/// started from. Returns when the generation is retired, Redis lost
+/// confirmed writes, `stop` turns true or the puller is gone.
+async fn write_batches(
+    run: Arc<Run>,
+    mut queue: mpsc::Receiver<Batch>,
+    mut watermark: u64,
+    mut stop: Stop,
+) {
+    let (name, generation) = (run.name(), run.generation);
+    let mut window = Window::new(&run);
     let mut backoff = Backoff::new();
     loop {
-        match run.shared.redis.write(write).await {
-            Ok(Some(written)) => {
-                run.progress
-                    .watermark
-                    .store(written.watermark, Ordering::SeqCst);
-                return Applied::Done;
-            }
-            Ok(None) => return Applied::Gone,
-            Err(e) => {
-                tracing::warn!(projection = run.name(), generation = run.generation, error = %e, class = ?crate::redis_store::class(&e), "batch failed; retrying");
-                if !backoff.pause(stop).await {
-                    return Applied::Stopped;
+        let room = window.has_room();
+        let reply = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            Some(reply) = window.replies.next() => reply,
+            batch = queue.recv(), if room => {
+                match batch {
+                    Some(batch) => window.take(&run, batch),
+                    None => return,
                 }
+                continue;
+            }
+        };
+        match reply {
+            Ok(Written::Applied { .. }) => {
+                let Some(held) = window.held.front() else {
+                    continue;
+                };
+                match finish(&run, &held.batch, &mut watermark, &mut stop).await {
+                    Finished::Done => {
+                        window.held.pop_front();
+                        backoff = Backoff::new();
+                    }
+                    Finished::Stopped => return,
+                    Finished::Lost => {
+                        tracing::warn!(
+                            projection = name,
+                            generation,
+                            watermark,
+                            "the watermark fell below the one this runner raised: Redis lost confirmed writes (restarted from an older snapshot?); starting again from its watermark"
+                        );
+                        run.report_stopped();
+                        return;
+                    }
+                }
+            }
+            Ok(Written::Retired) => {
+                run.report_stopped();
+                return;
+            }
+            Ok(Written::Refused) if !window.held.front().is_some_and(|h| h.sent_alone) => {
+                tracing::debug!(
+                    projection = name,
+                    generation,
+                    "batch refused: an earlier one was not applied yet when it was sent; writing it again"
+                );
+                window.write_again();
+            }
+            Ok(Written::Refused) => {
+                tracing::warn!(
+                    projection = name,
+                    generation,
+                    "batch refused although every batch before it was applied: Redis lost confirmed writes (restarted from an older snapshot?); starting again from its watermark"
+                );
+                run.report_stopped();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(projection = name, generation, error = %e, class = ?crate::redis_store::class(&e), "batch failed; retrying");
+                window.forget();
+                if !backoff.pause(&mut stop).await {
+                    return;
+                }
+                window.write_again();
             }
         }
     }
 }
 
-/// Acknowledges an applied batch and reports the progress it made.
-async fn acknowledge(run: &Run, batch: &Batch) {
+/// What became of finishing a batch.
+enum Finished {
+    Done,
+    Stopped,
+    /// The watermark in Redis is below `watermark`: Redis lost writes.
+    Lost,
+}
+
+/// Finishes an applied batch (every batch before it is finished): raises
+/// the watermark over it, from `watermark` (the one the earlier batches
+/// left, which it then moves), then acknowledges it and reports the
+/// progress. In this order: an acknowledged event is never redelivered,
+/// so the watermark must already cover it (a restarted runner starts from
+/// the watermark).
+async fn finish(run: &Run, batch: &Batch, watermark: &mut u64, stop: &mut Stop) -> Finished {
+    if let Some(to) = batch.watermark {
+        match raise(run, *watermark, to, stop).await {
+            Some(Some(raised)) => *watermark = raised,
+            Some(None) => return Finished::Lost,
+            None => return Finished::Stopped,
+        }
+    }
     // AckPolicy::All: acking the newest covers every older one, which
     // are all applied now.
     if let Some(newest) = &batch.newest {
@@ -729,15 +927,42 @@ async fn acknowledge(run: &Run, batch: &Batch) {
         }
     }
     record_progress(run, batch);
-    let watermark = run.progress.watermark.load(Ordering::SeqCst);
     run.progress
         .caught_up
         .store(batch.pending == 0, Ordering::SeqCst);
     run.shared
-        .announce(run.name(), run.generation, watermark)
+        .announce(run.name(), run.generation, *watermark)
         .await;
     if batch.pending == 0 {
         run.shared.wake_managers();
+    }
+    Finished::Done
+}
+
+/// Raises the watermark from `from` to `to` (see
+/// [`crate::redis_store::RedisStore::raise_watermark`]), retrying with
+/// back-off until Redis answers. `None` when `stop` turned true first.
+async fn raise(run: &Run, from: u64, to: u64, stop: &mut Stop) -> Option<Option<u64>> {
+    let mut backoff = Backoff::new();
+    loop {
+        let raised = tokio::select! {
+            raised = run.shared.redis.raise_watermark(run.name(), run.generation, from, to) => raised,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match raised {
+            Ok(raised) => {
+                if let Some(watermark) = raised {
+                    run.progress.watermark.store(watermark, Ordering::SeqCst);
+                }
+                return Some(raised);
+            }
+            Err(e) => {
+                tracing::warn!(projection = run.name(), generation = run.generation, error = %e, "cannot raise the watermark; retrying");
+                if !backoff.pause(stop).await {
+                    return None;
+                }
+            }
+        }
     }
 }
 
@@ -825,9 +1050,11 @@ impl Run {
     /// Brings a batch from `prepared` (everything up to it is already on its
     /// way to Redis) to `newest_sequence`: adds the projection's events in
     /// that range from the stream to `messages` unless the deliveries were
-    /// `contiguous`, projects them in order and encodes the writes. `None`
-    /// when there is nothing new to write. May be called again with the same
-    /// `messages` after an error.
+    /// `contiguous`, projects them in order and encodes the writes, each
+    /// partition's with its precondition from `partition_last` (which it
+    /// then moves to the partition's last event). `None` when there is
+    /// nothing new to write. May be called again with the same `messages`
+    /// after an error.
     ///
     /// Messages may arrive out of order or with holes: after a failover,
     /// those delivered to the copy that died come back only after the ack
@@ -840,6 +1067,7 @@ impl Run {
         newest_sequence: u64,
         messages: &mut BTreeMap<u64, StoredMessage>,
         contiguous: bool,
+        partition_last: &mut [u64],
     ) -> Result<Option<PreparedWrite>, BatchError> {
         if newest_sequence <= prepared {
             return Ok(None);
@@ -849,11 +1077,24 @@ impl Run {
                 .await?;
         }
         let by_partition = self.project(messages).await?;
+        // Nothing below can fail: the batch is handed to the writer, and
+        // the next one's preconditions follow this one's last events.
+        let partitions = by_partition
+            .into_iter()
+            .map(|(partition, mut batch)| {
+                if let Some(last) = partition_last.get_mut(partition as usize) {
+                    batch.after = *last;
+                    if let Some(&(sequence, _)) = batch.events.last() {
+                        *last = sequence;
+                    }
+                }
+                batch
+            })
+            .collect();
         Ok(Some(self.shared.redis.prepare(
             self.name(),
             self.generation,
-            by_partition,
-            newest_sequence,
+            partitions,
         )))
     }
 
@@ -896,7 +1137,7 @@ impl Run {
     async fn project(
         &self,
         messages: &BTreeMap<u64, StoredMessage>,
-    ) -> Result<Vec<PartitionBatch>, BatchError> {
+    ) -> Result<BTreeMap<u32, PartitionBatch>, BatchError> {
         let mut by_partition: BTreeMap<u32, PartitionBatch> = BTreeMap::new();
         for (&sequence, message) in messages {
             let aggregate_type = message.subject.split('.').nth(1).unwrap_or("");
@@ -909,6 +1150,7 @@ impl Run {
                     .entry(partition)
                     .or_insert_with(|| PartitionBatch {
                         checkpoint: keys.checkpoint(),
+                        after: 0,
                         events: Vec::new(),
                     })
                     .events
@@ -916,7 +1158,7 @@ impl Run {
                 Err(reason) => self.dead_letter(sequence, message, &reason).await?,
             }
         }
-        Ok(by_partition.into_values().collect())
+        Ok(by_partition)
     }
 
     /// The writes of one event, trying the projection up to

@@ -11,6 +11,29 @@ use jetsource_test_support::{wait_for_service, NatsServer, RedisServer};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+/// An account appended by [`Env::append_backlog`]: the sequence of its
+/// opening, and of each deposit with its amount, in order.
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    pub id: String,
+    pub opened: u64,
+    pub deposits: Vec<(u64, u64)>,
+}
+
+impl Backlog {
+    /// The account's events at or below `sequence` (its version there).
+    pub fn version_at(&self, sequence: u64) -> u64 {
+        if self.opened > sequence {
+            return 0;
+        }
+        1 + self.deposits.iter().filter(|(s, _)| *s <= sequence).count() as u64
+    }
+
+    pub fn balance(&self) -> u64 {
+        self.deposits.iter().map(|(_, amount)| amount).sum()
+    }
+}
+
 pub struct Env {
     pub nats: NatsServer,
     pub redis: RedisServer,
@@ -78,8 +101,16 @@ impl Env {
         &mut self,
         projections: Vec<std::sync::Arc<dyn jetsource_projector::projection::Projection>>,
     ) {
-        let (stop, mut rx) = watch::channel(false);
         let config = self.config();
+        self.add_projector_configured(config, projections).await;
+    }
+
+    pub async fn add_projector_configured(
+        &mut self,
+        config: Config,
+        projections: Vec<std::sync::Arc<dyn jetsource_projector::projection::Projection>>,
+    ) {
+        let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             jetsource_projector::run(config, projections, async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -124,6 +155,69 @@ impl Env {
 
     pub async fn last_sequence(&self) -> u64 {
         self.store().await.info().await.unwrap().state.last_sequence
+    }
+
+    /// Appends, straight to the store (many appends at once, faster than
+    /// commands), `deposits` deposits to each of `accounts` new accounts
+    /// `<prefix><i>`, in rounds: every account's opening, then every
+    /// account's first deposit, and so on, so that each stretch of the
+    /// stream has events of every account. A backlog for a projector.
+    pub async fn append_backlog(
+        &self,
+        prefix: &str,
+        accounts: usize,
+        deposits: u64,
+    ) -> Vec<Backlog> {
+        let store = self.store().await;
+        let mut backlog: Vec<Backlog> = (0..accounts)
+            .map(|a| Backlog {
+                id: format!("{prefix}{a}"),
+                opened: 0,
+                deposits: Vec::new(),
+            })
+            .collect();
+        for version in 0..=deposits {
+            let appends = backlog.iter().enumerate().map(|(a, account)| {
+                let store = store.clone();
+                let amount = (a as u64 * 7 + version) % 9 + 1;
+                let last = account.deposits.last().map_or(account.opened, |d| d.0);
+                async move {
+                    let (event_type, data) = if version == 0 {
+                        ("AccountOpened", json!({"owner": "o"}))
+                    } else {
+                        ("Deposited", json!({"amount": amount}))
+                    };
+                    let event = jetsource_core::aggregate::NewEvent {
+                        event_type: event_type.into(),
+                        data: data.to_string().into_bytes(),
+                    };
+                    let appended = store
+                        .append(&jetsource_core::store::Append {
+                            aggregate_type: "account",
+                            aggregate_id: &account.id,
+                            expected_last_sequence: last,
+                            version,
+                            events: std::slice::from_ref(&event),
+                            schema_version: 1,
+                            command_id: None,
+                            correlation_id: "backlog",
+                            causation_id: "backlog",
+                        })
+                        .await
+                        .unwrap();
+                    (appended.last_sequence, amount)
+                }
+            });
+            let appended = futures::future::join_all(appends).await;
+            for (account, (sequence, amount)) in backlog.iter_mut().zip(appended) {
+                if version == 0 {
+                    account.opened = sequence;
+                } else {
+                    account.deposits.push((sequence, amount));
+                }
+            }
+        }
+        backlog
     }
 
     /// The state of an aggregate folded from the event stream.

@@ -2,6 +2,7 @@
 
 mod apply;
 mod common;
+mod in_flight;
 mod projector;
 mod redis_connection;
 mod replay;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use jetsource_core::config::RedisConfig;
 use jetsource_core::ErrorClass;
-use jetsource_projector::redis_store::{class, RedisStore};
+use jetsource_projector::redis_store::{class, RedisStore, Written};
 use jetsource_test_support::{RedisServer, TcpProxy};
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -71,14 +71,23 @@ async fn a_connection_that_stops_answering_is_replaced() {
     assert_eq!(store.meta("p").await.unwrap().unwrap().active, 7);
 
     // The same for the connection that writes batches.
-    let batch = store.prepare("p", 7, Vec::new(), 5);
-    assert_eq!(store.write(&batch).await.unwrap().unwrap().watermark, 5);
+    let batch = store.prepare("p", 7, Vec::new());
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        Written::Applied { applied: 0 }
+    );
     proxy.freeze();
-    let batch = store.prepare("p", 7, Vec::new(), 6);
     let error = store.write(&batch).await.unwrap_err();
     assert!(error.is_timeout(), "{error}");
-    let written = store.write(&batch).await.unwrap().unwrap();
-    assert_eq!(written.watermark, 6);
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        Written::Applied { applied: 0 }
+    );
+    // The freeze silenced the connection for reads too: the watermark
+    // (raised on it) waits for its replacement.
+    until_meta_answers(&store, TIMEOUT * 4).await;
+    assert_eq!(store.raise_watermark("p", 7, 0, 6).await.unwrap(), Some(6));
+    assert_eq!(store.watermark("p", 7).await.unwrap(), 6);
 }
 
 #[tokio::test]
@@ -88,8 +97,12 @@ async fn redis_down_then_back_empty_needs_no_new_client() {
         .await
         .unwrap();
     store.init_meta("p", 1, 4).await.unwrap();
-    let batch = store.prepare("p", 1, Vec::new(), 9);
-    assert_eq!(store.write(&batch).await.unwrap().unwrap().watermark, 9);
+    let batch = store.prepare("p", 1, Vec::new());
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        Written::Applied { applied: 0 }
+    );
+    assert_eq!(store.raise_watermark("p", 1, 0, 9).await.unwrap(), Some(9));
 
     redis.kill();
     // Down: every call fails promptly and transiently, none waits for a
@@ -102,6 +115,8 @@ async fn redis_down_then_back_empty_needs_no_new_client() {
         assert_eq!(class(&error), ErrorClass::Transient, "{error}");
         assert!(started.elapsed() < TIMEOUT * 2, "{:?}", started.elapsed());
         let error = store.write(&batch).await.unwrap_err();
+        assert_eq!(class(&error), ErrorClass::Transient, "{error}");
+        let error = store.raise_watermark("p", 1, 9, 10).await.unwrap_err();
         assert_eq!(class(&error), ErrorClass::Transient, "{error}");
         calls += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -117,9 +132,26 @@ async fn redis_down_then_back_empty_needs_no_new_client() {
         None,
         "Redis came back empty"
     );
+    // The connection for batches comes back too (after its pause).
+    let written = loop {
+        match store.write(&batch).await {
+            Ok(written) => break written,
+            Err(e) => assert_eq!(class(&e), ErrorClass::Transient, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        written,
+        Written::Retired,
+        "generation 1 is gone with the data"
+    );
     store.init_meta("p", 2, 4).await.unwrap();
-    let batch = store.prepare("p", 2, Vec::new(), 3);
-    assert_eq!(store.write(&batch).await.unwrap().unwrap().watermark, 3);
+    let batch = store.prepare("p", 2, Vec::new());
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        Written::Applied { applied: 0 }
+    );
+    assert_eq!(store.raise_watermark("p", 2, 0, 3).await.unwrap(), Some(3));
 }
 
 /// Reads do not wait behind a batch of writes of their own process: they
@@ -141,6 +173,7 @@ async fn reads_are_answered_while_a_long_batch_is_written() {
     let batches: Vec<PartitionBatch> = (0..partitions)
         .map(|p| PartitionBatch {
             checkpoint: format!("p:{{{p}}}:checkpoint"),
+            after: 0,
             events: (1..=events_per_partition)
                 .map(|i| {
                     let key = format!("p:{{{p}}}:h{}", i % 50);
@@ -152,7 +185,7 @@ async fn reads_are_answered_while_a_long_batch_is_written() {
                 .collect(),
         })
         .collect();
-    let write = store.prepare("p", 1, batches, 99);
+    let write = store.prepare("p", 1, batches);
     let writing = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -170,11 +203,13 @@ async fn reads_are_answered_while_a_long_batch_is_written() {
         reads += 1;
     }
     let (written, took) = writing.await.unwrap();
-    let written = written.unwrap().unwrap();
+    let written = written.unwrap();
     println!("the batch took {took:?}; {reads} reads meanwhile, the slowest {slowest:?}");
     assert_eq!(
-        written.applied,
-        u64::from(partitions) * events_per_partition
+        written,
+        Written::Applied {
+            applied: u64::from(partitions) * events_per_partition
+        }
     );
     assert!(reads > 1);
     assert!(
