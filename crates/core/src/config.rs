@@ -336,8 +336,7 @@ pub struct StoreConfig {
     pub read_batch: usize,
     /// Appends a process keeps in flight one by one before it commits the
     /// ones waiting behind them together, as one atomic batch (group
-    /// commit: docs/ARCHITECTURE.md). Unset (the default): learned from
-    /// what writes cost. 0 groups whatever arrives while the previous write
+    /// commit: docs/ARCHITECTURE.md). Unset: 16. 0 groups whatever arrives while the previous write
     /// is in flight (tests use it to force groups).
     pub group_commit_after: Option<usize>,
 }

@@ -9,10 +9,9 @@
 //! wait; on a replicated stream it is one Raft entry.
 //!
 //! The committer therefore works like this:
-//! - appends go out one by one as they arrive (a lone command never waits
-//!   for company) while that is faster than a group write: up to as many in
-//!   flight as fit in the time a group write takes, by costs learned from
-//!   the writes (see `Costs`);
+//! - up to `store.group_commit_after` appends (default 16) are in flight
+//!   one by one, each written as it arrives (a lone command never waits for
+//!   company);
 //! - appends arriving while all of those are in flight queue up, and
 //!   whatever queued while the previous group was being written goes out
 //!   as the next group: one atomic batch (at most one group in flight), in
@@ -119,66 +118,29 @@ impl Handle {
 
 struct Committer {
     store: EventStore,
-    /// Appends in flight one by one before the rest wait for a group:
-    /// learned from the store's costs when `None`.
+    /// Appends in flight one by one before the rest wait for a group
+    /// ([`DEFAULT_GROUP_COMMIT_AFTER`] when `None`).
     after: Option<usize>,
     /// The last seal given to the half of a split group.
     seals: AtomicU64,
 }
 
-/// Most appends in flight one by one, whatever the costs say.
-const MAX_ALONE_IN_FLIGHT: usize = 1024;
-
-/// What writes cost here, learned from the writes themselves (moving
-/// averages, in seconds). While one-by-one appends are served faster than a
-/// group could be written, they go one by one; once waiting behind those in
-/// flight would take longer than a group write, newcomers wait for the next
-/// group instead. With fsync per message the per-message cost is the fsync
-/// (~0.2 ms) and groups form from about fifteen appends in flight; with the
-/// default fsync interval appends pipeline at a few µs each and groups
-/// practically never form.
-#[derive(Debug, Clone, Copy)]
-struct Costs {
-    /// Time per single-message append, from one-by-one appends: their
-    /// latency divided by the appends in flight when they were sent.
-    per_append: f64,
-    /// Latency of a group write.
-    group: f64,
-}
-
-impl Costs {
-    /// Starting point: nothing known about appends (so all go one by one
-    /// until their cost shows), and a group at what a single-node batch
-    /// commit costs.
-    const START: Costs = Costs {
-        per_append: 0.0,
-        group: 0.003,
-    };
-
-    fn alone_limit(&self) -> usize {
-        if self.per_append <= 0.0 {
-            return MAX_ALONE_IN_FLIGHT;
-        }
-        ((self.group / self.per_append) as usize).clamp(1, MAX_ALONE_IN_FLIGHT)
-    }
-
-    fn learn(value: &mut f64, sample: f64) {
-        *value = if *value <= 0.0 {
-            sample
-        } else {
-            0.9 * *value + 0.1 * sample
-        };
-    }
-}
+/// Appends in flight one by one, by default, before newcomers wait for the
+/// next group. With the default fsync interval 16 pipelined appends keep up
+/// with more than a worker sends, so groups practically never form; with
+/// fsync per message they queue from the 17th on. (A cost model learned
+/// from latencies was tried and dropped: at low concurrency latency measures
+/// the round trip, not the server's cost, and it grouped appends in default
+/// mode, where a group costs more than it saves: docs/bench/NOTES.md.)
+pub const DEFAULT_GROUP_COMMIT_AFTER: usize = 16;
 
 /// What a finished write frees, what it hands back to the queue, and what
 /// it cost.
 enum Done {
-    /// A one-by-one append; the time per append it showed, if it was a
-    /// single message.
-    Alone(Option<f64>),
-    /// A group; its members to write again, and its latency if stored.
-    Group(Vec<Pending>, Option<f64>),
+    /// A one-by-one append.
+    Alone,
+    /// A group; its members to write again.
+    Group(Vec<Pending>),
 }
 
 impl Committer {
@@ -188,16 +150,15 @@ impl Committer {
         let mut alone_in_flight = 0;
         let mut group_in_flight = false;
         let mut open = true;
-        let mut costs = Costs::START;
         loop {
             while let Ok(pending) = incoming.try_recv() {
                 queue.push_back(pending);
             }
-            let limit = self.after.unwrap_or_else(|| costs.alone_limit());
+            let limit = self.after.unwrap_or(DEFAULT_GROUP_COMMIT_AFTER);
             while alone_in_flight < limit && queue.front().is_some_and(|p| p.seal == 0) {
                 let pending = queue.pop_front().expect("checked above");
                 alone_in_flight += 1;
-                writes.push(self.write_alone(pending, alone_in_flight).boxed());
+                writes.push(self.write_alone(pending).boxed());
             }
             if !group_in_flight && !queue.is_empty() {
                 group_in_flight = true;
@@ -213,17 +174,9 @@ impl Committer {
                     None => open = false,
                 },
                 Some(done) = writes.next() => match done {
-                    Done::Alone(per_append) => {
-                        alone_in_flight -= 1;
-                        if let Some(sample) = per_append {
-                            Costs::learn(&mut costs.per_append, sample);
-                        }
-                    }
-                    Done::Group(again, latency) => {
+                    Done::Alone => alone_in_flight -= 1,
+                    Done::Group(again) => {
                         group_in_flight = false;
-                        if let Some(sample) = latency {
-                            Costs::learn(&mut costs.group, sample);
-                        }
                         for pending in again.into_iter().rev() {
                             queue.push_front(pending);
                         }
@@ -233,15 +186,10 @@ impl Committer {
         }
     }
 
-    /// Writes one append on its own, sent with `in_flight` appends (itself
-    /// included) on their way.
-    async fn write_alone(&self, pending: Pending, in_flight: usize) -> Done {
-        let started = std::time::Instant::now();
+    async fn write_alone(&self, pending: Pending) -> Done {
         let result = self.store.write_alone(&pending.prepared).await;
-        let sample = (result.is_ok() && pending.prepared.messages.len() == 1)
-            .then(|| started.elapsed().as_secs_f64() / in_flight as f64);
         let _ = pending.answer.send(result);
-        Done::Alone(sample)
+        Done::Alone
     }
 
     /// Writes a group (a single append on its own) and answers its
@@ -251,25 +199,24 @@ impl Committer {
             let pending = group.into_iter().next().expect("one member");
             let result = self.store.write_alone(&pending.prepared).await;
             let _ = pending.answer.send(result);
-            return Done::Group(Vec::new(), None);
+            return Done::Group(Vec::new());
         }
         ::metrics::histogram!(crate::metrics::APPEND_GROUP_SIZE).record(group.len() as f64);
         let prepared: Vec<&Prepared> = group.iter().map(|p| &p.prepared).collect();
-        let started = std::time::Instant::now();
         let written = self.store.write_batch(&prepared).await;
         match written {
             Ok(last) => {
                 answer_stored(group, last);
-                Done::Group(Vec::new(), Some(started.elapsed().as_secs_f64()))
+                Done::Group(Vec::new())
             }
             Err(e) if e.kind() == StoreErrorKind::Unavailable => {
                 // Not stored, or not known to be: what each would hear alone.
                 for pending in group {
                     let _ = pending.answer.send(Err(e.clone()));
                 }
-                Done::Group(Vec::new(), None)
+                Done::Group(Vec::new())
             }
-            Err(e) => Done::Group(self.sort_out(group, &e).await, None),
+            Err(e) => Done::Group(self.sort_out(group, &e).await),
         }
     }
 
@@ -324,10 +271,7 @@ impl Committer {
 /// Answers the members of a stored group: they hold the stream's
 /// sequences up to `last`, in order.
 fn answer_stored(group: Vec<Pending>, last: u64) {
-    let total: u64 = group
-        .iter()
-        .map(|p| p.prepared.messages.len() as u64)
-        .sum();
+    let total: u64 = group.iter().map(|p| p.prepared.messages.len() as u64).sum();
     let mut first = last + 1 - total;
     for pending in group {
         let count = pending.prepared.messages.len() as u64;

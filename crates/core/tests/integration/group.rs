@@ -209,14 +209,21 @@ async fn round(store: &EventStore, round: u64) {
     let before = store.last_sequence().await.unwrap();
 
     // All at once: the committer finds them queued together.
-    let answers: Vec<Result<Appended, StoreError>> =
-        futures::future::join_all(members.iter().map(|m| async { store.append(&m.append()).await })).await;
+    let answers: Vec<Result<Appended, StoreError>> = futures::future::join_all(
+        members
+            .iter()
+            .map(|m| async { store.append(&m.append()).await }),
+    )
+    .await;
 
     let mut twins_won: BTreeMap<&str, usize> = BTreeMap::new();
     let mut stored = 0;
     let mut expected_at: BTreeMap<u64, (&str, u64)> = BTreeMap::new();
     for (member, answer) in members.iter().zip(&answers) {
-        let what = format!("round {round}, {:?} member on {}: {answer:?}", member.kind, member.id);
+        let what = format!(
+            "round {round}, {:?} member on {}: {answer:?}",
+            member.kind, member.id
+        );
         match member.kind {
             Kind::Fine | Kind::Big | Kind::Twin if answer.is_ok() => {
                 let appended = answer.as_ref().unwrap();
