@@ -368,3 +368,145 @@ async fn many_concurrent_batches_stay_under_the_server_limit() {
     }
     assert_eq!(stream_messages(&store).await, 240);
 }
+
+/// Writes `count` events of `account.<id>`, each after an event of another
+/// aggregate so the history has gaps, as fast as the server takes them.
+async fn publish_long_history(js: &async_nats::jetstream::Context, id: &str, count: u64) {
+    use jetsource_core::envelope;
+    let mut acks = Vec::new();
+    for version in 1..=count {
+        for (subject, v) in [
+            (format!("events.account.noise{}", version % 7), 1),
+            (format!("events.account.{id}"), version),
+        ] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(
+                envelope::EVENT_ID,
+                format!("e-{subject}-{version}").as_str(),
+            );
+            let kind = if v == 1 { "AccountOpened" } else { "Deposited" };
+            h.insert(envelope::EVENT_TYPE, kind);
+            h.insert(envelope::SCHEMA_VERSION, "1");
+            h.insert(envelope::AGGREGATE_VERSION, v.to_string().as_str());
+            let data = if v == 1 {
+                r#"{"owner":"ada"}"#
+            } else {
+                r#"{"amount":1}"#
+            };
+            acks.push(
+                js.publish_with_headers(subject, h, data.into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        if acks.len() >= 2_000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// Past a few thousand events a read goes on through a consumer of its
+/// own (much faster than direct gets); it must hand over exactly what
+/// direct gets would: every event once, in order, stopping where asked.
+#[tokio::test]
+async fn long_reads_go_through_a_consumer_and_lose_nothing() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let count = 12_345;
+    publish_long_history(store.jetstream(), "long", count).await;
+
+    let mut versions = Vec::new();
+    let mut sequences = Vec::new();
+    store
+        .read("account", "long", 1, |chunk| {
+            versions.extend(chunk.iter().map(|e| e.aggregate_version));
+            sequences.extend(chunk.iter().map(|e| e.sequence));
+            ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(versions, (1..=count).collect::<Vec<_>>());
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]));
+    let mut stream = store.jetstream().get_stream("EVENTS").await.unwrap();
+    let consumers = stream.info().await.unwrap().state.consumer_count;
+    assert!(consumers >= 1, "the long read did not use a consumer");
+
+    // Stopping inside the consumer's part, at a sequence and by the visitor.
+    let account = account();
+    let cut = sequences[9_000];
+    let at = Loaded::load(&store, account.as_ref(), "long", Until::Sequence(cut))
+        .await
+        .unwrap();
+    assert_eq!((at.version, at.last_sequence), (9_001, cut));
+    assert_eq!(account.state_to_json(&at.state)["balance"], 9_000);
+    let mut chunks = 0;
+    let mut seen = 0;
+    store
+        .read("account", "long", 1, |chunk| {
+            chunks += 1;
+            seen += chunk.len();
+            if chunks == 6 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((chunks, seen), (6, 6_000));
+
+    // Confirmed reads (histories) take the same path.
+    let history = store.read_confirmed("account", "long", 1).await.unwrap();
+    assert_eq!(history.len() as u64, count);
+    assert_eq!(history.last().unwrap().sequence, *sequences.last().unwrap());
+}
+
+/// The consumer only speeds a read up: a user who may not create one
+/// still reads everything, through direct gets.
+#[tokio::test]
+async fn long_reads_fall_back_to_direct_gets_without_the_right_to_a_consumer() {
+    let server = NatsServer::start_configured(jetsource_test_support::Sync::Default, |_| {
+        r#"
+authorization {
+  users: [
+    { user: writer, password: writer }
+    { user: reader, password: reader,
+      permissions: { publish: { allow: [">"], deny: ["$JS.API.CONSUMER.>"] } } }
+  ]
+}
+"#
+        .into()
+    });
+    let connect = |user: &'static str| {
+        let url = server.url();
+        async move {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), user.into())
+                .connect(url)
+                .await
+                .unwrap()
+        }
+    };
+    let nats = NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    let writer = EventStore::open(connect("writer").await, &nats, &StoreConfig::default())
+        .await
+        .unwrap();
+    let count = 6_000;
+    publish_long_history(writer.jetstream(), "long", count).await;
+    let reader = EventStore::open(connect("reader").await, &nats, &StoreConfig::default())
+        .await
+        .unwrap();
+    let loaded = Loaded::load(&reader, account().as_ref(), "long", Until::End)
+        .await
+        .unwrap();
+    assert_eq!(loaded.version, count);
+    let mut stream = writer.jetstream().get_stream("EVENTS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
+}
