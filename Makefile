@@ -42,13 +42,14 @@ test: setup build ## Run every test against real servers (needs nothing running)
 	fi
 	cargo test --workspace --doc
 
-bench: setup bench-peer ## Full benchmark suite (release build, ~5 min); rewrites docs/BENCHMARKS.md and docs/bench/
+bench: setup bench-peer ## Full benchmark suite (release build; single node, 3-node cluster, then the PostgreSQL peer); rewrites docs/BENCHMARKS.md and docs/bench/
 	cargo build --release --workspace --bins
 	target/release/jetsource-bench --out docs
 
 # The PostgreSQL peer (cqrs-es + postgres-es) is its own workspace under
 # bench/peer, kept out of `make build`/`make test`; it shares target/ so that
-# target/release/jetsource-bench-peer sits beside jetsource-bench. Debian keeps
+# target/release/jetsource-bench-peer sits beside jetsource-bench, where the
+# benchmark looks for it (`--peer-binary` elsewhere, `--no-peer` without). Debian keeps
 # initdb off PATH, hence the path pattern.
 bench-peer: ## Install PostgreSQL if missing and build the benchmark's PostgreSQL peer (target/release/jetsource-bench-peer)
 	@scripts/install-apt.sh '/usr/lib/postgresql/*/bin/initdb=postgresql'

@@ -1,26 +1,33 @@
 //! `jetsource-bench`: the system measured against raw JetStream in the same
-//! run, on the same servers, started by the benchmark itself.
+//! run, on the same servers, started by the benchmark itself: appends on a
+//! single node and on a 3-node cluster with 3 replicas, the read side on a
+//! single node, then the PostgreSQL peer (cqrs-es + postgres-es,
+//! `jetsource-bench-peer`) on the same workloads.
 //!
 //! `make bench` runs the full suite and rewrites docs/BENCHMARKS.md and the
 //! plots under docs/bench/. `--quick` runs tiny sizes (the test suite uses it
-//! so the benchmark cannot rot).
+//! with `--no-peer` so the benchmark cannot rot).
 
+mod peer;
 mod plot;
+mod report;
 mod work;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use jetsource_test_support::{NatsServer, RedisServer, Sync};
+use jetsource_test_support::{NatsCluster, NatsServer, RedisServer, Sync};
 use serde::Serialize;
 
-use work::{Layer, Stats};
+use work::Stats;
 
 #[derive(Debug, Parser)]
-#[command(about = "Benchmark jetsource against raw JetStream on the same servers")]
+#[command(
+    about = "Benchmark jetsource against raw JetStream on the same servers, and against its PostgreSQL peer"
+)]
 struct Args {
     /// Tiny sizes, for the test suite: checks the benchmark runs, measures nothing useful.
     #[arg(long)]
@@ -48,6 +55,19 @@ struct Args {
     /// writes a partial BENCHMARKS.md; the published one comes from `all`.
     #[arg(long, default_value = "all")]
     suite: String,
+    /// Where to run the append suite: `single` (one node), `cluster` (3
+    /// nodes, streams with 3 replicas) or `both`. The read suite runs on a
+    /// single node.
+    #[arg(long, default_value = "both")]
+    topology: String,
+    /// Skip the PostgreSQL peer (cqrs-es + postgres-es); its cells read
+    /// "not run".
+    #[arg(long)]
+    no_peer: bool,
+    /// The peer's binary. Default: jetsource-bench-peer beside this
+    /// executable (`make bench-peer` puts it in target/release).
+    #[arg(long, env = "JETSOURCE_BENCH_PEER")]
+    peer_binary: Option<PathBuf>,
 }
 
 /// Workload sizes.
@@ -102,6 +122,8 @@ struct ModeResults {
     command_worker_peak_rss_kb: u64,
 }
 
+/// The read suite's figures, all measured in one go: the suite either ran
+/// whole (`Results::read` is `Some`) or not at all.
 #[derive(Debug, Default, Serialize)]
 struct ReadResults {
     events: u64,
@@ -123,18 +145,102 @@ struct ReadResults {
     snapshotter_peak_rss_kb: u64,
 }
 
+/// Everything a run measured. What it skipped is `null`, so that the
+/// report says "not run" instead of printing zeros; a mode missing from a
+/// map does not apply to the run (`given` when the benchmark started its
+/// own servers, `always`/`default` on given ones).
 #[derive(Debug, Serialize)]
 struct Results {
     sizes: Sizes,
-    modes: BTreeMap<String, ModeResults>,
-    read: ReadResults,
+    /// Single node: `always` and `default`, or `given` for --nats-url.
+    modes: BTreeMap<String, Option<ModeResults>>,
+    /// 3-node cluster, streams with 3 replicas: `always` and `default`.
+    cluster: BTreeMap<String, Option<ModeResults>>,
+    read: Option<ReadResults>,
+    /// The PostgreSQL peer's own JSON, `synchronous_commit on`.
+    peer: Option<peer::PeerRun>,
+    /// The peer's appends with `synchronous_commit off`, beside `default`.
+    peer_synchronous_commit_off: Option<peer::PeerRun>,
     machine: BTreeMap<String, String>,
     command: String,
+}
+
+/// What this run measures, decided from the flags before anything starts.
+struct Plan {
+    durabilities: Vec<Sync>,
+    single: bool,
+    cluster: bool,
+    append: bool,
+    read: bool,
+    /// Path of jetsource-bench-peer when the peer runs.
+    peer: Option<PathBuf>,
+}
+
+impl Plan {
+    fn from(args: &Args) -> anyhow::Result<Self> {
+        let durabilities = match args.durability.as_str() {
+            "always" => vec![Sync::Always],
+            "default" => vec![Sync::Default],
+            "both" => vec![Sync::Always, Sync::Default],
+            other => anyhow::bail!("--durability {other:?}: use always, default or both"),
+        };
+        let (append, read) = match args.suite.as_str() {
+            "all" => (true, true),
+            "append" => (true, false),
+            "read" => (false, true),
+            other => anyhow::bail!("--suite {other:?}: use append, read or all"),
+        };
+        let (single, cluster) = match args.topology.as_str() {
+            "single" => (true, false),
+            "cluster" => (false, true),
+            "both" => (true, true),
+            other => anyhow::bail!("--topology {other:?}: use single, cluster or both"),
+        };
+        // Given servers are one node the benchmark did not start: it cannot
+        // make a cluster of them.
+        anyhow::ensure!(
+            args.nats_url.is_none() || single,
+            "--topology cluster needs servers the benchmark starts itself; drop --nats-url"
+        );
+        let mut plan = Self {
+            durabilities,
+            single,
+            cluster: cluster && args.nats_url.is_none(),
+            append,
+            read,
+            peer: None,
+        };
+        if !args.no_peer && (plan.peer_on() || plan.peer_off()) {
+            plan.peer = Some(peer::binary(args.peer_binary.as_deref())?);
+        }
+        Ok(plan)
+    }
+
+    fn measures(&self, sync: Sync) -> bool {
+        self.durabilities.contains(&sync)
+    }
+
+    /// The peer at `synchronous_commit on` is compared with the single
+    /// node's `always` appends and with the cold loads.
+    fn peer_on(&self) -> bool {
+        self.peer_appends_on() || self.read
+    }
+
+    fn peer_appends_on(&self) -> bool {
+        self.append && self.single && self.measures(Sync::Always)
+    }
+
+    /// The peer at `synchronous_commit off`, appends only, is compared with
+    /// the single node's `default` appends.
+    fn peer_off(&self) -> bool {
+        self.append && self.single && self.measures(Sync::Default)
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let plan = Plan::from(&args)?;
     let mut sizes = if args.quick {
         Sizes::quick()
     } else {
@@ -143,65 +249,101 @@ async fn main() -> anyhow::Result<()> {
     if let Some(n) = args.replay_events {
         sizes.replay_events = n;
     }
-    let modes: Vec<Sync> = match args.durability.as_str() {
-        "always" => vec![Sync::Always],
-        "default" => vec![Sync::Default],
-        "both" => vec![Sync::Always, Sync::Default],
-        other => anyhow::bail!("--durability {other:?}: use always, default or both"),
-    };
-    let (append, read) = match args.suite.as_str() {
-        "all" => (true, true),
-        "append" => (true, false),
-        "read" => (false, true),
-        other => anyhow::bail!("--suite {other:?}: use append, read or all"),
-    };
-    let modes = if append { modes } else { Vec::new() };
     let started = Instant::now();
     let mut results = Results {
         sizes: sizes.clone(),
         modes: BTreeMap::new(),
-        read: ReadResults::default(),
+        // Filled by the cluster runs; `null` when they do not happen (given
+        // servers, --topology single).
+        cluster: ["always", "default"].map(|m| (m.to_owned(), None)).into(),
+        read: None,
+        peer: None,
+        peer_synchronous_commit_off: None,
         machine: machine(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     if let (Some(nats_url), Some(redis_url)) = (&args.nats_url, &args.redis_url) {
-        ensure_empty(nats_url, redis_url).await?;
-        results
-            .machine
-            .insert("servers".into(), format!("given: {nats_url}, {redis_url}"));
-        if append {
-            eprintln!("== append, given server ==");
-            results
-                .modes
-                .insert("given".into(), work::append_suite(nats_url, &sizes).await?);
-        }
-        if read {
-            eprintln!("== read side (projector, snapshots), given servers ==");
-            results.read = work::read_suite(nats_url, redis_url, &sizes).await?;
-        }
+        run_given(nats_url, redis_url, &plan, &sizes, &mut results).await?;
     } else {
-        for sync in modes {
-            let name = mode_name(sync);
-            eprintln!("== append, sync {name} ==");
-            let server = NatsServer::start_with(sync);
-            results.modes.insert(
-                name.to_owned(),
-                work::append_suite(&server.url(), &sizes).await?,
-            );
+        run_started(&plan, &sizes, &mut results).await?;
+    }
+    // After the suites, never beside them: the machine has few cores and
+    // the peer's PostgreSQL would compete with nats-server for them.
+    if let Some(binary) = &plan.peer {
+        let peer_sizes = peer::PeerSizes::of(&sizes, args.quick);
+        if plan.peer_on() {
+            let loads = plan.read;
+            let appends = plan.peer_appends_on();
+            results.peer = Some(peer::run(binary, &peer_sizes, "on", appends, loads).await?);
         }
-        if read {
-            eprintln!("== read side (projector, snapshots), sync default ==");
-            let server = NatsServer::start_with(Sync::Default);
-            let redis = RedisServer::start();
-            results.read = work::read_suite(&server.url(), &redis.url(), &sizes).await?;
+        if plan.peer_off() {
+            results.peer_synchronous_commit_off =
+                Some(peer::run(binary, &peer_sizes, "off", true, false).await?);
         }
     }
-    write_outputs(&args.out, &results).context("writing results")?;
+    report::write_outputs(&args.out, &results).context("writing results")?;
     eprintln!(
         "done in {:.0}s; results in {}",
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
+    Ok(())
+}
+
+/// The suites on servers given with --nats-url/--redis-url.
+async fn run_given(
+    nats_url: &str,
+    redis_url: &str,
+    plan: &Plan,
+    sizes: &Sizes,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    ensure_empty(nats_url, redis_url).await?;
+    results
+        .machine
+        .insert("servers".into(), format!("given: {nats_url}, {redis_url}"));
+    let mut given = None;
+    if plan.append {
+        eprintln!("== append, given server ==");
+        given = Some(work::append_suite(nats_url, 1, sizes).await?);
+    }
+    results.modes.insert("given".into(), given);
+    if plan.read {
+        eprintln!("== read side (projector, snapshots), given servers ==");
+        results.read = Some(work::read_suite(nats_url, redis_url, sizes).await?);
+    }
+    Ok(())
+}
+
+/// The suites on servers the benchmark starts: a single node, a 3-node
+/// cluster, one after the other (each stops before the next starts).
+async fn run_started(plan: &Plan, sizes: &Sizes, results: &mut Results) -> anyhow::Result<()> {
+    for sync in [Sync::Always, Sync::Default] {
+        let name = mode_name(sync);
+        let mut measured = None;
+        if plan.append && plan.single && plan.measures(sync) {
+            eprintln!("== append, single node, sync {name} ==");
+            let server = NatsServer::start_with(sync);
+            measured = Some(work::append_suite(&server.url(), 1, sizes).await?);
+        }
+        results.modes.insert(name.to_owned(), measured);
+    }
+    for sync in [Sync::Always, Sync::Default] {
+        let name = mode_name(sync);
+        let mut measured = None;
+        if plan.append && plan.cluster && plan.measures(sync) {
+            eprintln!("== append, 3-node cluster, replicas 3, sync {name} ==");
+            let cluster = NatsCluster::start_with(sync);
+            measured = Some(work::append_suite(&cluster.urls(), 3, sizes).await?);
+        }
+        results.cluster.insert(name.to_owned(), measured);
+    }
+    if plan.read {
+        eprintln!("== read side (projector, snapshots), sync default ==");
+        let server = NatsServer::start_with(Sync::Default);
+        let redis = RedisServer::start();
+        results.read = Some(work::read_suite(&server.url(), &redis.url(), sizes).await?);
+    }
     Ok(())
 }
 
@@ -284,185 +426,4 @@ fn machine() -> BTreeMap<String, String> {
         .into(),
     );
     m
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "-".into()
-    }
-}
-
-fn write_outputs(out: &Path, results: &Results) -> anyhow::Result<()> {
-    let plots = out.join("bench");
-    std::fs::create_dir_all(&plots)?;
-    std::fs::write(
-        plots.join("results.json"),
-        serde_json::to_string_pretty(results)?,
-    )?;
-    let mut md = String::new();
-    md.push_str(
-        "# Benchmarks\n\nGenerated by `jetsource-bench` (`make bench`); do not edit by hand. ",
-    );
-    md.push_str("The analysis and what was tried live in [bench/NOTES.md](bench/NOTES.md).\n\n");
-    md.push_str(&format!("Command: `{}`\n\n", results.command));
-    md.push_str("| machine | |\n|---|---|\n");
-    for (k, v) in &results.machine {
-        md.push_str(&format!("| {k} | {v} |\n"));
-    }
-    md.push_str(&format!(
-        "\nSizes: {} operations per layer and concurrency over {} accounts; {} events for replay; an aggregate of {} events for loading.\n",
-        results.sizes.ops, results.sizes.accounts, results.sizes.replay_events, results.sizes.big_aggregate
-    ));
-    md.push_str("\nLayers: **raw** = JetStream publish with `Nats-Expected-Last-Subject-Sequence` and the same headers as a real event, from the benchmark; **ideal** = a bare request-reply responder inside the benchmark that appends with the expected sequence and replies (the floor under any command worker); **worker** = real `Deposit` commands through a `jetsource-command` process.\n");
-    for (mode, r) in &results.modes {
-        if mode == "given" {
-            md.push_str("\n## Appends, given server (its own `sync_interval`)\n\n");
-        } else {
-            md.push_str(&format!("\n## Appends, `sync_interval: {mode}`\n\n"));
-        }
-        md.push_str("| clients | raw ops/s | ideal ops/s | worker ops/s | worker/ideal | raw p50/p99/p999 µs | ideal p50/p99/p999 µs | worker p50/p99/p999 µs | worker p99 / ideal p99 |\n|---|---|---|---|---|---|---|---|---|\n");
-        let get = |layer: Layer, c: usize| {
-            r.append
-                .get(layer.name())
-                .and_then(|m| m.get(&c))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let mut xs = Vec::new();
-        let mut tput: Vec<(String, Vec<f64>)> = Layer::ALL
-            .iter()
-            .map(|l| (l.name().to_owned(), Vec::new()))
-            .collect();
-        let mut p99: Vec<(String, Vec<f64>)> = Layer::ALL
-            .iter()
-            .map(|l| (format!("{} p99", l.name()), Vec::new()))
-            .collect();
-        for &c in &results.sizes.concurrency {
-            let (raw, ideal, worker) = (
-                get(Layer::Raw, c),
-                get(Layer::Ideal, c),
-                get(Layer::Worker, c),
-            );
-            md.push_str(&format!(
-                "| {c} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |\n",
-                raw.ops_per_sec,
-                ideal.ops_per_sec,
-                worker.ops_per_sec,
-                ratio(worker.ops_per_sec, ideal.ops_per_sec),
-                raw.latencies(),
-                ideal.latencies(),
-                worker.latencies(),
-                ratio(worker.p99_us, ideal.p99_us),
-            ));
-            xs.push(c.to_string());
-            for (k, s) in [raw, ideal, worker].iter().enumerate() {
-                tput[k].1.push(s.ops_per_sec);
-                p99[k].1.push(s.p99_us);
-            }
-        }
-        std::fs::write(
-            plots.join(format!("throughput-{mode}.svg")),
-            plot::line_chart(
-                &format!("Appends per second, sync {mode}"),
-                "concurrent clients",
-                "ops/s",
-                &xs,
-                &tput,
-            ),
-        )?;
-        std::fs::write(
-            plots.join(format!("latency-p99-{mode}.svg")),
-            plot::line_chart(
-                &format!("p99 latency, sync {mode}"),
-                "concurrent clients",
-                "µs",
-                &xs,
-                &p99,
-            ),
-        )?;
-        md.push_str(&format!(
-            "\n![throughput](bench/throughput-{mode}.svg)\n![p99 latency](bench/latency-p99-{mode}.svg)\n"
-        ));
-        md.push_str("\nAtomic multi-event commands (`OpenAccount` with `initial_deposit`: 2 events in one JetStream atomic batch) against a raw 2-message atomic batch:\n\n");
-        md.push_str("| clients | raw batch ops/s | worker ops/s | worker/raw | raw p50/p99/p999 µs | worker p50/p99/p999 µs |\n|---|---|---|---|---|---|\n");
-        for &c in &results.sizes.batch_concurrency {
-            let raw = r
-                .multi_event
-                .get("raw")
-                .and_then(|m| m.get(&c))
-                .cloned()
-                .unwrap_or_default();
-            let worker = r
-                .multi_event
-                .get("worker")
-                .and_then(|m| m.get(&c))
-                .cloned()
-                .unwrap_or_default();
-            md.push_str(&format!(
-                "| {c} | {:.0} | {:.0} | {} | {} | {} |\n",
-                raw.ops_per_sec,
-                worker.ops_per_sec,
-                ratio(worker.ops_per_sec, raw.ops_per_sec),
-                raw.latencies(),
-                worker.latencies()
-            ));
-        }
-        md.push_str(&format!(
-            "\nPeak RSS of `jetsource-command`: {:.1} MB\n",
-            r.command_worker_peak_rss_kb as f64 / 1024.0
-        ));
-    }
-    let rd = &results.read;
-    let given = results.machine.contains_key("servers");
-    md.push_str(if given {
-        "\n## Read side, given servers\n\n"
-    } else {
-        "\n## Read side, `sync_interval` default\n\n"
-    });
-    md.push_str("| measure | value | baseline | ratio |\n|---|---|---|---|\n");
-    md.push_str(&format!(
-        "| projector catch-up on {} events | {:.0} events/s ({:.1} s) | raw ordered-consumer replay {:.0} events/s | {} |\n",
-        rd.events,
-        rd.projector_catch_up_events_per_sec,
-        rd.projector_catch_up_seconds,
-        rd.raw_replay_events_per_sec,
-        ratio(rd.projector_catch_up_events_per_sec, rd.raw_replay_events_per_sec)
-    ));
-    md.push_str(&format!(
-        "| projector catch-up, against Redis alone | {:.0} events/s | raw Redis: the read model's own writes, plain pipelined commands, {:.0} events/s | {} |\n",
-        rd.projector_catch_up_events_per_sec,
-        rd.raw_redis_events_per_sec,
-        ratio(rd.projector_catch_up_events_per_sec, rd.raw_redis_events_per_sec)
-    ));
-    md.push_str(&format!(
-        "| rebuild of `accounts` (blue/green) | {:.1} s | | |\n| live lag, append to visible read model, at {} commands/s | p50 {:.1} ms, p99 {:.1} ms | | |\n",
-        rd.rebuild_seconds, results.sizes.steady_rate, rd.live_lag_p50_ms, rd.live_lag_p99_ms
-    ));
-    md.push_str(&format!(
-        "| snapshotter catch-up on {} events | {:.1} s | | |\n",
-        rd.events, rd.snapshotter_catch_up_seconds
-    ));
-    md.push_str(&format!(
-        "| load an aggregate of {} events | without snapshot {:.2} ms; with snapshot {:.2} ms; snapshot + 100-event tail {:.2} ms | | {} |\n",
-        rd.big_aggregate_events,
-        rd.load_without_snapshot_ms,
-        rd.load_with_snapshot_ms,
-        rd.load_with_snapshot_tail_100_ms,
-        ratio(rd.load_without_snapshot_ms, rd.load_with_snapshot_ms)
-    ));
-    md.push_str(&format!(
-        "| load an aggregate of {} events spread over {} (no snapshot) | {:.1} ms | | |\n",
-        rd.sparse_events, rd.events, rd.load_sparse_ms
-    ));
-    md.push_str(&format!(
-        "| peak RSS | projector {:.1} MB, snapshotter {:.1} MB | | |\n",
-        rd.projector_peak_rss_kb as f64 / 1024.0,
-        rd.snapshotter_peak_rss_kb as f64 / 1024.0
-    ));
-    md.push_str("\nRaw numbers: [bench/results.json](bench/results.json).\n");
-    std::fs::write(out.join("BENCHMARKS.md"), md)?;
-    let _ = Duration::ZERO;
-    Ok(())
 }

@@ -22,7 +22,7 @@ use jetsource_core::protocol::{decode_reply, CommandOutcome};
 use jetsource_core::snapshot::{Snapshot, SnapshotStore};
 use jetsource_core::store::{Append, EventStore};
 use jetsource_test_support::wait_for_service;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{ModeResults, ReadResults, Sizes};
 
@@ -45,7 +45,7 @@ impl Layer {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
     pub ops: usize,
     pub seconds: f64,
@@ -211,13 +211,17 @@ fn envelope_headers(event_type: &str, version: u64) -> HeaderMap {
 
 const DEPOSIT: &str = r#"{"amount":1}"#;
 
-/// A connection to `url` once JetStream answers.
+/// A connection to `url` (one URL, or a cluster's comma-separated) once
+/// JetStream answers.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let client = async_nats::connect(url)
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    let client = async_nats::connect(servers)
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))?;
     let js = jetstream::new(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // A fresh cluster answers once it has elected a meta leader, which can
+    // take a while on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while let Err(e) = js.query_account().await {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -228,13 +232,21 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(client)
 }
 
-async fn open_store(nats_url: &str) -> anyhow::Result<(async_nats::Client, EventStore)> {
+/// The event store, its stream created with `replicas` (3 on a cluster).
+async fn open_store(
+    nats_url: &str,
+    replicas: usize,
+) -> anyhow::Result<(async_nats::Client, EventStore)> {
     let client = connect(nats_url).await?;
     let nats = NatsConfig {
         url: nats_url.to_owned(),
         ..Default::default()
     };
-    let store = EventStore::open(client.clone(), &nats, &StoreConfig::default()).await?;
+    let config = StoreConfig {
+        replicas,
+        ..Default::default()
+    };
+    let store = EventStore::open(client.clone(), &nats, &config).await?;
     Ok((client, store))
 }
 
@@ -319,10 +331,19 @@ where
     Ok(stats)
 }
 
-pub async fn append_suite(nats_url: &str, sizes: &Sizes) -> anyhow::Result<ModeResults> {
-    let (client, store) = open_store(nats_url).await?;
+/// The append workloads on the server(s) at `nats_url` (a cluster's URLs
+/// comma-separated), the stream with `replicas` replicas.
+pub async fn append_suite(
+    nats_url: &str,
+    replicas: usize,
+    sizes: &Sizes,
+) -> anyhow::Result<ModeResults> {
+    let (client, store) = open_store(nats_url, replicas).await?;
     let js = store.jetstream().clone();
-    let worker = Proc::start("jetsource-command", nats_url, &[])?;
+    // The worker declares the replicas it expects of the stream and creates
+    // its own buckets with them.
+    let env = [("JETSOURCE__STORE__REPLICAS", replicas.to_string())];
+    let worker = Proc::start("jetsource-command", nats_url, &env)?;
     wait_for_service(&client, "jetsource-command", 1).await;
     let ideal = start_ideal_responder(connect(nats_url).await?, js.clone());
     let accounts = sizes.accounts;
@@ -642,7 +663,7 @@ pub async fn read_suite(
     redis_url: &str,
     sizes: &Sizes,
 ) -> anyhow::Result<ReadResults> {
-    let (client, store) = open_store(nats_url).await?;
+    let (client, store) = open_store(nats_url, 1).await?;
     let js = store.jetstream().clone();
     let mut r = ReadResults {
         events: sizes.replay_events,
@@ -741,7 +762,9 @@ pub async fn read_suite(
         String::from_utf8_lossy(&output.stdout)
     );
     let rebuilt: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    r.rebuild_seconds = rebuilt["seconds"].as_f64().unwrap_or(0.0);
+    r.rebuild_seconds = rebuilt["seconds"]
+        .as_f64()
+        .with_context(|| format!("the rebuild's JSON has no seconds: {rebuilt}"))?;
     eprintln!("  rebuild: {:.1}s", r.rebuild_seconds);
 
     // Loading an aggregate whose events are spread thinly over the stream

@@ -626,8 +626,9 @@ pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize)
 }
 
 /// Three nats-server processes forming one JetStream cluster on loopback
-/// (`sync_interval: always`), each with its own store directory. Nodes can
-/// be killed and started again; all stop on drop.
+/// (`sync_interval: always` unless started with [`NatsCluster::start_with`]),
+/// each with its own store directory. Nodes can be killed and started again;
+/// all stop on drop.
 #[derive(Debug)]
 pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
@@ -650,10 +651,26 @@ impl NatsCluster {
         Self::start_configured(|_| String::new())
     }
 
+    /// A cluster with the given durability: the benchmark measures both
+    /// `sync_interval: always` and the server default on a cluster.
+    pub fn start_with(sync: Sync) -> Self {
+        Self::start_with_configured(sync, |_| String::new())
+    }
+
     /// A cluster whose nodes' configuration files end with `extra(dir)`
     /// (accounts and users, as for [`NatsServer::start_configured`]); `dir`
-    /// is the cluster's temporary directory.
+    /// is the cluster's temporary directory. `sync_interval: always`, as
+    /// the chaos run and the cluster tests expect.
     pub fn start_configured(extra: impl FnOnce(&Path) -> String) -> Self {
+        Self::start_with_configured(Sync::Always, extra)
+    }
+
+    /// [`NatsCluster::start_configured`] with the given durability.
+    pub fn start_with_configured(sync: Sync, extra: impl FnOnce(&Path) -> String) -> Self {
+        let sync_line = match sync {
+            Sync::Default => "",
+            Sync::Always => "sync_interval: always",
+        };
         let dir = tempfile::tempdir().unwrap();
         let extra = extra(dir.path());
         let binary = nats_server_binary();
@@ -675,7 +692,7 @@ impl NatsCluster {
                 format!(
                     "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nserver_name: n{i}\nlogfile: {log:?}\n\
                      cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
-                     jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n{extra}"
+                     jetstream {{\n  store_dir: {store:?}\n  {sync_line}\n}}\n{extra}"
                 ),
             )
             .unwrap();
