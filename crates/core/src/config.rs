@@ -131,7 +131,19 @@ pub struct SnapshotConfig {
     /// events go by (least recently used beyond that are dropped and
     /// reloaded when next needed).
     pub cache_size: usize,
+    /// Also snapshot an aggregate whose newest event lies more than this
+    /// many stream sequences after its last snapshot (its first event when
+    /// it has none); 0 turns it off. A load reads the stream from the
+    /// snapshot on, and the server walks every block of the stream in that
+    /// stretch, not only the aggregate's events: this bounds what a cold
+    /// load of any aggregate costs, however thinly its events are spread
+    /// (docs/ARCHITECTURE.md, "Snapshots").
+    pub max_tail_sequences: u64,
 }
+
+/// About one 8 MB block of the event stream holds this many events of a
+/// few hundred bytes: a cold load then walks one or two blocks.
+pub const DEFAULT_MAX_TAIL_SEQUENCES: u64 = 25_000;
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
@@ -142,6 +154,7 @@ impl Default for SnapshotConfig {
             slow_load_ms: 50,
             queue_group: "jetsource-snapshotter".into(),
             cache_size: 10_000,
+            max_tail_sequences: DEFAULT_MAX_TAIL_SEQUENCES,
         }
     }
 }

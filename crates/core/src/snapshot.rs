@@ -198,6 +198,23 @@ impl SnapshotStore {
             .map_err(|e| unavailable("cannot read a snapshot", e))
     }
 
+    /// The stream sequence an aggregate's stored snapshot was taken at,
+    /// `None` without a readable one. May come from a replica that lags
+    /// (an older snapshot or none): callers may only take that as a reason
+    /// to snapshot again, never as one not to.
+    pub async fn sequence(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct At {
+            sequence: u64,
+        }
+        let bytes = self.get_raw(aggregate_type, aggregate_id).await?;
+        Ok(bytes.and_then(|b| serde_json::from_slice::<At>(&b).ok().map(|at| at.sequence)))
+    }
+
     /// Stores raw bytes under a key: for tests and repairs.
     pub async fn put_raw(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         self.kv

@@ -225,8 +225,31 @@ where
     }
 }
 
-/// Aggregate states kept by the snapshotter, by `(type, id)`.
-type States = LruCache<(String, String), Loaded>;
+/// Aggregates by `(type, id)`.
+type Key = (String, String);
+
+/// Aggregate states kept by the snapshotter.
+type States = LruCache<Key, Loaded>;
+
+/// What the snapshotter remembers of the aggregates whose events go by.
+struct Memory {
+    /// Their states, folded from the events: a snapshot that falls due is
+    /// written from memory.
+    states: States,
+    /// Where a cold load of each would start reading the stream: its newest
+    /// snapshot's sequence, or its first event's (`snapshot.max_tail_sequences`).
+    bases: LruCache<Key, u64>,
+}
+
+impl Memory {
+    fn new(size: usize) -> Self {
+        let size = NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            states: LruCache::new(size),
+            bases: LruCache::new(size),
+        }
+    }
+}
 
 struct Shared {
     store: EventStore,
@@ -236,39 +259,67 @@ struct Shared {
 }
 
 impl Shared {
-    /// Folds `event` into the aggregate's state kept in `states` (loading
+    /// Folds `event` into the aggregate's state kept in memory (loading
     /// it, from its snapshot and the store, when it is not there or has a
     /// gap, e.g. events handled by another snapshotter copy) and writes a
-    /// snapshot when one falls due.
-    async fn follow(&self, states: &mut States, event: &RecordedEvent, stop: &Stop) {
+    /// snapshot when one falls due: every `snapshot.every` events, or when
+    /// the event lies too far after the aggregate's last snapshot.
+    async fn follow(&self, memory: &mut Memory, event: &RecordedEvent, stop: &Stop) {
         let Some(aggregate) = self.registry.get(&event.aggregate_type) else {
             return;
         };
         let aggregate = aggregate.as_ref();
         let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-        let due = due(&self.config, &event.aggregate_type, event.aggregate_version);
-        match fold(states, &key, aggregate, event) {
-            Fold::Seen => return,
-            Fold::Applied => {}
-            Fold::Gap => {
-                states.pop(&key);
-                if !due {
-                    return;
+        let folded = fold(&mut memory.states, &key, aggregate, event);
+        if folded == Fold::Seen {
+            return;
+        }
+        let due = due(&self.config, &event.aggregate_type, event.aggregate_version)
+            || self.tail_too_long(memory, &key, event).await;
+        if folded == Fold::Gap {
+            memory.states.pop(&key);
+            if !due {
+                return;
+            }
+            // Not followed from its start: load it up to this event.
+            match self.load_to(aggregate, event).await {
+                Some(loaded) => {
+                    memory.states.put(key.clone(), loaded);
                 }
-                // Not followed from its start: load it up to this event.
-                match self.load_to(aggregate, event).await {
-                    Some(loaded) => {
-                        states.put(key.clone(), loaded);
-                    }
-                    None => return,
-                }
+                None => return,
             }
         }
         if due {
-            if let Some(loaded) = states.get(&key) {
-                self.write(aggregate, loaded, event, stop).await;
+            if let Some(loaded) = memory.states.get(&key) {
+                if self.write(aggregate, loaded, event, stop).await {
+                    memory.bases.put(key, event.sequence);
+                }
             }
         }
+    }
+
+    /// Whether `event` lies more than `snapshot.max_tail_sequences` after
+    /// where a cold load of its aggregate would start reading. Asks the
+    /// bucket when memory does not know; an answer from a lagging replica
+    /// can only make this say yes too often (one snapshot more).
+    async fn tail_too_long(&self, memory: &mut Memory, key: &Key, event: &RecordedEvent) -> bool {
+        let limit = self.config.max_tail_sequences;
+        if limit == 0 {
+            return false;
+        }
+        let base = match memory.bases.get(key) {
+            Some(&base) => base,
+            None if event.aggregate_version == 1 => event.sequence,
+            None => match self.snapshots.sequence(&key.0, &key.1).await {
+                Ok(stored) => stored.unwrap_or(0),
+                Err(e) => {
+                    tracing::debug!(aggregate = %format_args!("{}.{}", key.0, key.1), error = %e, "cannot read the snapshot's sequence");
+                    return false;
+                }
+            },
+        };
+        memory.bases.put(key.clone(), base);
+        event.sequence.saturating_sub(base) > limit
     }
 
     /// The aggregate's state just after `event`, from its snapshot and the
@@ -289,22 +340,27 @@ impl Shared {
 
     /// Writes `loaded` (the state as of `event`) as the aggregate's
     /// snapshot, unless a newer one is stored; retries (see [`retry`]).
+    /// Whether the bucket now holds a snapshot at least as new.
     async fn write(
         &self,
         aggregate: &dyn DynAggregate,
         loaded: &Loaded,
         event: &RecordedEvent,
         stop: &Stop,
-    ) {
+    ) -> bool {
         let Some(snapshot) = loaded.to_snapshot(aggregate, &event.aggregate_id) else {
-            return;
+            return false;
         };
         let name = format!("{}.{}", event.aggregate_type, event.aggregate_id);
         let schema = aggregate.state_schema_version();
         let put = || self.snapshots.put_if_newer(&snapshot, schema);
-        if let Ok(written) = retry(&name, stop, StoreError::class, put).await {
-            tracing::debug!(aggregate = %name, ?written, "snapshot");
-            count_written(aggregate, written);
+        match retry(&name, stop, StoreError::class, put).await {
+            Ok(written) => {
+                tracing::debug!(aggregate = %name, ?written, "snapshot");
+                count_written(aggregate, written);
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -361,6 +417,7 @@ fn reply_error(e: &SnapshotError) -> ErrorBody {
 }
 
 /// What [`fold`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fold {
     /// The kept state is at or past it already (a redelivery).
     Seen,
@@ -431,8 +488,7 @@ async fn follow_events(
     // back from the store instead cost a scan of the stream per snapshot
     // (an aggregate's events are spread thinly over it): 594 s for a
     // 1,000,000-event backlog in the benchmark.
-    let mut states: States =
-        LruCache::new(NonZeroUsize::new(cache_size).unwrap_or(NonZeroUsize::MIN));
+    let mut memory = Memory::new(cache_size);
     let mut stopped = stop.clone();
     loop {
         let chunk = tokio::select! {
@@ -442,7 +498,7 @@ async fn follow_events(
         };
         let gone = match chunk {
             None => Some("the pull subscription ended".to_owned()),
-            Some(chunk) => follow_chunk(&shared, &mut states, chunk, &stop).await,
+            Some(chunk) => follow_chunk(&shared, &mut memory, chunk, &stop).await,
         };
         if let Some(why) = gone {
             tracing::warn!(consumer = CONSUMER, %why, "creating the consumer again");
@@ -459,7 +515,7 @@ async fn follow_events(
 /// said its consumer is gone (no more events will come through it).
 async fn follow_chunk(
     shared: &Shared,
-    states: &mut States,
+    memory: &mut Memory,
     chunk: Vec<Result<async_nats::jetstream::Message, pull::MessagesError>>,
     stop: &Stop,
 ) -> Option<String> {
@@ -487,7 +543,7 @@ async fn follow_chunk(
                 message.payload.clone(),
             );
             if let Ok(event) = event {
-                shared.follow(states, &event, stop).await;
+                shared.follow(memory, &event, stop).await;
             }
         }
         if let Err(e) = message.ack().await {

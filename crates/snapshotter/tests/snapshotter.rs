@@ -40,6 +40,10 @@ fn config(server: &NatsServer) -> Config {
 
 impl Env {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: fn(&mut Config)) -> Self {
         let server = NatsServer::start();
         let client = server.client().await;
         let (stop, _) = watch::channel(false);
@@ -50,7 +54,8 @@ impl Env {
             tasks: Vec::new(),
         };
         let mut rx = env.stop.subscribe();
-        let c = config(&env.server);
+        let mut c = config(&env.server);
+        tweak(&mut c);
         env.tasks.push(tokio::spawn(async move {
             jetsource_command::run(c, jetsource_bank::registry(), async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -59,7 +64,8 @@ impl Env {
             .unwrap();
         }));
         let mut rx = env.stop.subscribe();
-        let c = config(&env.server);
+        let mut c = config(&env.server);
+        tweak(&mut c);
         env.tasks.push(tokio::spawn(async move {
             jetsource_snapshotter::run(c, jetsource_bank::registry(), async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -410,4 +416,94 @@ async fn a_rebuild_never_replaces_a_newer_snapshot() {
     assert_eq!(stored("n2").await.state["balance"], 5);
     assert_eq!(stored("n1").await, newer);
     env.shutdown().await;
+}
+
+/// An aggregate whose events are spread thinly over the stream gets a
+/// snapshot whenever its newest event lies more than
+/// `snapshot.max_tail_sequences` after its last one, long before `every`
+/// events, so a cold load never reads a long stretch of the stream;
+/// aggregates whose whole history is short get none. Both with its state
+/// kept in memory and with it evicted at every event (read back from the
+/// bucket and the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thinly_spread_aggregates_are_snapshotted_within_the_tail_limit() {
+    const LIMIT: u64 = 40;
+    for cache_size in [1, 1_000] {
+        let env = Env::start_with(if cache_size == 1 {
+            |c: &mut Config| {
+                c.snapshot.every = 1_000;
+                c.snapshot.max_tail_sequences = LIMIT;
+            }
+        } else {
+            |c: &mut Config| {
+                c.snapshot.every = 1_000;
+                c.snapshot.max_tail_sequences = LIMIT;
+                c.snapshot.cache_size = 1_000;
+            }
+        })
+        .await;
+        let open = |owner: &str| json!({"type": "OpenAccount", "data": {"owner": owner}});
+        env.send("dense", open("d")).await;
+        for _ in 0..20 {
+            env.send("dense", json!({"type": "Deposit", "data": {"amount": 1}}))
+                .await;
+        }
+        env.send("thin", open("t")).await;
+        let mut thin_last = 0;
+        for i in 0..30 {
+            for n in 0..15 {
+                env.send(&format!("noise{i}-{n}"), open("n")).await;
+            }
+            let outcome = env
+                .send("thin", json!({"type": "Deposit", "data": {"amount": 1}}))
+                .await;
+            thin_last = outcome.sequence;
+        }
+        let (store, snapshots) = env.stores().await;
+        // Caught up: nothing pending on the snapshotter's consumer.
+        let mut stream = store.jetstream().get_stream("EVENTS").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut consumer = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("snapshotter")
+                .await
+                .unwrap();
+            let info = consumer.info().await.unwrap();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the snapshotter did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stream.info().await.unwrap();
+        let thin = snapshots.sequence("account", "thin").await.unwrap();
+        let thin = thin.expect("no snapshot of the thinly spread aggregate");
+        assert!(
+            thin_last - thin <= LIMIT,
+            "cache {cache_size}: snapshot at {thin}, last event at {thin_last}"
+        );
+        assert_eq!(snapshots.sequence("account", "dense").await.unwrap(), None);
+        assert_eq!(
+            snapshots.sequence("account", "noise0-0").await.unwrap(),
+            None
+        );
+        let account = jetsource_bank::registry().get("account").unwrap().clone();
+        let (with, used) =
+            Loaded::load_with_snapshot(&store, &snapshots, account.as_ref(), "thin", Until::End)
+                .await
+                .unwrap();
+        assert!(matches!(used, SnapshotUse::Used { .. }), "{used:?}");
+        let full = Loaded::load(&store, account.as_ref(), "thin", Until::End)
+            .await
+            .unwrap();
+        assert_eq!((with.version, with.last_sequence), (31, thin_last));
+        assert_eq!(
+            account.state_to_json(&with.state),
+            account.state_to_json(&full.state)
+        );
+        env.shutdown().await;
+    }
 }
