@@ -141,6 +141,10 @@ struct ReadResults {
     load_with_snapshot_tail_100_ms: f64,
     sparse_events: u64,
     load_sparse_ms: f64,
+    /// Another aggregate of the same shape, once the snapshotter has caught
+    /// up (its `snapshot.max_tail_sequences` bounds what a load reads).
+    load_sparse_after_snapshotter_ms: f64,
+    snapshots_written: u64,
     projector_peak_rss_kb: u64,
     snapshotter_peak_rss_kb: u64,
 }

@@ -393,6 +393,13 @@ fn load_rows(rd: &ReadResults, peer: Option<&PeerRun>) -> String {
         )),
         ratio(Some(rd.load_sparse_ms), sparse.map(|t| t.first_ms)),
     ));
+    md.push_str(&format!(
+        "| cold load of another such aggregate once the snapshotter caught up (it snapshots an aggregate whose newest event lies over `snapshot.max_tail_sequences` after its snapshot; it wrote {} snapshots) | {:.1} ms | {} | {} |\n",
+        rd.snapshots_written,
+        rd.load_sparse_after_snapshotter_ms,
+        peer_cell(sparse, |t| format!("PostgreSQL peer: {:.1} ms", t.first_ms)),
+        ratio(Some(rd.load_sparse_after_snapshotter_ms), sparse.map(|t| t.first_ms)),
+    ));
     md
 }
 

@@ -921,9 +921,23 @@ pub async fn read_suite(
     r.snapshotter_catch_up_seconds = started.elapsed().as_secs_f64();
     r.snapshotter_peak_rss_kb = snapshotter.peak_rss_kb();
     drop(snapshotter);
+    let snapshots = SnapshotStore::open(&js, &Default::default(), 1).await?;
+    // Every put is a message of the bucket's stream.
+    r.snapshots_written = js
+        .get_stream(format!("KV_{}", snapshots.bucket()))
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
     eprintln!(
-        "  snapshotter catch-up: {:.1}s",
-        r.snapshotter_catch_up_seconds
+        "  snapshotter catch-up: {:.1}s, {} snapshots written",
+        r.snapshotter_catch_up_seconds, r.snapshots_written
+    );
+    r.load_sparse_after_snapshotter_ms = load_sparse(&store, &snapshots, "r1").await?;
+    eprintln!(
+        "  load a sparse aggregate after the snapshotter: {:.1} ms",
+        r.load_sparse_after_snapshotter_ms
     );
 
     // Loading one long-lived aggregate, with and without a snapshot.
@@ -956,7 +970,6 @@ pub async fn read_suite(
         loaded.version
     );
     r.load_without_snapshot_ms = median_ms(full);
-    let snapshots = SnapshotStore::open(&js, &Default::default(), 1).await?;
     let snapshot = loaded.to_snapshot(account, "big0").context("snapshot")?;
     snapshots
         .put_raw(
@@ -1008,4 +1021,23 @@ pub async fn read_suite(
         sizes.big_aggregate, r.load_without_snapshot_ms, r.load_with_snapshot_ms, r.load_with_snapshot_tail_100_ms
     );
     Ok(r)
+}
+
+/// Milliseconds to load one aggregate the way the command worker does
+/// (its snapshot, then the events after it).
+async fn load_sparse(
+    store: &EventStore,
+    snapshots: &SnapshotStore,
+    id: &str,
+) -> anyhow::Result<f64> {
+    let registry = jetsource_bank::registry();
+    let account = registry
+        .get("account")
+        .context("account aggregate")?
+        .as_ref();
+    let t = Instant::now();
+    let (loaded, _) = Loaded::load_with_snapshot(store, snapshots, account, id, Until::End).await?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(loaded.version > 0, "{id} has no events");
+    Ok(ms)
 }
