@@ -164,7 +164,8 @@ fn append_section(plots: &Path, section: &AppendSection, sizes: &Sizes) -> anyho
     md.push_str(&append_plots(plots, section, r, sizes)?);
     md.push_str(&multi_event_table(r, sizes));
     md.push_str(&format!(
-        "\nPeak RSS of `jetsource-command`: {:.1} MB\n",
+        "\nWorker: `store.group_commit = {}`. Peak RSS of `jetsource-command`: {:.1} MB\n",
+        r.worker_group_commit,
         r.command_worker_peak_rss_kb as f64 / 1024.0
     ));
     Ok(md)

@@ -242,8 +242,10 @@ async fn open_store(
         url: nats_url.to_owned(),
         ..Default::default()
     };
+    // The benchmark's own appends (the raw layers) are never grouped.
     let config = StoreConfig {
         replicas,
+        group_commit: false,
         ..Default::default()
     };
     let store = EventStore::open(client.clone(), &nats, &config).await?;
@@ -336,13 +338,17 @@ where
 pub async fn append_suite(
     nats_url: &str,
     replicas: usize,
+    group_commit: bool,
     sizes: &Sizes,
 ) -> anyhow::Result<ModeResults> {
     let (client, store) = open_store(nats_url, replicas).await?;
     let js = store.jetstream().clone();
     // The worker declares the replicas it expects of the stream and creates
     // its own buckets with them.
-    let env = [("JETSOURCE__STORE__REPLICAS", replicas.to_string())];
+    let env = [
+        ("JETSOURCE__STORE__REPLICAS", replicas.to_string()),
+        ("JETSOURCE__STORE__GROUP_COMMIT", group_commit.to_string()),
+    ];
     let worker = Proc::start("jetsource-command", nats_url, &env)?;
     wait_for_service(&client, "jetsource-command", 1).await;
     let ideal = start_ideal_responder(connect(nats_url).await?, js.clone());
@@ -530,6 +536,7 @@ pub async fn append_suite(
             .insert(clients, worker_stats);
     }
     results.command_worker_peak_rss_kb = worker.peak_rss_kb();
+    results.worker_group_commit = group_commit;
     ideal.abort();
     Ok(results)
 }

@@ -347,10 +347,17 @@ pub struct StoreConfig {
     pub duplicate_window_secs: u64,
     /// Events fetched per direct-get batch when loading an aggregate.
     pub read_batch: usize,
+    /// Commit concurrent appends together (group commit:
+    /// docs/ARCHITECTURE.md). It pays where the server fsyncs every write
+    /// (`sync_interval: always`, the durable setting `make run` and `make
+    /// cluster` use): one batch is synced once. With the default interval a
+    /// single node stages each batch on disk, which costs more than the
+    /// plain appends it replaces: turn it off there.
+    pub group_commit: bool,
     /// Appends a process keeps in flight one by one before it commits the
-    /// ones waiting behind them together, as one atomic batch (group
-    /// commit: docs/ARCHITECTURE.md). Unset: 16. 0 groups whatever arrives while the previous write
-    /// is in flight (tests use it to force groups).
+    /// ones waiting behind them together, as one atomic batch. Unset: 16. 0
+    /// groups whatever arrives while the previous write is in flight (tests
+    /// use it to force groups).
     pub group_commit_after: Option<usize>,
 }
 
@@ -361,6 +368,7 @@ impl Default for StoreConfig {
             replicas: 1,
             duplicate_window_secs: 600,
             read_batch: 1000,
+            group_commit: true,
             group_commit_after: None,
         }
     }

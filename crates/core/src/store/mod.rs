@@ -481,10 +481,12 @@ impl EventStore {
             streaming_paused_until: Arc::default(),
             group: None,
         };
-        store.group = Some(group::Handle::start(
-            store.clone(),
-            config.group_commit_after,
-        ));
+        if config.group_commit {
+            store.group = Some(group::Handle::start(
+                store.clone(),
+                config.group_commit_after,
+            ));
+        }
         Ok(store)
     }
 
