@@ -510,3 +510,39 @@ authorization {
     let mut stream = writer.jetstream().get_stream("EVENTS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
 }
+
+/// Where users run it: on a 3-node R3 stream the reading consumer may sit
+/// on any replica, and a confirmed read still misses nothing.
+#[tokio::test]
+async fn long_reads_through_a_consumer_miss_nothing_on_a_cluster() {
+    let cluster = jetsource_test_support::NatsCluster::start();
+    let client = cluster.client().await;
+    let nats = NatsConfig {
+        url: cluster.urls(),
+        ..Default::default()
+    };
+    let config = StoreConfig {
+        replicas: 3,
+        ..Default::default()
+    };
+    let store = EventStore::open(client, &nats, &config).await.unwrap();
+    let count = 9_000;
+    publish_long_history(store.jetstream(), "long", count).await;
+    let history = store.read_confirmed("account", "long", 1).await.unwrap();
+    let versions: Vec<u64> = history.iter().map(|e| e.aggregate_version).collect();
+    assert_eq!(versions, (1..=count).collect::<Vec<_>>());
+    let mut stream = store.jetstream().get_stream("EVENTS").await.unwrap();
+    assert!(stream.info().await.unwrap().state.consumer_count >= 1);
+    // An unconfirmed read may see a lagging replica's prefix, never a gap
+    // or a double.
+    let mut read = Vec::new();
+    store
+        .read("account", "long", 1, |chunk| {
+            read.extend(chunk.iter().map(|e| e.aggregate_version));
+            ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert!(read.len() as u64 > 4_000, "only {} read", read.len());
+    assert_eq!(read, (1..=read.len() as u64).collect::<Vec<_>>());
+}
