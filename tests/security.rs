@@ -687,3 +687,68 @@ async fn make_run_generates_credentials_the_server_accepts() {
         Ok(Err(_))
     ));
 }
+
+/// A long history is read through a consumer of the command worker's own
+/// (store::read_streamed): the `command` role has exactly the rights that
+/// takes, so the fast path is taken and nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_command_role_reads_long_histories_through_a_consumer() {
+    use jetsource_core::envelope;
+    let secured = Secured::start();
+    let _command = secured.worker("jetsource-command", "command", &[]);
+    let admin = secured.connect("admin").await;
+    wait_for_service(&admin, "jetsource-command", 1).await;
+    // The stream exists once the worker is up; the history is written
+    // directly, as if by earlier commands.
+    let js = jetstream::new(admin.clone());
+    let events = 6_000u64;
+    let mut acks = Vec::new();
+    for version in 1..=events {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(envelope::EVENT_ID, format!("long-{version}").as_str());
+        let (kind, data) = if version == 1 {
+            ("AccountOpened", r#"{"owner":"ada"}"#)
+        } else {
+            ("Deposited", r#"{"amount":1}"#)
+        };
+        h.insert(envelope::EVENT_TYPE, kind);
+        h.insert(envelope::SCHEMA_VERSION, "1");
+        h.insert(envelope::AGGREGATE_VERSION, version.to_string().as_str());
+        let subject = "events.account.acc-long";
+        acks.push(
+            js.publish_with_headers(subject, h, data.into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut stream = js.get_stream("EVENTS").await.unwrap();
+    let consumers_before = stream.info().await.unwrap().state.consumer_count;
+
+    let client = secured.connect("client").await;
+    let outcome = send(
+        &client,
+        "account",
+        "acc-long",
+        json!({"type": "Deposit", "data": {"amount": 1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.version, events + 1);
+    assert!(
+        stream.info().await.unwrap().state.consumer_count > consumers_before,
+        "the worker did not read through a consumer"
+    );
+    assert_eq!(
+        secured.logged_violations(),
+        Vec::<String>::new(),
+        "the command worker needed something its role may not do"
+    );
+}

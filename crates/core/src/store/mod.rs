@@ -54,7 +54,7 @@ const BULK_READ_AFTER: u64 = 4_000;
 const READER_IDLE_EXPIRY: Duration = Duration::from_secs(5);
 
 /// How long long reads stay on direct gets after a consumer could not be
-/// created.
+/// created or stalled.
 const STREAMING_PAUSE: Duration = Duration::from_secs(60);
 
 /// How a read through a consumer ended.
@@ -236,9 +236,10 @@ pub struct EventStore {
     /// Where appends queue to be committed together; `None` in the group
     /// committer's own handle, which writes them.
     group: Option<group::Handle>,
-    /// Until when long reads stay on direct gets because creating a reading
-    /// consumer failed (no right to, no meta leader): a refusal without a
-    /// reply costs a whole request timeout, which each read must not pay.
+    /// Until when long reads stay on direct gets because a reading consumer
+    /// could not be created (no right to, no meta leader) or stalled: a
+    /// refusal without a reply costs a whole request timeout, which each
+    /// read must not pay.
     streaming_paused_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
@@ -874,10 +875,7 @@ impl EventStore {
         let consumer = match created.await {
             Ok(consumer) => consumer,
             Err(e) => {
-                tracing::warn!(%subject, error = %e, "cannot create a consumer for a long read; reading with direct gets for {STREAMING_PAUSE:?}");
-                if let Ok(mut until) = self.streaming_paused_until.lock() {
-                    *until = Some(std::time::Instant::now() + STREAMING_PAUSE);
-                }
+                self.pause_streaming(subject, &e);
                 return Streamed::Resume(from);
             }
         };
@@ -888,9 +886,18 @@ impl EventStore {
             self.stream_messages(&consumer, &mut next, visit).await
         };
         outcome.unwrap_or_else(|e| {
-            tracing::debug!(%subject, error = %e, "reading on with direct gets");
+            self.pause_streaming(subject, &e);
             Streamed::Resume(next)
         })
+    }
+
+    /// After a consumer could not be created or stalled: the next reads
+    /// stay on direct gets for a while rather than each paying a timeout.
+    fn pause_streaming(&self, subject: &str, e: &StoreError) {
+        tracing::warn!(%subject, error = %e, "a long read goes on with direct gets; consumers unused for {STREAMING_PAUSE:?}");
+        if let Ok(mut until) = self.streaming_paused_until.lock() {
+            *until = Some(std::time::Instant::now() + STREAMING_PAUSE);
+        }
     }
 
     fn may_stream(&self) -> bool {
