@@ -666,64 +666,60 @@ impl NatsCluster {
     }
 
     /// [`NatsCluster::start_configured`] with the given durability.
+    ///
+    /// A port picked as free may be taken before the node binds it (most
+    /// often as the source port of another test's outgoing connection,
+    /// which holds it for as long as it lives), and every node's routes name
+    /// every route port: so a node that cannot start means a new cluster on
+    /// new ports, in a fresh directory.
     pub fn start_with_configured(sync: Sync, extra: impl FnOnce(&Path) -> String) -> Self {
-        let sync_line = match sync {
-            Sync::Default => "",
-            Sync::Always => "sync_interval: always",
-        };
         let dir = tempfile::tempdir().unwrap();
         let extra = extra(dir.path());
         let binary = nats_server_binary();
-        let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let routes = ports
-            .iter()
-            .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut nodes = Vec::new();
-        for (i, (port, route, http_port)) in ports.iter().enumerate() {
-            let store = dir.path().join(format!("n{i}"));
-            let config = dir.path().join(format!("n{i}.conf"));
-            let log = dir.path().join(format!("n{i}.log"));
-            std::fs::write(
-                &config,
-                format!(
-                    "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nserver_name: n{i}\nlogfile: {log:?}\n\
-                     cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
-                     jetstream {{\n  store_dir: {store:?}\n  {sync_line}\n}}\n{extra}"
-                ),
-            )
-            .unwrap();
-            nodes.push(ClusterNode {
-                port: *port,
-                http_port: *http_port,
-                config,
-                log,
-                child: None,
-            });
-        }
-        let mut cluster = Self { nodes, _dir: dir };
-        for i in 0..3 {
-            cluster.start_node_with(&binary, i);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            _dir: dir,
+        };
+        for attempt in 0.. {
+            cluster.stop_all();
+            let attempt_dir = cluster._dir.path().join(format!("attempt{attempt}"));
+            std::fs::create_dir_all(&attempt_dir).unwrap();
+            cluster.nodes = configure_nodes(&attempt_dir, sync, &extra);
+            if (0..3).all(|i| cluster.try_start_node(&binary, i)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster's nodes did not start"
+            );
         }
         cluster
     }
 
-    fn start_node_with(&mut self, binary: &Path, i: usize) {
-        let node = &mut self.nodes[i];
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let mut command = Command::new(binary);
-            command.arg("-c").arg(&node.config);
-            if let Some(child) = spawn_and_wait(command, node.port, "nats-server") {
-                node.child = Some(child);
-                return;
+    fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(child) = node.child.as_mut() {
+                kill(child);
             }
+        }
+    }
+
+    fn start_node_with(&mut self, binary: &Path, i: usize) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !self.try_start_node(binary, i) {
             assert!(Instant::now() < deadline, "cluster node {i} did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts node `i` on its ports; false if it exited first (a port taken).
+    fn try_start_node(&mut self, binary: &Path, i: usize) -> bool {
+        let node = &mut self.nodes[i];
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(&node.config);
+        node.child = spawn_and_wait(command, node.port, "nats-server");
+        node.child.is_some()
     }
 
     /// All nodes' URLs, comma-separated, as `nats.url` takes them.
@@ -817,6 +813,45 @@ impl NatsCluster {
     }
 }
 
+/// Three nodes' configuration files in `dir`, on freshly picked ports.
+fn configure_nodes(dir: &Path, sync: Sync, extra: &str) -> Vec<ClusterNode> {
+    let sync_line = match sync {
+        Sync::Default => "",
+        Sync::Always => "sync_interval: always",
+    };
+    let ports: Vec<(u16, u16, u16)> = (0..3)
+        .map(|_| (free_port(), free_port(), free_port()))
+        .collect();
+    let routes = ports
+        .iter()
+        .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut nodes = Vec::new();
+    for (i, (port, route, http_port)) in ports.iter().enumerate() {
+        let store = dir.join(format!("n{i}"));
+        let config = dir.join(format!("n{i}.conf"));
+        let log = dir.join(format!("n{i}.log"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\nserver_name: n{i}\nlogfile: {log:?}\n\
+                 cluster {{\n  name: test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  {sync_line}\n}}\n{extra}"
+            ),
+        )
+        .unwrap();
+        nodes.push(ClusterNode {
+            port: *port,
+            http_port: *http_port,
+            config,
+            log,
+            child: None,
+        });
+    }
+    nodes
+}
+
 /// Whether the node with monitoring port `http_port` has a route to the
 /// server named `name` (its `/routez`). An unreachable monitor counts as
 /// "no": that node is not holding anything.
@@ -843,10 +878,6 @@ fn routes_to(http_port: u16, name: &str) -> bool {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(child) = node.child.as_mut() {
-                kill(child);
-            }
-        }
+        self.stop_all();
     }
 }
