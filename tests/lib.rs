@@ -247,6 +247,7 @@ pub async fn append_behind(
             command_id: None,
             correlation_id: "test",
             causation_id: "test",
+            command_aggregate: None,
         })
         .await
         .unwrap()

@@ -152,6 +152,7 @@ impl Fleet {
                                 command_id: None,
                                 correlation_id: "backlog",
                                 causation_id: "backlog",
+                                command_aggregate: None,
                             })
                             .await
                             .unwrap();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::multi::{AggregateRef, Decided, Emitted, Others};
 use crate::{Aggregate, DomainError};
 
 /// An aggregate's state behind a cheap, shareable handle. Only the
@@ -87,8 +88,31 @@ pub trait DynAggregate: Send + Sync + std::fmt::Debug {
     /// Decodes `{"type": command_type, "data": data}`. Needs no state, so a
     /// malformed command is refused before anything is loaded.
     fn parse(&self, command_type: &str, data: Value) -> Result<ParsedCommand, DecideError>;
-    /// Lets the domain decide a parsed command against `state`.
-    fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError>;
+    /// Lets the domain decide a parsed command against `state`. A command
+    /// that involves other aggregates is refused as malformed here: it
+    /// goes through [`DynAggregate::decide_with`].
+    fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError> {
+        let (decision, others) = self.decide_with(state, &Others::none(), command)?;
+        match others.first() {
+            None => Ok(decision),
+            Some(emitted) => Err(DecideError::Malformed(format!(
+                "the command decided events for {}, which it does not name in `involves`",
+                emitted.aggregate
+            ))),
+        }
+    }
+    /// `Aggregate::involves`: the other aggregates a parsed command decides
+    /// over.
+    fn involves(&self, command: &ParsedCommand) -> Vec<AggregateRef>;
+    /// Lets the domain decide a parsed command against `state` and the
+    /// states of the other aggregates it involves: this aggregate's
+    /// decision, and the events decided for the others.
+    fn decide_with(
+        &self,
+        state: &State,
+        others: &Others,
+        command: &ParsedCommand,
+    ) -> Result<(Decision, Vec<Emitted>), DecideError>;
     /// The state as JSON, for `jetsource state` and for snapshots.
     fn state_to_json(&self, state: &State) -> Value;
     /// A state back from a snapshot's JSON.
@@ -117,7 +141,7 @@ fn downcast<A: Aggregate>(state: &State) -> &A::State {
 /// Splits a serialized adjacently tagged enum into its type name and data.
 /// The data keeps the bytes serde wrote (field order included): what the
 /// domain declared is what is stored.
-fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, String> {
+pub(crate) fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, String> {
     #[derive(serde::Deserialize)]
     struct Tagged<'a> {
         #[serde(rename = "type")]
@@ -210,7 +234,20 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
         Ok(ParsedCommand(Box::new(command)))
     }
 
-    fn decide(&self, state: &State, command: &ParsedCommand) -> Result<Decision, DecideError> {
+    fn involves(&self, command: &ParsedCommand) -> Vec<AggregateRef> {
+        command
+            .0
+            .downcast_ref::<A::Command>()
+            .map(A::involves)
+            .unwrap_or_default()
+    }
+
+    fn decide_with(
+        &self,
+        state: &State,
+        others: &Others,
+        command: &ParsedCommand,
+    ) -> Result<(Decision, Vec<Emitted>), DecideError> {
         let command = command
             .0
             .downcast_ref::<A::Command>()
@@ -222,17 +259,19 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
             })?
             .clone();
         let current = downcast::<A>(state);
-        let events = A::handle(current, command)?;
+        let decided: Decided<A::Event> = A::handle_with(current, others, command)?;
+        let (events, emitted) = decided.into_parts();
         let mut next = current.clone();
         let mut new_events = Vec::with_capacity(events.len());
         for event in &events {
             next = A::apply(next, event);
             new_events.push(split_event(event).map_err(DecideError::Malformed)?);
         }
-        Ok(Decision {
+        let decision = Decision {
             events: new_events,
             state: Arc::new(next),
-        })
+        };
+        Ok((decision, emitted))
     }
 
     fn state_to_json(&self, state: &State) -> Value {

@@ -11,6 +11,7 @@
 //! the type-erased [`DynAggregate`] kept in a [`Registry`].
 
 mod dynamic;
+mod multi;
 pub mod testing;
 mod upcast;
 
@@ -21,6 +22,7 @@ pub use dynamic::{
     DecideError, Decision, DecodeError, DynAggregate, NewEvent, ParsedCommand, Registry, State,
     StoredEvent,
 };
+pub use multi::{AggregateRef, Decided, Emitted, Others, MAX_AGGREGATES_PER_COMMAND};
 pub use upcast::Upcaster;
 
 /// A consistency boundary of the domain, written in decide/evolve style.
@@ -66,6 +68,25 @@ pub trait Aggregate: Send + Sync + 'static {
     /// Folds one event into the state. Events are facts that already happened,
     /// so this cannot fail: it must accept every event `handle` can produce.
     fn apply(state: Self::State, event: &Self::Event) -> Self::State;
+
+    /// The other aggregates `command` decides over (see [`Decided`]): their states reach [`Self::handle_with`], and its
+    /// events for all of them are appended atomically. Most commands
+    /// involve no other aggregate.
+    fn involves(_command: &Self::Command) -> Vec<AggregateRef> {
+        Vec::new()
+    }
+
+    /// Decides a command that may involve other aggregates, seeing their
+    /// states in `others`. Override it for the commands that name others in
+    /// [`Self::involves`] and hand the rest to [`Self::handle`] (the
+    /// default does only that).
+    fn handle_with(
+        state: &Self::State,
+        _others: &Others,
+        command: Self::Command,
+    ) -> Result<Decided<Self::Event>, DomainError> {
+        Self::handle(state, command).map(Decided::new)
+    }
 }
 
 /// Why the domain refused a command.

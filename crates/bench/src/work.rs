@@ -498,6 +498,7 @@ pub async fn append_suite(
                             command_id: None,
                             correlation_id: "bench",
                             causation_id: "bench",
+                            command_aggregate: None,
                         })
                         .await?;
                     Ok(())
@@ -630,6 +631,7 @@ async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Re
                     command_id: None,
                     correlation_id: None,
                     causation_id: None,
+                    command_aggregate: None,
                     traceparent: None,
                     data: bytes::Bytes::from_static(data.as_bytes()),
                     aggregate_id: id,
@@ -1010,6 +1012,7 @@ pub async fn read_suite(
                 command_id: None,
                 correlation_id: "bench",
                 causation_id: "bench",
+                command_aggregate: None,
             })
             .await?;
         expected = appended.last_sequence;

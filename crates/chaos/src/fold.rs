@@ -66,11 +66,10 @@ fn apply(account: &mut Expected, event: &RecordedEvent) {
         account.undecodable += 1;
         return;
     };
-    let signed = match &decoded {
-        AccountEvent::Deposited { amount } => Some(("Deposited", *amount as i64)),
-        AccountEvent::Withdrawn { amount } => Some(("Withdrawn", -(*amount as i64))),
-        _ => None,
-    };
+    let signed = decoded.movement().map(|m| {
+        let size = m.amount as i64;
+        (m.kind, if m.credit { size } else { -size })
+    });
     if let Some((kind, amount)) = signed {
         account.transactions.insert(
             0,
@@ -234,6 +233,7 @@ pub(crate) mod tests {
             command_id: Some(command_id.into()),
             correlation_id: None,
             causation_id: None,
+            command_aggregate: None,
             traceparent: None,
             data: serde_json::to_vec(&data).unwrap_or_default().into(),
         }

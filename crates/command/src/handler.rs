@@ -23,14 +23,14 @@ use crate::cache::{Cache, Slot};
 /// Decides commands; shared by all request tasks of one process.
 #[derive(Debug)]
 pub struct Worker {
-    store: EventStore,
+    pub(crate) store: EventStore,
     snapshots: Snapshots,
-    registry: Registry,
-    cache: Cache,
-    config: CommandConfig,
+    pub(crate) registry: Registry,
+    pub(crate) cache: Cache,
+    pub(crate) config: CommandConfig,
 }
 
-type Reply = Result<CommandOutcome, ErrorBody>;
+pub(crate) type Reply = Result<CommandOutcome, ErrorBody>;
 
 /// Where the worker reads snapshots and how it asks for new ones.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ fn unavailable(e: &StoreError) -> ErrorBody {
     ErrorBody::new(ErrorCode::Unavailable, e.to_string())
 }
 
-fn store_failure(e: StoreError) -> ErrorBody {
+pub(crate) fn store_failure(e: StoreError) -> ErrorBody {
     match e.kind() {
         StoreErrorKind::Unavailable => unavailable(&e),
         StoreErrorKind::TooLarge => ErrorBody::invalid(e.to_string()),
@@ -89,14 +89,14 @@ fn parse_request(payload: &[u8]) -> Result<CommandRequest, String> {
     Ok(request)
 }
 
-fn reply_event(event_type: &str, data: &[u8]) -> ReplyEvent {
+pub(crate) fn reply_event(event_type: &str, data: &[u8]) -> ReplyEvent {
     ReplyEvent {
         event_type: event_type.to_owned(),
         data: serde_json::from_slice(data).unwrap_or(Value::Null),
     }
 }
 
-fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
+pub(crate) fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
     let last = events.last();
     CommandOutcome {
         version: last.map_or(0, |e| e.aggregate_version),
@@ -105,6 +105,7 @@ fn outcome_from_events(events: &[RecordedEvent]) -> CommandOutcome {
             .iter()
             .map(|e| reply_event(&e.event_type, &e.data))
             .collect(),
+        others: Vec::new(),
         duplicate: false,
     }
 }
@@ -199,10 +200,17 @@ impl Worker {
                 DecideError::Domain(e) => ErrorBody::invalid(e.message),
             })?;
         labels.1 = request.command_type.clone();
-        let reply = self
-            .decide_and_append(aggregate, aggregate_id, &request, &command)
-            .instrument(span.clone())
-            .await;
+        let involved = aggregate.involves(&command);
+        let reply = if involved.is_empty() {
+            self.decide_and_append(aggregate, aggregate_id, &request, &command)
+                .instrument(span.clone())
+                .await
+        } else {
+            let cmd = Command::new(aggregate.as_ref(), aggregate_id, &request, &command);
+            self.decide_over_several(&cmd, involved)
+                .instrument(span.clone())
+                .await
+        };
         match &reply {
             Ok(outcome) => {
                 span.record("sequence", outcome.sequence);
@@ -216,7 +224,7 @@ impl Worker {
         reply
     }
 
-    async fn catch_up(
+    pub(crate) async fn catch_up(
         &self,
         slot: &mut Slot,
         aggregate: &dyn DynAggregate,
@@ -270,7 +278,7 @@ impl Worker {
 
     /// Brings the slot up to everything the stream leader has for this
     /// aggregate (see [`Loaded::catch_up_confirmed`]); always `Ok(true)`.
-    async fn confirm(
+    pub(crate) async fn confirm(
         &self,
         slot: &mut Slot,
         aggregate: &dyn DynAggregate,
@@ -424,6 +432,7 @@ impl Worker {
             command_id: cmd.command_id(),
             correlation_id: &cmd.correlation_id,
             causation_id: &cmd.causation_id,
+            command_aggregate: None,
         };
         let started = std::time::Instant::now();
         let appended = self
@@ -496,20 +505,21 @@ fn applied(
         version,
         sequence: appended.last_sequence,
         events,
+        others: Vec::new(),
         duplicate: false,
     }
 }
 
 /// One command being decided, with what every step needs.
-struct Command<'a> {
-    aggregate: &'a dyn DynAggregate,
-    aggregate_id: &'a str,
-    request: &'a CommandRequest,
-    command: &'a ParsedCommand,
+pub(crate) struct Command<'a> {
+    pub(crate) aggregate: &'a dyn DynAggregate,
+    pub(crate) aggregate_id: &'a str,
+    pub(crate) request: &'a CommandRequest,
+    pub(crate) command: &'a ParsedCommand,
     /// The command that caused the events: its id, or a fresh one.
-    causation_id: String,
+    pub(crate) causation_id: String,
     /// The wider flow: the client's, or else this command.
-    correlation_id: String,
+    pub(crate) correlation_id: String,
 }
 
 /// What a decision on the current state leads to.
@@ -527,7 +537,7 @@ enum Step<'a> {
 }
 
 impl<'a> Command<'a> {
-    fn new(
+    pub(crate) fn new(
         aggregate: &'a dyn DynAggregate,
         aggregate_id: &'a str,
         request: &'a CommandRequest,
@@ -552,11 +562,11 @@ impl<'a> Command<'a> {
     }
 
     /// The aggregate's key in the cache.
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}.{}", self.aggregate.aggregate_type(), self.aggregate_id)
     }
 
-    fn command_id(&self) -> Option<&'a str> {
+    pub(crate) fn command_id(&self) -> Option<&'a str> {
         self.request.command_id.as_deref()
     }
 
@@ -605,13 +615,14 @@ impl<'a> Command<'a> {
                 version: loaded.version,
                 sequence: loaded.last_sequence,
                 events: vec![],
+                others: Vec::new(),
                 duplicate: false,
             }));
         }
         Step::Append(decision)
     }
 
-    fn version_mismatch(&self, expected: u64, version: u64) -> ErrorBody {
+    pub(crate) fn version_mismatch(&self, expected: u64, version: u64) -> ErrorBody {
         let (aggregate_type, aggregate_id) = (self.aggregate.aggregate_type(), self.aggregate_id);
         ErrorBody::new(
             ErrorCode::Conflict,
@@ -621,7 +632,7 @@ impl<'a> Command<'a> {
         )
     }
 
-    fn gave_up(&self, conflicts: u32) -> ErrorBody {
+    pub(crate) fn gave_up(&self, conflicts: u32) -> ErrorBody {
         let (aggregate_type, aggregate_id) = (self.aggregate.aggregate_type(), self.aggregate_id);
         ErrorBody::new(
             ErrorCode::Conflict,

@@ -6,6 +6,7 @@
 
 mod cache;
 mod handler;
+mod multi;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -16,6 +16,7 @@
 //! | command id (if the client sent one) | `Jetsource-Command-Id` |
 //! | correlation id | `Jetsource-Correlation-Id` |
 //! | causation id | `Jetsource-Causation-Id` |
+//! | the aggregate a multi-aggregate command was sent to, on the events it appended to the others | `Jetsource-Command-Aggregate` (`<type>.<id>`) |
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -29,6 +30,11 @@ pub const AGGREGATE_VERSION: &str = "Jetsource-Aggregate-Version";
 pub const COMMAND_ID: &str = "Jetsource-Command-Id";
 pub const CORRELATION_ID: &str = "Jetsource-Correlation-Id";
 pub const CAUSATION_ID: &str = "Jetsource-Causation-Id";
+/// On the events a multi-aggregate command appended to the aggregates it
+/// involved: `<type>.<id>` of the aggregate it was sent to, which owns its
+/// command id (command ids are unique per aggregate, so the others must not
+/// count it as one of theirs).
+pub const COMMAND_AGGREGATE: &str = "Jetsource-Command-Aggregate";
 
 /// First token of every event subject.
 pub const EVENT_SUBJECT_PREFIX: &str = "events";
@@ -54,6 +60,11 @@ pub struct RecordedEvent {
     pub command_id: Option<String>,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// Set on the events a multi-aggregate command appended to an
+    /// aggregate other than the one it was sent to: that one, as
+    /// `<type>.<id>` (header `Jetsource-Command-Aggregate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_aggregate: Option<String>,
     /// W3C trace context of the command that appended it (header
     /// `traceparent`), when tracing was on (docs/TRACING.md).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,6 +90,15 @@ pub struct EnvelopeError {
 }
 
 impl RecordedEvent {
+    /// The id of the command that appended this event, when it was sent to
+    /// this event's own aggregate (the ids an aggregate deduplicates).
+    pub fn own_command_id(&self) -> Option<&str> {
+        match self.command_aggregate {
+            None => self.command_id.as_deref(),
+            Some(_) => None,
+        }
+    }
+
     /// The part the domain reads: type, schema version, data as stored.
     pub fn stored(&self) -> jetsource_aggregate::StoredEvent<'_> {
         jetsource_aggregate::StoredEvent {
@@ -129,6 +149,7 @@ impl RecordedEvent {
             command_id: get(COMMAND_ID),
             correlation_id: get(CORRELATION_ID),
             causation_id: get(CAUSATION_ID),
+            command_aggregate: get(COMMAND_AGGREGATE),
             traceparent: get(crate::telemetry::TRACEPARENT),
             data,
         })

@@ -210,7 +210,7 @@ impl Loaded {
                     source,
                 })?;
         for event in &chunk[..within] {
-            if let Some(command_id) = &event.command_id {
+            if let Some(command_id) = event.own_command_id() {
                 self.remember_command(command_id, event.sequence);
             }
             self.last_sequence = event.sequence;
@@ -241,7 +241,7 @@ impl Loaded {
                     aggregate: format!("{}.{}", event.aggregate_type, event.aggregate_id),
                     source,
                 })?;
-        if let Some(command_id) = &event.command_id {
+        if let Some(command_id) = event.own_command_id() {
             self.remember_command(command_id, event.sequence);
         }
         self.version += 1;

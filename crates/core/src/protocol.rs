@@ -46,16 +46,32 @@ pub struct ReplyEvent {
     pub data: Value,
 }
 
+/// What a multi-aggregate command appended to one of the other aggregates
+/// it involved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OtherOutcome {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// That aggregate's version after the command.
+    pub version: u64,
+    pub events: Vec<ReplyEvent>,
+}
+
 /// The body of a successful command reply (beside `"ok": true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandOutcome {
     /// Aggregate version after the command (its number of events).
     pub version: u64,
-    /// Stream sequence of the command's last event, or of the aggregate's
-    /// last event when the command decided nothing. Pass it as
-    /// `min_sequence` to a query to read your own write.
+    /// Stream sequence of the command's last event (on any aggregate it
+    /// involved), or of the aggregate's last event when the command decided
+    /// nothing. Pass it as `min_sequence` to a query to read your own write.
     pub sequence: u64,
     pub events: Vec<ReplyEvent>,
+    /// A multi-aggregate command's events on the other aggregates it
+    /// involved, in the order they were appended. On the wire only when
+    /// there are any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<OtherOutcome>,
     /// The command (same `command_id`) had been stored already: this is the
     /// outcome it got then, read back from the stream, and nothing was
     /// appended now. On the wire only when true (`"duplicate": true`).
@@ -233,6 +249,7 @@ mod tests {
                 event_type: "Deposited".into(),
                 data: serde_json::json!({"amount": 5}),
             }],
+            others: Vec::new(),
             duplicate: false,
         });
         let bytes = encode_reply(&ok);

@@ -1,7 +1,7 @@
 //! A bank account. Amounts are positive integers in minor units (cents);
 //! the balance never goes negative and never overflows.
 
-use jetsource::domain::{Aggregate, DomainError};
+use jetsource::domain::{Aggregate, AggregateRef, Decided, DomainError, Others};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
@@ -31,6 +31,7 @@ pub enum AccountCommand {
     Deposit(Deposit),
     Withdraw(Withdraw),
     CloseAccount(CloseAccount),
+    Transfer(Transfer),
 }
 
 /// Opens the account. A positive `initial_deposit` also deposits it, in the
@@ -59,13 +60,65 @@ pub struct Withdraw {
 #[serde(deny_unknown_fields)]
 pub struct CloseAccount {}
 
+/// Moves `amount` from this account to account `to`, both sides in one
+/// atomic append: a multi-aggregate command (it `involves` `to`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    pub to: String,
+    pub amount: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum AccountEvent {
-    AccountOpened { owner: String },
-    Deposited { amount: u64 },
-    Withdrawn { amount: u64 },
+    AccountOpened {
+        owner: String,
+    },
+    Deposited {
+        amount: u64,
+    },
+    Withdrawn {
+        amount: u64,
+    },
     AccountClosed {},
+    /// This account's side of a transfer: `amount` left for `to`.
+    TransferSent {
+        to: String,
+        amount: u64,
+    },
+    /// The other side: `amount` arrived from `from`.
+    TransferReceived {
+        from: String,
+        amount: u64,
+    },
+}
+
+/// A change of balance: its name in transaction lists, its size, and
+/// whether it adds to the balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Movement {
+    pub kind: &'static str,
+    pub amount: u64,
+    pub credit: bool,
+}
+
+impl AccountEvent {
+    /// The balance change this event makes, if any.
+    pub fn movement(&self) -> Option<Movement> {
+        let (kind, amount, credit) = match self {
+            AccountEvent::Deposited { amount } => ("Deposited", *amount, true),
+            AccountEvent::Withdrawn { amount } => ("Withdrawn", *amount, false),
+            AccountEvent::TransferSent { amount, .. } => ("TransferSent", *amount, false),
+            AccountEvent::TransferReceived { amount, .. } => ("TransferReceived", *amount, true),
+            AccountEvent::AccountOpened { .. } | AccountEvent::AccountClosed {} => return None,
+        };
+        Some(Movement {
+            kind,
+            amount,
+            credit,
+        })
+    }
 }
 
 fn positive(amount: u64) -> Result<u64, DomainError> {
@@ -146,7 +199,63 @@ impl Aggregate for Account {
                 }
                 Ok(vec![AccountClosed {}])
             }
+            AccountCommand::Transfer(_) => Err(DomainError::invalid(
+                "Transfer decides over two accounts and is decided by handle_with",
+            )),
         }
+    }
+
+    fn involves(command: &AccountCommand) -> Vec<AggregateRef> {
+        match command {
+            AccountCommand::Transfer(t) => vec![AggregateRef::of::<Account>(&t.to)],
+            _ => Vec::new(),
+        }
+    }
+
+    fn handle_with(
+        state: &AccountState,
+        others: &Others,
+        command: AccountCommand,
+    ) -> Result<Decided<AccountEvent>, DomainError> {
+        let AccountCommand::Transfer(Transfer { to, amount }) = command else {
+            return Self::handle(state, command).map(Decided::new);
+        };
+        let amount = positive(amount)?;
+        must_be_open(state)?;
+        let target = others
+            .get::<Account>(&to)
+            .ok_or_else(|| DomainError::invalid(format!("account {to} was not loaded")))?;
+        match target.status {
+            AccountStatus::Open => {}
+            AccountStatus::New => {
+                return Err(DomainError::rejected(format!("account {to} is not open")))
+            }
+            AccountStatus::Closed => {
+                return Err(DomainError::rejected(format!("account {to} is closed")))
+            }
+        }
+        if amount > state.balance {
+            return Err(DomainError::rejected(format!(
+                "insufficient funds: balance is {}, transfer is {amount}",
+                state.balance
+            )));
+        }
+        if target.balance.checked_add(amount).is_none() {
+            return Err(DomainError::rejected(format!(
+                "transfer would overflow the balance of account {to}"
+            )));
+        }
+        Ok(Decided::new(vec![AccountEvent::TransferSent {
+            to: to.clone(),
+            amount,
+        }])
+        .and::<Account>(
+            to,
+            [AccountEvent::TransferReceived {
+                from: others.own_id().to_owned(),
+                amount,
+            }],
+        ))
     }
 
     fn apply(mut state: AccountState, event: &AccountEvent) -> AccountState {
@@ -157,13 +266,16 @@ impl Aggregate for Account {
                 state.status = AccountStatus::Open;
                 state.owner.clone_from(owner);
             }
-            AccountEvent::Deposited { amount } => {
-                state.balance = state.balance.saturating_add(*amount)
-            }
-            AccountEvent::Withdrawn { amount } => {
-                state.balance = state.balance.saturating_sub(*amount)
-            }
             AccountEvent::AccountClosed {} => state.status = AccountStatus::Closed,
+            moved => {
+                if let Some(m) = moved.movement() {
+                    state.balance = if m.credit {
+                        state.balance.saturating_add(m.amount)
+                    } else {
+                        state.balance.saturating_sub(m.amount)
+                    };
+                }
+            }
         }
         state
     }
@@ -298,6 +410,82 @@ mod tests {
             .when(C::CloseAccount(CloseAccount {}))
             .then_events([AccountClosed {}]);
         assert_eq!(state.status, AccountStatus::Closed);
+    }
+
+    fn account(events: Vec<AccountEvent>) -> AccountState {
+        given::<Account>(events).state().clone()
+    }
+
+    fn transfer(to: &str, amount: u64) -> AccountCommand {
+        C::Transfer(Transfer {
+            to: to.into(),
+            amount,
+        })
+    }
+
+    #[test]
+    fn a_transfer_debits_this_account_and_credits_the_other() {
+        let from = account(vec![opened(), Deposited { amount: 10 }]);
+        let others = Others::sent_to("a").with::<Account>("b", account(vec![opened()]));
+        assert_eq!(
+            Account::involves(&transfer("b", 4)),
+            [AggregateRef::of::<Account>("b")]
+        );
+        let decided = Account::handle_with(&from, &others, transfer("b", 4)).expect("decided");
+        assert_eq!(
+            decided.events,
+            [TransferSent {
+                to: "b".into(),
+                amount: 4
+            }]
+        );
+        assert_eq!(
+            decided.events_for::<Account>("b").expect("decodes"),
+            [TransferReceived {
+                from: "a".into(),
+                amount: 4
+            }]
+        );
+        let after = decided.events.iter().fold(from, Account::apply);
+        assert_eq!(after.balance, 6);
+    }
+
+    #[test]
+    fn a_transfer_needs_funds_and_two_open_accounts() {
+        let rich = account(vec![opened(), Deposited { amount: 10 }]);
+        let open = account(vec![opened()]);
+        let decide = |from: &AccountState, to: AccountState, amount: u64| {
+            let others = Others::sent_to("a").with::<Account>("b", to);
+            Account::handle_with(from, &others, transfer("b", amount))
+                .map(|_| ())
+                .expect_err("refused")
+        };
+        let short = decide(&rich, open.clone(), 11);
+        assert!(
+            short.message.contains("insufficient funds: balance is 10"),
+            "{short}"
+        );
+        let zero = decide(&rich, open.clone(), 0);
+        assert_eq!(zero.kind, jetsource::domain::DomainErrorKind::Invalid);
+        let closed = decide(&rich, account(vec![opened(), AccountClosed {}]), 1);
+        assert!(closed.message.contains("account b is closed"), "{closed}");
+        let new = decide(&rich, AccountState::default(), 1);
+        assert!(new.message.contains("account b is not open"), "{new}");
+        let sender_closed = decide(&account(vec![opened(), AccountClosed {}]), open.clone(), 1);
+        assert!(
+            sender_closed.message.contains("account is closed"),
+            "{sender_closed}"
+        );
+        let full = decide(
+            &rich,
+            account(vec![opened(), Deposited { amount: u64::MAX }]),
+            1,
+        );
+        assert!(full.message.contains("overflow"), "{full}");
+        // Without the other's state (a runtime that did not load it) it is
+        // never decided blind.
+        let blind = Account::handle_with(&rich, &Others::sent_to("a"), transfer("b", 1));
+        assert!(blind.is_err());
     }
 
     #[test]

@@ -114,10 +114,16 @@ impl Projection for Accounts {
                 ops.push(Op::new("ZADD", ranking).arg(0).arg(id));
                 ops.push(Op::new("HINCRBY", totals).arg("open_accounts").arg(1));
             }
-            AccountEvent::Deposited { amount: a } | AccountEvent::Withdrawn { amount: a } => {
-                let deposit = event.event_type == "Deposited";
-                let signed = if deposit { amount(a)? } else { -amount(a)? };
-                transaction(if deposit { "Deposited" } else { "Withdrawn" }, signed);
+            AccountEvent::AccountClosed {} => {
+                ops.push(stamp(Op::new("HSET", account).arg("status").arg("closed")));
+                ops.push(Op::new("ZREM", ranking).arg(id));
+                ops.push(Op::new("HINCRBY", totals).arg("open_accounts").arg(-1));
+            }
+            moved => {
+                let movement = moved.movement().expect("every other event moves money");
+                let size = amount(movement.amount)?;
+                let signed = if movement.credit { size } else { -size };
+                transaction(movement.kind, signed);
                 ops.push(
                     Op::new("HINCRBY", account.clone())
                         .arg("balance")
@@ -126,11 +132,6 @@ impl Projection for Accounts {
                 ops.push(stamp(Op::new("HSET", account)));
                 ops.push(Op::new("ZINCRBY", ranking).arg(signed).arg(id));
                 ops.push(Op::new("HINCRBY", totals).arg("balance_sum").arg(signed));
-            }
-            AccountEvent::AccountClosed {} => {
-                ops.push(stamp(Op::new("HSET", account).arg("status").arg("closed")));
-                ops.push(Op::new("ZREM", ranking).arg(id));
-                ops.push(Op::new("HINCRBY", totals).arg("open_accounts").arg(-1));
             }
         }
         Ok(())

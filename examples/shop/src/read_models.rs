@@ -532,6 +532,7 @@ mod tests {
             command_id: None,
             correlation_id: None,
             causation_id: None,
+            command_aggregate: None,
             traceparent: None,
             data: data.to_string().into_bytes().into(),
         }

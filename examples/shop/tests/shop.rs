@@ -238,6 +238,7 @@ impl Fleet {
                 command_id: None,
                 correlation_id: "v1-build",
                 causation_id: "v1-build",
+                command_aggregate: None,
             })
             .await
             .unwrap();

@@ -91,6 +91,17 @@ impl Fleet {
         jetsource_test_support::requests::send(&self.client, aggregate_type, id, body).await
     }
 
+    /// The event store, as a worker opens it.
+    pub async fn store(&self) -> jetsource_core::store::EventStore {
+        jetsource_core::store::EventStore::open(
+            self.client.clone(),
+            &config(&self.server).nats,
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn stream_messages(&self) -> u64 {
         let js = async_nats::jetstream::new(self.client.clone());
         let mut stream = js.get_stream("EVENTS").await.unwrap();

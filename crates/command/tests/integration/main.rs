@@ -3,5 +3,6 @@
 mod common;
 mod concurrency;
 mod deadline;
+mod multi;
 mod resilience;
 mod worker;

@@ -193,6 +193,10 @@ pub struct Append<'a> {
     pub command_id: Option<&'a str>,
     pub correlation_id: &'a str,
     pub causation_id: &'a str,
+    /// For the other aggregates of a multi-aggregate command: `<type>.<id>`
+    /// of the aggregate the command was sent to, which owns its command id
+    /// (header `Jetsource-Command-Aggregate`; no `Nats-Msg-Id`).
+    pub command_aggregate: Option<&'a str>,
 }
 
 /// Where an append landed.
@@ -532,6 +536,9 @@ impl EventStore {
         if let Some(command_id) = append.command_id {
             headers.insert(envelope::COMMAND_ID, command_id);
         }
+        if let Some(owner) = append.command_aggregate {
+            headers.insert(envelope::COMMAND_AGGREGATE, owner);
+        }
         headers.insert(envelope::CORRELATION_ID, append.correlation_id);
         headers.insert(envelope::CAUSATION_ID, append.causation_id);
         if let Some(traceparent) = crate::telemetry::current_traceparent() {
@@ -545,7 +552,7 @@ impl EventStore {
                 NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 append.expected_last_sequence.to_string().as_str(),
             );
-            if let Some(command_id) = append.command_id {
+            if let (Some(command_id), None) = (append.command_id, append.command_aggregate) {
                 headers.insert(
                     NATS_MESSAGE_ID,
                     message_id(append.aggregate_type, append.aggregate_id, command_id).as_str(),
@@ -566,6 +573,75 @@ impl EventStore {
             Some(group) => group.submit(prepared).await,
             None => self.write_alone(&prepared).await,
         }
+    }
+
+    /// Appends the events of one command for several aggregates (a
+    /// multi-aggregate command) atomically: one JetStream atomic batch in
+    /// which each aggregate's first event carries its own expected last
+    /// sequence and `Nats-Msg-Id`. All are stored or none; the batch is
+    /// refused whole (wrong last sequence) when any aggregate changed. The
+    /// answer has one entry per append, in order, `None` for an append with
+    /// no events. Never grouped with other commands' appends: it is a batch
+    /// of its own already.
+    pub async fn append_together(
+        &self,
+        appends: &[Append<'_>],
+    ) -> Result<Vec<Option<Appended>>, StoreError> {
+        let prepared = appends
+            .iter()
+            .filter(|a| !a.events.is_empty())
+            .map(|a| self.prepare(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total: usize = prepared.iter().map(|p| p.messages.len()).sum();
+        if total > MAX_EVENTS_PER_APPEND {
+            return Err(StoreError::new(
+                StoreErrorKind::TooLarge,
+                format!(
+                    "a command may produce at most {MAX_EVENTS_PER_APPEND} events, this one produced {total}"
+                ),
+            ));
+        }
+        let mut subjects: Vec<&str> = prepared.iter().map(|p| p.subject.as_str()).collect();
+        subjects.sort_unstable();
+        if subjects.windows(2).any(|w| w[0] == w[1]) {
+            return Err(StoreError::new(
+                StoreErrorKind::Rejected,
+                "an aggregate appears twice in one multi-aggregate append",
+            ));
+        }
+        let (mut next, duplicate) = match prepared.as_slice() {
+            [] => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Rejected,
+                    "an append needs at least one event",
+                ))
+            }
+            // One event in all: a plain publish, which may be acknowledged
+            // as a duplicate (the original's sequence).
+            [alone] => {
+                let appended = self.write_alone(alone).await?;
+                (appended.first_sequence, appended.duplicate)
+            }
+            _ => {
+                let refs: Vec<&Prepared> = prepared.iter().collect();
+                (self.write_batch(&refs).await? + 1 - total as u64, false)
+            }
+        };
+        Ok(appends
+            .iter()
+            .map(|a| {
+                let count = a.events.len() as u64;
+                (count > 0).then(|| {
+                    let appended = Appended {
+                        first_sequence: next,
+                        last_sequence: next + count - 1,
+                        duplicate,
+                    };
+                    next += count;
+                    appended
+                })
+            })
+            .collect())
     }
 
     /// The messages of one append, headers and all, checked for size.
@@ -1138,7 +1214,7 @@ impl EventStore {
         let mut found: Vec<RecordedEvent> = Vec::new();
         self.read(aggregate_type, aggregate_id, 1, |chunk| {
             for event in chunk {
-                if event.command_id.as_deref() == Some(command_id) {
+                if event.own_command_id() == Some(command_id) {
                     found.push(event);
                 } else if !found.is_empty() {
                     return ControlFlow::Break(());

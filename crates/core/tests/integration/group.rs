@@ -68,6 +68,7 @@ impl Member {
             command_id: self.command_id.as_deref(),
             correlation_id: "corr",
             causation_id: "cause",
+            command_aggregate: None,
         }
     }
 }
@@ -119,6 +120,7 @@ async fn seed(store: &EventStore, id: &str, kind: Kind, command_id: &str) -> (u6
         command_id: None,
         correlation_id: "corr",
         causation_id: "cause",
+        command_aggregate: None,
     };
     let opened_at = store.append(&first).await.unwrap();
     let resent = match kind {

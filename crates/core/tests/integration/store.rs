@@ -43,6 +43,7 @@ fn append<'a>(id: &'a str, expected: u64, version: u64, events: &'a [NewEvent]) 
         command_id: None,
         correlation_id: "corr",
         causation_id: "cause",
+        command_aggregate: None,
     }
 }
 

@@ -202,6 +202,7 @@ impl Env {
                             command_id: None,
                             correlation_id: "backlog",
                             causation_id: "backlog",
+                            command_aggregate: None,
                         })
                         .await
                         .unwrap();
