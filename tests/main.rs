@@ -23,3 +23,4 @@ mod snapshots;
 mod tidy;
 mod tls;
 mod tracing;
+mod transfers;
