@@ -670,3 +670,67 @@ async fn history_and_state_show_events_in_the_current_schema() {
     let state: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(state["state"], json!({"name": "old"}));
 }
+
+/// A command over two aggregates shows both sides, and `min_sequence` with
+/// its sequence reads the side it was not sent to.
+#[tokio::test]
+async fn a_transfer_is_shown_and_readable_on_both_sides() {
+    let bank = Bank::start(true).await;
+    bank.send(
+        "acc-1",
+        "OpenAccount",
+        r#"{"owner":"ada","initial_deposit":10}"#,
+    );
+    bank.send("acc-2", "OpenAccount", r#"{"owner":"bob"}"#);
+    let (code, out, err) = bank.cli(&[
+        "send",
+        "account",
+        "acc-1",
+        "Transfer",
+        r#"{"to":"acc-2","amount":4}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(
+        rows[0].starts_with("ok: account acc-1 now at version 3"),
+        "{out}"
+    );
+    let sent = rows
+        .iter()
+        .find(|r| r.contains("TransferSent"))
+        .expect(&out);
+    assert!(
+        sent.contains("account.acc-1") && sent.contains(r#""to":"acc-2""#),
+        "{out}"
+    );
+    let received = rows
+        .iter()
+        .find(|r| r.contains("TransferReceived"))
+        .expect(&out);
+    assert!(
+        received.contains("account.acc-2") && received.contains(r#""from":"acc-1""#),
+        "{out}"
+    );
+
+    let reply = bank.send("acc-2", "Deposit", r#"{"amount":1}"#);
+    let seen = reply["sequence"].to_string();
+    let (code, out, err) = bank.cli(&[
+        "--json",
+        "query",
+        "account",
+        "acc-2",
+        "--min-sequence",
+        &seen,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    let account = &reply["data"];
+    assert_eq!(account["balance"], 5, "{out}");
+    let kinds: Vec<&str> = account["recent_transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Deposited", "TransferReceived"], "{out}");
+}

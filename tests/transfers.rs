@@ -53,7 +53,10 @@ async fn send_until_definite(
                 Ok(outcome) => return Ok(outcome),
             }
         }
-        assert!(Instant::now() < deadline, "{from} {body}: no definite answer in time");
+        assert!(
+            Instant::now() < deadline,
+            "{from} {body}: no definite answer in time"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -133,15 +136,20 @@ async fn whole_stream(client: &async_nats::Client, url: &str) -> Vec<RecordedEve
             })
             .await;
         if let (Ok(last), Ok(())) = (last, read) {
-            let events: Vec<RecordedEvent> =
-                events.into_iter().map(|m| m.into_event().unwrap()).collect();
+            let events: Vec<RecordedEvent> = events
+                .into_iter()
+                .map(|m| m.into_event().unwrap())
+                .collect();
             let complete = events.len() as u64 == last
                 && events.iter().zip(1..).all(|(e, seq)| e.sequence == seq);
             if complete {
                 return events;
             }
         }
-        assert!(Instant::now() < deadline, "the stream could not be read whole");
+        assert!(
+            Instant::now() < deadline,
+            "the stream could not be read whole"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -214,10 +222,18 @@ fn check(events: &[RecordedEvent], sent: &Sent) {
     }
     assert_eq!(opened, ACCOUNTS as i128);
     for command in &sent.acknowledged {
-        assert_eq!(stored.get(command.as_str()), Some(&1), "{command}: acknowledged, stored once");
+        assert_eq!(
+            stored.get(command.as_str()),
+            Some(&1),
+            "{command}: acknowledged, stored once"
+        );
     }
     for command in &sent.refused {
-        assert_eq!(stored.get(command.as_str()), None, "{command}: refused, stored");
+        assert_eq!(
+            stored.get(command.as_str()),
+            None,
+            "{command}: refused, stored"
+        );
     }
     assert_eq!(
         stored.len(),

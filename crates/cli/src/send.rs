@@ -90,9 +90,29 @@ fn print_outcome(
     if outcome.events.is_empty() {
         return out.line("(no events: nothing to change)");
     }
-    let mut table = Table::new(["TYPE", "DATA"]);
-    for event in &outcome.events {
-        table.row([event.event_type.clone(), event.data.to_string()]);
+    if outcome.others.is_empty() {
+        let mut table = Table::new(["TYPE", "DATA"]);
+        for event in &outcome.events {
+            table.row([event.event_type.clone(), event.data.to_string()]);
+        }
+        return out.table(&table);
+    }
+    // A command over several aggregates: every side, one atomic append.
+    let mut table = Table::new(["AGGREGATE", "VERSION", "TYPE", "DATA"]);
+    let own = (format!("{t}.{id}"), version, &outcome.events);
+    let others = outcome.others.iter().map(|o| {
+        let name = format!("{}.{}", o.aggregate_type, o.aggregate_id);
+        (name, o.version, &o.events)
+    });
+    for (name, version, events) in std::iter::once(own).chain(others) {
+        for event in events {
+            table.row([
+                name.clone(),
+                version.to_string(),
+                event.event_type.clone(),
+                event.data.to_string(),
+            ]);
+        }
     }
     out.table(&table)
 }
