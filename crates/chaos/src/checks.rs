@@ -161,12 +161,13 @@ pub struct Evidence<'a> {
     pub recovery_bound: Duration,
 }
 
-/// All nine checks, in report order.
+/// All ten checks, in report order.
 pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
     let stored = stored_by_command(&e.stream.events);
     vec![
         acked_stored_once(e, &stored),
         refused_not_stored(e.records, &stored),
+        transfers_whole(&e.stream.events),
         replicas_equal(e.replicas, e.stream.last_sequence),
         read_models(e),
         totals(e.expected, &e.read_models.totals),
@@ -179,27 +180,85 @@ pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
 
 type Key = (String, String);
 
-/// Stored events per (account, command id); events without a command id
+/// Stored events per (account the command was sent to, command id): a
+/// transfer's event on the receiving account belongs to the sender's
+/// command (`Jetsource-Command-Aggregate`). Events without a command id
 /// under an empty id (every command of ours has one).
 fn stored_by_command(events: &[RecordedEvent]) -> HashMap<Key, Vec<&RecordedEvent>> {
     let mut map: HashMap<Key, Vec<&RecordedEvent>> = HashMap::new();
     for event in events {
         let id = event.command_id.clone().unwrap_or_default();
-        map.entry((event.aggregate_id.clone(), id))
-            .or_default()
-            .push(event);
+        let owner = match event.command_aggregate.as_deref() {
+            Some(owner) => owner.split_once('.').map_or(owner, |(_, id)| id),
+            None => &event.aggregate_id,
+        };
+        map.entry((owner.to_owned(), id)).or_default().push(event);
     }
     map
+}
+
+/// Every transfer is whole: its `TransferSent` is directly followed, in
+/// the stream, by the receiving account's `TransferReceived` of the same
+/// command and amount, and no `TransferReceived` stands alone. So money is
+/// conserved at every stream sequence outside the one between two halves,
+/// and no reader ever sees half a transfer.
+fn transfers_whole(events: &[RecordedEvent]) -> Check {
+    let mut problems = Tally::default();
+    let mut transfers = 0;
+    // (the other account, the amount) of a transfer's half.
+    let half = |e: &RecordedEvent| -> Option<(String, u64)> {
+        let data: Value = serde_json::from_slice(&e.data).ok()?;
+        let other = data.get("to").or_else(|| data.get("from"))?;
+        Some((other.as_str()?.to_owned(), data.get("amount")?.as_u64()?))
+    };
+    for (i, event) in events.iter().enumerate() {
+        let at = format!("#{} {}", event.sequence, event.aggregate_id);
+        match event.event_type.as_str() {
+            "TransferSent" => {
+                transfers += 1;
+                let owner = format!("account.{}", event.aggregate_id);
+                let whole = events.get(i + 1).is_some_and(|next| {
+                    let amount = half(event).map(|(_, amount)| amount);
+                    next.event_type == "TransferReceived"
+                        && next.command_id == event.command_id
+                        && next.command_aggregate.as_deref() == Some(owner.as_str())
+                        && amount.is_some()
+                        && half(event) == Some((next.aggregate_id.clone(), amount.unwrap_or(0)))
+                        && half(next) == Some((event.aggregate_id.clone(), amount.unwrap_or(0)))
+                });
+                if !whole {
+                    problems.add("sent without its received half right after it", at);
+                }
+            }
+            "TransferReceived" => {
+                let sent = i
+                    .checked_sub(1)
+                    .is_some_and(|p| events[p].event_type == "TransferSent");
+                if !sent {
+                    problems.add("received without its sent half right before it", at);
+                }
+            }
+            _ => {}
+        }
+    }
+    let detail = if problems.is_empty() {
+        format!("{transfers} transfers, each stored whole and adjacent: money conserved at every command boundary")
+    } else {
+        format!("{transfers} transfers: {}", problems.render())
+    };
+    check("transfers-whole", problems.is_empty(), detail)
 }
 
 fn key(command: &Command) -> Key {
     (command.account.clone(), command.command_id.clone())
 }
 
-/// Events a command appends when it is accepted.
+/// Events a command appends when it is accepted (on every account it
+/// involves).
 fn events_of(command: &Command) -> usize {
     let initial = command.data["initial_deposit"].as_u64().unwrap_or(0);
-    if command.command_type == "OpenAccount" && initial > 0 {
+    if (command.command_type == "OpenAccount" && initial > 0) || command.command_type == "Transfer"
+    {
         2
     } else {
         1
@@ -249,20 +308,24 @@ fn acked_stored_once(e: &Evidence<'_>, stored: &HashMap<Key, Vec<&RecordedEvent>
                 version, sequence, ..
             } => {
                 acked += 1;
+                // The version acknowledged is the account's own; the
+                // sequence that of the command's last event anywhere.
+                let own_version = found
+                    .iter()
+                    .rfind(|e| e.command_aggregate.is_none())
+                    .map(|e| e.aggregate_version);
                 match found.last() {
                     None => problems.add("acknowledged but not stored", id),
                     Some(_) if found.len() != want => problems.add(
                         "stored more than once",
                         format!("{id}: {} events, expected {want}", found.len()),
                     ),
-                    Some(last)
-                        if (last.sequence, last.aggregate_version) != (*sequence, *version) =>
-                    {
+                    Some(last) if (last.sequence, own_version) != (*sequence, Some(*version)) => {
                         problems.add(
                             "stored other than acknowledged",
                             format!(
-                                "{id}: acked seq {sequence} v{version}, stored seq {} v{}",
-                                last.sequence, last.aggregate_version
+                                "{id}: acked seq {sequence} v{version}, stored seq {} v{own_version:?}",
+                                last.sequence
                             ),
                         )
                     }
@@ -690,5 +753,70 @@ mod tests {
             "{}",
             refused.detail
         );
+    }
+
+    fn transfer(seq: u64, from: &str, to: &str, id: &str, amount: u64) -> [RecordedEvent; 2] {
+        let sent = event(
+            seq,
+            from,
+            2,
+            id,
+            "TransferSent",
+            json!({"to": to, "amount": amount}),
+        );
+        let mut received = event(
+            seq + 1,
+            to,
+            2,
+            id,
+            "TransferReceived",
+            json!({"from": from, "amount": amount}),
+        );
+        received.command_aggregate = Some(format!("account.{from}"));
+        [sent, received]
+    }
+
+    #[test]
+    fn a_transfer_is_one_command_of_its_sender_stored_whole() {
+        let mut records = vec![
+            record("a", "open", "OpenAccount", acked(1, 1)),
+            record("b", "open", "OpenAccount", acked(1, 2)),
+        ];
+        let mut t = record("a", "t1", "Transfer", acked(2, 4));
+        t.command.data = json!({"to": "b", "amount": 5});
+        records.push(t);
+        let mut events = vec![
+            event(1, "a", 1, "open", "AccountOpened", json!({"owner": "o"})),
+            event(2, "b", 1, "open", "AccountOpened", json!({"owner": "o"})),
+        ];
+        events.extend(transfer(3, "a", "b", "t1", 5));
+        let (once, refused) = judge_stream(&records, events.clone());
+        assert!(once.passed, "{}", once.detail);
+        assert!(refused.passed, "{}", refused.detail);
+        let whole = transfers_whole(&events);
+        assert!(whole.passed, "{}", whole.detail);
+    }
+
+    #[test]
+    fn a_split_or_mismatched_transfer_fails() {
+        let [sent, received] = transfer(1, "a", "b", "t1", 5);
+        let between = event(2, "c", 1, "d", "Deposited", json!({"amount": 1}));
+        let split = transfers_whole(&[sent.clone(), between, received.clone()]);
+        assert!(!split.passed);
+        assert!(
+            split.detail.contains("sent without its received half"),
+            "{}",
+            split.detail
+        );
+        assert!(
+            split.detail.contains("received without its sent half"),
+            "{}",
+            split.detail
+        );
+        let [_, other_amount] = transfer(1, "a", "b", "t1", 6);
+        let wrong = transfers_whole(&[sent.clone(), other_amount]);
+        assert!(!wrong.passed, "{}", wrong.detail);
+        let alone = transfers_whole(&[sent]);
+        assert!(!alone.passed, "{}", alone.detail);
     }
 }

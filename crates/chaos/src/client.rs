@@ -64,6 +64,7 @@ pub enum Outcome {
     Acked {
         version: u64,
         sequence: u64,
+        /// On every aggregate the command involved.
         events: usize,
     },
     /// An error reply that is not ambiguous (`invalid`, `rejected`,
@@ -162,7 +163,8 @@ async fn request(client: &Client, subject: &str, body: &str, timeout: Duration) 
         Ok(Ok(outcome)) => Reply::Definite(Outcome::Acked {
             version: outcome.version,
             sequence: outcome.sequence,
-            events: outcome.events.len(),
+            events: outcome.events.len()
+                + outcome.others.iter().map(|o| o.events.len()).sum::<usize>(),
         }),
         Ok(Err(ErrorBody { code, message })) => match code {
             ErrorCode::Unavailable => Reply::Ambiguous {

@@ -1,7 +1,8 @@
 //! The load: `clients` concurrent clients, each on its own connection and
 //! with its own seeded random generator, sending a mix of deposits,
-//! withdrawals, re-opens (rejected) and zero amounts (invalid) over
-//! `accounts` accounts, one command after the other, until told to stop.
+//! withdrawals, transfers between two accounts (multi-aggregate commands),
+//! re-opens (rejected) and zero amounts (invalid) over `accounts` accounts,
+//! one command after the other, until told to stop.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,15 +138,22 @@ fn open(account: &str, initial_deposit: u64, command_id: String) -> Command {
 }
 
 /// The `k`-th command of client `c`: mostly deposits and withdrawals
-/// (some withdrawals exceed the balance: `rejected`), a few re-opens
+/// (some withdrawals exceed the balance: `rejected`), transfers to another
+/// account (some short of funds: `rejected`), a few re-opens
 /// (`rejected`) and zero amounts (`invalid`), so refusals are exercised too.
 fn next_command(rng: &mut StdRng, c: usize, k: u64, accounts: usize) -> Command {
     let n = rng.random_range(0..accounts.max(1));
     let command_id = format!("c{c}-{k}");
     let roll = rng.random_range(0..100);
     let (command_type, data) = match roll {
-        0..=49 => ("Deposit", json!({"amount": rng.random_range(1..=500u64)})),
-        50..=91 => ("Withdraw", json!({"amount": rng.random_range(1..=600u64)})),
+        0..=44 => ("Deposit", json!({"amount": rng.random_range(1..=500u64)})),
+        45..=84 => ("Withdraw", json!({"amount": rng.random_range(1..=600u64)})),
+        85..=91 if accounts > 1 => {
+            let to = (n + rng.random_range(1..accounts)) % accounts;
+            let amount = rng.random_range(1..=300u64);
+            ("Transfer", json!({"to": account(to), "amount": amount}))
+        }
+        85..=91 => ("Deposit", json!({"amount": rng.random_range(1..=500u64)})),
         92..=95 => ("Deposit", json!({"amount": 0})),
         _ => {
             return open(&account(n), 0, command_id);
