@@ -162,7 +162,7 @@ pub(crate) fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, St
 
 /// Decodes one stored event, reusing `buf` so folding long histories does not
 /// allocate a JSON tree per event.
-fn decode_event<E: serde::de::DeserializeOwned>(
+pub(crate) fn decode_event<E: serde::de::DeserializeOwned>(
     buf: &mut Vec<u8>,
     event_type: &str,
     data: &[u8],
@@ -288,10 +288,12 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
     }
 }
 
-/// The aggregate types a process serves, by name.
+/// The aggregate types a process serves, by name, and the process
+/// managers among them.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     aggregates: BTreeMap<&'static str, Arc<dyn DynAggregate>>,
+    processes: BTreeMap<&'static str, Arc<dyn crate::process::DynProcess>>,
 }
 
 impl Registry {
@@ -317,6 +319,27 @@ impl Registry {
             A::TYPE
         );
         self
+    }
+
+    /// Adds process `P`: its instances become aggregate type `P::TYPE`
+    /// (readable like any other, refusing every command), and the process
+    /// worker drives them. Panics like [`Registry::register`].
+    pub fn register_process<P: crate::process::Process>(mut self) -> Self {
+        assert!(
+            crate::is_valid_token(P::TYPE),
+            "process type {:?} is not a valid subject token",
+            P::TYPE
+        );
+        let (process, instance) = crate::process::faces::<P>();
+        let previous = self.aggregates.insert(P::TYPE, instance);
+        assert!(previous.is_none(), "type {} registered twice", P::TYPE);
+        self.processes.insert(P::TYPE, process);
+        self
+    }
+
+    /// The process managers, by type.
+    pub fn processes(&self) -> impl Iterator<Item = &Arc<dyn crate::process::DynProcess>> + '_ {
+        self.processes.values()
     }
 
     pub fn get(&self, aggregate_type: &str) -> Option<&Arc<dyn DynAggregate>> {

@@ -12,6 +12,7 @@
 
 mod dynamic;
 mod multi;
+pub mod process;
 pub mod testing;
 mod upcast;
 

@@ -26,6 +26,27 @@ pub struct Config {
     pub http: HttpConfig,
     pub gateway: GatewayConfig,
     pub trace: TraceConfig,
+    pub process: ProcessConfig,
+}
+
+/// The process worker (`<app>-process`): process managers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Process instances driven at once by one worker.
+    pub max_in_flight: usize,
+    /// The stream holding deadlines (NATS message schedules; a stream of
+    /// its own, since schedules need purges the event stream forbids).
+    pub deadline_stream: String,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            deadline_stream: "DEADLINES".into(),
+        }
+    }
 }
 
 /// Distributed tracing (docs/TRACING.md): W3C trace context through NATS

@@ -11,6 +11,7 @@
 //! - [`metrics`]: Prometheus metric names and the recorder.
 
 pub mod config;
+pub mod deadlines;
 pub mod envelope;
 pub mod error;
 pub mod health;

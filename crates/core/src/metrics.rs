@@ -36,6 +36,13 @@ pub const CACHE_LOOKUPS: &str = "jetsource_aggregate_cache_lookups_total";
 /// snapshot's age in events), by `aggregate_type`.
 pub const SNAPSHOT_TAIL: &str = "jetsource_snapshot_tail_events";
 
+/// Inputs a process instance handled, by `process` and `kind` (`event`,
+/// `answer`, `deadline`).
+pub const PROCESS_INPUTS: &str = "jetsource_process_inputs_total";
+/// Commands a process sent, by `process` and `outcome` (`done`,
+/// `refused`, `unanswered`: no definite answer yet, sent again later).
+pub const PROCESS_COMMANDS: &str = "jetsource_process_commands_total";
+
 /// Events applied to a read model, by `projection`.
 pub const PROJECTOR_EVENTS: &str = "jetsource_projector_events_applied_total";
 /// Events per batch written to Redis, by `projection`.

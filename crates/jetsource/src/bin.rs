@@ -81,6 +81,26 @@ pub fn snapshotter(app: App) -> ExitCode {
     )
 }
 
+/// The process worker: drives the app's process managers
+/// ([`App::process`]). Several copies share the work.
+pub fn process(app: App) -> ExitCode {
+    worker(
+        &app,
+        "process",
+        "process worker: process managers",
+        |config| {
+            let registry = app.registry().clone();
+            async move {
+                jetsource_core::until_stopped(|shutdown| {
+                    jetsource_process::run(config, registry, shutdown)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+            }
+        },
+    )
+}
+
 /// The HTTP API gateway: commands, queries, histories, state at a point
 /// and live events over HTTP (docs/GATEWAY.md). Stateless: run copies
 /// behind any HTTP load balancer.

@@ -74,6 +74,14 @@ impl App {
         self
     }
 
+    /// Drives process manager `P` (the process worker, [`bin::process`]);
+    /// its instances read like aggregates of type `P::TYPE` everywhere
+    /// else (`state`, `history`), and take no commands.
+    pub fn process<P: domain::process::Process>(mut self) -> Self {
+        self.registry = self.registry.register_process::<P>();
+        self
+    }
+
     /// Keeps `projection` and serves its queries.
     pub fn projection(mut self, projection: impl Projection) -> Self {
         let projection: Arc<dyn Projection> = Arc::new(projection);

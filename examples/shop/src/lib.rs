@@ -6,6 +6,7 @@
 //! low on stock) rather than counters. All declared once in [`app`]; the
 //! binaries in src/bin each call one jetsource entry point with it.
 
+pub mod fulfilment;
 pub mod item;
 pub mod order;
 pub mod read_models;
@@ -19,6 +20,7 @@ pub fn app() -> App {
     App::new("shop")
         .aggregate::<item::Item>()
         .aggregate::<order::Order>()
+        .process::<fulfilment::Fulfilment>()
         .projection(read_models::Orders)
         .projection(read_models::Stock)
 }
@@ -84,8 +86,10 @@ mod tests {
         assert_eq!(app.name(), "shop");
         assert_eq!(
             app.registry().types().collect::<Vec<_>>(),
-            ["item", "order"]
+            ["fulfilment", "item", "order"]
         );
+        let processes: Vec<_> = app.registry().processes().map(|p| p.follows()).collect();
+        assert_eq!(processes, ["order"]);
         let projections = app.projections(&jetsource::Config::default());
         let names: Vec<_> = projections.iter().map(|p| p.name()).collect();
         assert_eq!(names, ["orders", "stock"]);

@@ -1,5 +1,7 @@
-//! An order: placed with one or more lines, paid (the exact total), then
-//! shipped; cancelled any time before it ships.
+//! An order: placed with one or more lines, confirmed once its stock is
+//! reserved (the fulfilment process does both, see [`crate::fulfilment`]),
+//! paid (the exact total), then shipped; cancelled any time before it
+//! ships, and expired when it is not paid within its `pay_within_secs`.
 //!
 //! **Event schema 2.** The first build of the shop sold one SKU per order:
 //! its `OrderPlaced` (schema 1) was `{"customer", "sku", "quantity",
@@ -65,6 +67,9 @@ pub fn total(lines: &[Line]) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderState {
     pub status: OrderStatus,
+    /// Stock is reserved for every line (`OrderConfirmed`).
+    #[serde(default)]
+    pub confirmed: bool,
     pub customer: String,
     pub lines: Vec<Line>,
     pub total: u64,
@@ -77,6 +82,8 @@ pub enum OrderCommand {
     Pay(Pay),
     Cancel(Cancel),
     Ship(Ship),
+    Confirm(Confirm),
+    Expire(Expire),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -85,7 +92,16 @@ pub struct PlaceOrder {
     /// A token (it keys `query.orders.by_customer.<customer>`).
     pub customer: String,
     pub lines: Vec<Line>,
+    /// Seconds the customer has to pay before the order expires (default
+    /// [`DEFAULT_PAY_WITHIN_SECS`]).
+    #[serde(default)]
+    pub pay_within_secs: Option<u64>,
 }
+
+/// Fifteen minutes.
+pub const DEFAULT_PAY_WITHIN_SECS: u64 = 15 * 60;
+/// A week.
+pub const MAX_PAY_WITHIN_SECS: u64 = 7 * 24 * 3600;
 
 /// Pays the order; `amount` must be its total.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -105,14 +121,39 @@ pub struct Cancel {
 #[serde(deny_unknown_fields)]
 pub struct Ship {}
 
+/// Stock is reserved for every line (sent by the fulfilment process).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {}
+
+/// Cancels an order that was not paid in time (sent by the fulfilment
+/// process when its payment deadline passes). Refused for a paid order: a
+/// payment that won the race keeps the order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expire {}
+
+/// The reason an expired order is cancelled with.
+pub const EXPIRED: &str = "payment not received in time";
+
 /// Schema 2 (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum OrderEvent {
-    OrderPlaced { customer: String, lines: Vec<Line> },
-    OrderPaid { amount: u64 },
-    OrderCancelled { reason: String },
+    OrderPlaced {
+        customer: String,
+        lines: Vec<Line>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pay_within_secs: Option<u64>,
+    },
+    OrderPaid {
+        amount: u64,
+    },
+    OrderCancelled {
+        reason: String,
+    },
     OrderShipped {},
+    OrderConfirmed {},
 }
 
 /// Longest cancellation reason, in characters.
@@ -204,14 +245,47 @@ impl Aggregate for Order {
     fn handle(state: &OrderState, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
         use OrderEvent::*;
         match command {
-            OrderCommand::PlaceOrder(PlaceOrder { customer, lines }) => {
+            OrderCommand::PlaceOrder(PlaceOrder {
+                customer,
+                lines,
+                pay_within_secs,
+            }) => {
                 let customer = token("customer", customer)?;
                 let lines = check_lines(lines)?;
+                if pay_within_secs.is_some_and(|s| s == 0 || s > MAX_PAY_WITHIN_SECS) {
+                    return Err(DomainError::invalid(format!(
+                        "pay_within_secs must be 1 to {MAX_PAY_WITHIN_SECS}"
+                    )));
+                }
                 if state.status != OrderStatus::New {
                     return Err(DomainError::rejected("order already placed"));
                 }
-                Ok(vec![OrderPlaced { customer, lines }])
+                Ok(vec![OrderPlaced {
+                    customer,
+                    lines,
+                    pay_within_secs,
+                }])
             }
+            OrderCommand::Confirm(Confirm {}) => match state.status {
+                _ if state.confirmed => Ok(vec![]),
+                OrderStatus::Placed | OrderStatus::Paid => Ok(vec![OrderConfirmed {}]),
+                OrderStatus::New => Err(DomainError::rejected("no such order")),
+                status => Err(DomainError::rejected(format!(
+                    "cannot confirm an order that is {}",
+                    status.as_str()
+                ))),
+            },
+            OrderCommand::Expire(Expire {}) => match state.status {
+                OrderStatus::Placed => Ok(vec![OrderCancelled {
+                    reason: EXPIRED.to_owned(),
+                }]),
+                OrderStatus::Cancelled => Ok(vec![]),
+                OrderStatus::New => Err(DomainError::rejected("no such order")),
+                status => Err(DomainError::rejected(format!(
+                    "the order is {}: it does not expire",
+                    status.as_str()
+                ))),
+            },
             OrderCommand::Pay(Pay { amount }) => {
                 if amount == 0 {
                     return Err(DomainError::invalid("amount must be a positive integer"));
@@ -254,7 +328,9 @@ impl Aggregate for Order {
 
     fn apply(mut state: OrderState, event: &OrderEvent) -> OrderState {
         match event {
-            OrderEvent::OrderPlaced { customer, lines } => {
+            OrderEvent::OrderPlaced {
+                customer, lines, ..
+            } => {
                 state.status = OrderStatus::Placed;
                 state.customer.clone_from(customer);
                 state.total = total(lines);
@@ -263,6 +339,7 @@ impl Aggregate for Order {
             OrderEvent::OrderPaid { .. } => state.status = OrderStatus::Paid,
             OrderEvent::OrderCancelled { .. } => state.status = OrderStatus::Cancelled,
             OrderEvent::OrderShipped {} => state.status = OrderStatus::Shipped,
+            OrderEvent::OrderConfirmed {} => state.confirmed = true,
         }
         state
     }
@@ -288,6 +365,7 @@ mod tests {
         OrderPlaced {
             customer: "ada".into(),
             lines: vec![line("tea", 2, 150), line("pot", 1, 2000)],
+            pay_within_secs: None,
         }
     }
 
@@ -295,7 +373,40 @@ mod tests {
         C::PlaceOrder(PlaceOrder {
             customer: customer.into(),
             lines,
+            pay_within_secs: None,
         })
+    }
+
+    #[test]
+    fn confirm_once_and_expire_only_unpaid_orders() {
+        let state = given::<Order>([placed()])
+            .when(C::Confirm(Confirm {}))
+            .then_events([OrderConfirmed {}]);
+        assert!(state.confirmed);
+        given::<Order>([placed(), OrderConfirmed {}])
+            .when(C::Confirm(Confirm {}))
+            .then_events([]);
+        given::<Order>([placed(), OrderCancelled { reason: "x".into() }])
+            .when(C::Confirm(Confirm {}))
+            .then_rejected("cancelled");
+        given::<Order>([placed(), OrderConfirmed {}])
+            .when(C::Expire(Expire {}))
+            .then_events([OrderCancelled {
+                reason: EXPIRED.into(),
+            }]);
+        given::<Order>([placed(), OrderPaid { amount: 2300 }])
+            .when(C::Expire(Expire {}))
+            .then_rejected("paid: it does not expire");
+        given::<Order>([placed(), OrderCancelled { reason: "x".into() }])
+            .when(C::Expire(Expire {}))
+            .then_events([]);
+        given::<Order>([])
+            .when(C::PlaceOrder(PlaceOrder {
+                customer: "ada".into(),
+                lines: vec![line("tea", 1, 1)],
+                pay_within_secs: Some(0),
+            }))
+            .then_invalid("pay_within_secs");
     }
 
     #[test]
@@ -424,6 +535,7 @@ mod tests {
             Ok(OrderPlaced {
                 customer: "ada".into(),
                 lines: vec![line("tea", 3, 250)],
+                pay_within_secs: None,
             })
         );
         assert_eq!(

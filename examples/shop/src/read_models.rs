@@ -112,7 +112,9 @@ impl Projection for Orders {
             );
         };
         let (fields, to) = match decode::<OrderEvent>(event)? {
-            OrderEvent::OrderPlaced { customer, lines } => {
+            OrderEvent::OrderPlaced {
+                customer, lines, ..
+            } => {
                 let lines_json = serde_json::to_string(&lines)
                     .map_err(|e| ProjectionError(format!("lines: {e}")))?;
                 status(ops, &[], OrderStatus::Placed);
@@ -155,6 +157,13 @@ impl Projection for Orders {
             OrderEvent::OrderShipped {} => {
                 status(ops, &[OrderStatus::Paid], OrderStatus::Shipped);
                 (Op::new("HSET", order.clone()), OrderStatus::Shipped)
+            }
+            OrderEvent::OrderConfirmed {} => {
+                // The status stays (placed or paid); the flag says the
+                // stock is reserved.
+                let confirmed = Op::new("HSET", order.clone()).arg("confirmed").arg(1);
+                ops.push(stamp(confirmed, event));
+                return Ok(());
             }
         };
         ops.push(stamp(fields.arg("status").arg(to.as_str()), event));
@@ -324,6 +333,7 @@ async fn orders(view: &ReadView, ids: &[String]) -> Result<Vec<Option<Value>>, Q
                     "lines": lines,
                     "total": number(&fields, "total"),
                     "paid": number(&fields, "paid"),
+                    "confirmed": fields.contains_key("confirmed"),
                     "reason": fields.get("reason"),
                     "placed_sequence": number(&fields, "placed_sequence"),
                     "placed_at": fields.get("placed_at"),
