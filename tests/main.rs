@@ -15,6 +15,7 @@ mod gateway;
 mod guide;
 mod health;
 mod metrics;
+mod processes;
 mod read_side;
 mod redis_outage;
 mod security;

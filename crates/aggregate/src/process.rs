@@ -79,11 +79,23 @@ pub enum Input<'a, A: Aggregate> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Answer {
-    /// Stored (now or by an earlier send of the same command id).
-    Done,
-    /// Refused (`rejected`, `invalid`, or `conflict` after the worker's
-    /// retries): nothing was stored.
+    /// Accepted (now or by an earlier send of the same command id), with
+    /// the events it appended (none when there was nothing to change).
+    Done { events: Vec<AnsweredEvent> },
+    /// Refused (`rejected` or `invalid`): nothing was stored. (`conflict`,
+    /// `unavailable` and timeouts are no answer: the command is sent again.) A refusal leaves no trace, so the same
+    /// command sent again is decided again, and may then be accepted: a
+    /// process that acts on a refusal must be able to live with that, or
+    /// the target should record the refusal as an event (an accepted
+    /// command whose answer reads the same every time it is sent).
     Refused { code: String, message: String },
+}
+
+/// An event in an [`Answer::Done`]: its type and data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnsweredEvent {
+    pub event_type: String,
+    pub data: Value,
 }
 
 /// A command a process wants sent: to `<aggregate_type>.<aggregate_id>`,

@@ -180,7 +180,7 @@ impl Deadlines {
                 durable_name: Some(format!("process-{process}")),
                 filter_subject: format!("{DUE_PREFIX}.{process}.>"),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: Duration::from_secs(10),
                 ..Default::default()
             })
             .await

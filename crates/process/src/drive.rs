@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jetsource_core::aggregate::process::{Answer, Deadline, DynProcess, Observed, Outgoing};
+use jetsource_core::aggregate::process::{
+    Answer, AnsweredEvent, Deadline, DynProcess, Observed, Outgoing,
+};
 use jetsource_core::aggregate::{DynAggregate, NewEvent, Registry, StoredEvent};
 use jetsource_core::deadlines::{Deadlines, Due};
 use jetsource_core::loader::{LoadError, Loaded, Until};
@@ -304,7 +306,17 @@ impl Driver {
                 Err(_) => "no reply in time".to_owned(),
                 Ok(Err(e)) => e.to_string(),
                 Ok(Ok(reply)) => match decode_reply::<CommandOutcome>(&reply.payload) {
-                    Ok(Ok(_)) => return Ok(answered(process_type, Answer::Done)),
+                    Ok(Ok(outcome)) => {
+                        let events = outcome
+                            .events
+                            .into_iter()
+                            .map(|e| AnsweredEvent {
+                                event_type: e.event_type,
+                                data: e.data,
+                            })
+                            .collect();
+                        return Ok(answered(process_type, Answer::Done { events }));
+                    }
                     Ok(Err(e)) if definite(e.code) => {
                         let refused = Answer::Refused {
                             code: e.code.as_str().to_owned(),
@@ -367,18 +379,16 @@ impl Driver {
     }
 }
 
-/// Whether an error code is a definite answer: nothing was stored, and
-/// sending the same command again would not change that by itself.
+/// Whether an error code is a definite answer: the command was decided
+/// and refused. `conflict` is not: the worker gave up deciding while the
+/// target kept changing, and the same command sent again may go through.
 fn definite(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Invalid | ErrorCode::Rejected | ErrorCode::Conflict
-    )
+    matches!(code, ErrorCode::Invalid | ErrorCode::Rejected)
 }
 
 fn answered(process_type: &'static str, answer: Answer) -> Answer {
     let outcome = match answer {
-        Answer::Done => "done",
+        Answer::Done { .. } => "done",
         Answer::Refused { .. } => "refused",
     };
     ::metrics::counter!(jetsource_core::metrics::PROCESS_COMMANDS, "process" => process_type, "outcome" => outcome)

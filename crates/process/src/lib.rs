@@ -35,7 +35,8 @@ use jetsource_core::config::Config;
 use jetsource_core::deadlines::{Deadlines, Due, DUE_PREFIX};
 use jetsource_core::envelope::EVENT_SUBJECT_PREFIX;
 use jetsource_core::health::{self, Readiness};
-use jetsource_core::micro::MicroService;
+use jetsource_core::micro::{self, Endpoint, MicroService};
+use jetsource_core::protocol::{ErrorBody, ErrorCode};
 use jetsource_core::store::{EventStore, StoreError};
 use jetsource_core::ErrorClass;
 use tokio::sync::{watch, Semaphore};
@@ -44,6 +45,19 @@ pub use drive::{DriveError, Driver, Wake};
 
 /// Name under which copies of the worker appear in `$SRV.PING/INFO`.
 pub const SERVICE_NAME: &str = "jetsource-process";
+
+/// The request endpoint, as named in `$SRV.INFO` and `$SRV.STATS`.
+pub const ENDPOINT: &str = "wake";
+/// Where operators ask for an instance to be driven now:
+/// `<this>.<process>.<id>` (answers `{"driven": "<process>.<id>"}`).
+const WAKE_SUBJECTS: &str = "jetsource.process.wake.>";
+/// Wake requests one copy serves at once.
+const MAX_WAKE_REQUESTS: usize = 16;
+
+/// How long a wake-up taken by a copy that died waits before another copy
+/// gets it (a drive takes milliseconds; a longer one is harmlessly driven
+/// twice).
+const ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a wake-up that could not be driven waits before it is
 /// delivered again.
@@ -82,7 +96,7 @@ fn events_consumer(process: &dyn DynProcess) -> pull::Config {
         filter_subject: format!("{EVENT_SUBJECT_PREFIX}.{}.>", process.follows()),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(60),
+        ack_wait: ACK_WAIT,
         max_ack_pending: 1000,
         ..Default::default()
     }
@@ -114,6 +128,7 @@ pub async fn run(
         client,
         driver,
         wakeups,
+        requests,
         service,
     } = started;
     let processes: Vec<&str> = driver
@@ -129,11 +144,23 @@ pub async fn run(
         let (driver, permits, stop) = (driver.clone(), permits.clone(), stop.clone());
         tasks.spawn(take_wakeups(driver, process, messages, permits, stop));
     }
-    shutdown.await;
-    readiness.stopping();
-    tracing::info!("stopping: finishing the drives in flight");
+    let stopped = async {
+        shutdown.await;
+        readiness.stopping();
+        tracing::info!("stopping: finishing the drives in flight");
+        stopping.send_replace(true);
+    };
+    let deadline = micro::serve(
+        &client,
+        requests,
+        &service,
+        ENDPOINT,
+        MAX_WAKE_REQUESTS,
+        move |message| wake_request(driver.clone(), message),
+        stopped,
+    )
+    .await;
     stopping.send_replace(true);
-    let deadline = jetsource_core::stop_deadline();
     if tokio::time::timeout_at(deadline, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -147,6 +174,42 @@ pub async fn run(
     jetsource_core::flush_before_exit(&[&client], deadline).await;
     tracing::info!("process worker stopped");
     Ok(())
+}
+
+/// Serves `jetsource.process.wake.<process>.<id>`: drives the instance now.
+async fn wake_request(
+    driver: Arc<Driver>,
+    message: async_nats::Message,
+) -> (
+    Option<async_nats::Subject>,
+    Result<serde_json::Value, ErrorBody>,
+) {
+    let reply = async {
+        let mut tokens = message.subject.as_str().splitn(5, '.').skip(3);
+        let (Some(process_type), Some(id)) = (tokens.next(), tokens.next()) else {
+            return Err(ErrorBody::invalid(
+                "expected jetsource.process.wake.<process>.<id>",
+            ));
+        };
+        let process = driver
+            .registry
+            .processes()
+            .find(|p| p.process_type() == process_type)
+            .cloned()
+            .ok_or_else(|| ErrorBody::invalid(format!("unknown process {process_type:?}")))?;
+        if !jetsource_core::aggregate::is_valid_token(id) {
+            return Err(ErrorBody::invalid(format!(
+                "{id:?} is not a valid instance id"
+            )));
+        }
+        driver
+            .drive(process.as_ref(), id, &Wake::Event)
+            .await
+            .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(serde_json::json!({ "driven": format!("{process_type}.{id}") }))
+    }
+    .await;
+    (message.reply, reply)
 }
 
 /// Wake-ups of one process: (the process, its messages from both of its
@@ -248,6 +311,7 @@ struct Started {
     client: async_nats::Client,
     driver: Arc<Driver>,
     wakeups: Vec<Wakeups>,
+    requests: async_nats::Subscriber,
     service: MicroService,
 }
 
@@ -260,19 +324,25 @@ async fn start(
     readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
-    let deadlines = Deadlines::open(
-        store.jetstream(),
-        &config.process.deadline_stream,
-        config.store.replicas,
-    )
+    // A cluster electing its leaders (a node just died) times these out:
+    // wait for it rather than exit. The start-up races the stop signal.
+    let transient = |e: &RunError| e.class() == ErrorClass::Transient;
+    let deadline_stream = &config.process.deadline_stream;
+    let deadlines = jetsource_core::until_available("the deadline stream", transient, || async {
+        Ok(Deadlines::open(store.jetstream(), deadline_stream, config.store.replicas).await?)
+    })
     .await?;
     let mut wakeups = Vec::new();
     for process in registry.processes() {
-        let events: PullConsumer = store
-            .create_consumer(events_consumer(process.as_ref()))
+        let streams =
+            jetsource_core::until_available("the wake-up consumers", transient, || async {
+                let events: PullConsumer = store
+                    .create_consumer(events_consumer(process.as_ref()))
+                    .await?;
+                let due = deadlines.consumer(process.process_type()).await?;
+                Ok(vec![events.messages().await?, due.messages().await?])
+            })
             .await?;
-        let due = deadlines.consumer(process.process_type()).await?;
-        let streams = vec![events.messages().await?, due.messages().await?];
         wakeups.push((process.clone(), futures::stream::select_all(streams)));
     }
     let driver = Arc::new(Driver::new(
@@ -282,12 +352,19 @@ async fn start(
         registry,
         config.nats.request_timeout(),
     ));
+    let requests = client
+        .queue_subscribe(WAKE_SUBJECTS, SERVICE_NAME.to_owned())
+        .await?;
     let service = MicroService::start(
         &client,
         SERVICE_NAME,
         env!("CARGO_PKG_VERSION"),
         "jetsource process worker: drives process managers",
-        Vec::new(),
+        vec![Endpoint {
+            name: ENDPOINT.into(),
+            subject: WAKE_SUBJECTS.into(),
+            queue_group: SERVICE_NAME.into(),
+        }],
     )
     .await?;
     readiness.pass("consumers");
@@ -295,6 +372,7 @@ async fn start(
         client,
         driver,
         wakeups,
+        requests,
         service,
     })
 }

@@ -153,10 +153,16 @@ impl Fulfilment {
 
     fn on_answer(state: &FulfilmentState, key: &str, answer: &Answer) -> Vec<FulfilmentEvent> {
         use FulfilmentEvent::*;
-        let done = *answer == Answer::Done;
-        let refusal = match answer {
-            Answer::Done => String::new(),
-            Answer::Refused { message, .. } => message.clone(),
+        let (done, refusal) = match answer {
+            Answer::Done { events } => {
+                // A short stock is recorded by the item, as a fact.
+                let refused = events.iter().find(|e| e.event_type == "ReservationRefused");
+                match refused {
+                    Some(e) => (false, format!("insufficient stock: {}", e.data)),
+                    None => (true, String::new()),
+                }
+            }
+            Answer::Refused { message, .. } => (false, message.clone()),
         };
         if key == "confirm" {
             return vec![OrderConfirmationAnswered { confirmed: done }];
@@ -333,6 +339,7 @@ mod tests {
     use super::FulfilmentEvent::*;
     use super::*;
     use crate::order::{Line as OrderLine, EXPIRED};
+    use jetsource::domain::process::AnsweredEvent;
 
     /// A scenario: the state after feeding inputs in order, as the
     /// process worker would.
@@ -388,7 +395,20 @@ mod tests {
     fn refused() -> Answer {
         Answer::Refused {
             code: "rejected".into(),
-            message: "insufficient stock".into(),
+            message: "the order is paid: it does not expire".into(),
+        }
+    }
+
+    fn done() -> Answer {
+        Answer::Done { events: vec![] }
+    }
+
+    fn short() -> Answer {
+        Answer::Done {
+            events: vec![AnsweredEvent {
+                event_type: "ReservationRefused".into(),
+                data: json!({"order": "o1", "quantity": 2, "available": 0}),
+            }],
         }
     }
 
@@ -427,10 +447,10 @@ mod tests {
                 at_ms: 61_000
             }]
         );
-        run.answer("reserve-pot", Answer::Done);
-        run.answer("reserve-tea", Answer::Done);
+        run.answer("reserve-pot", done());
+        run.answer("reserve-tea", done());
         assert_eq!(run.pending(), [cmd("confirm", "order.o1", "Confirm")]);
-        run.answer("confirm", Answer::Done);
+        run.answer("confirm", done());
         assert!(run.pending().is_empty());
         run.event(OrderEvent::OrderPaid { amount: 40 }, 2_000);
         assert!(
@@ -453,8 +473,8 @@ mod tests {
     fn a_refused_line_cancels_the_order_before_releasing_the_others() {
         let mut run = Run::new();
         run.event(placed(), 0);
-        run.answer("reserve-pot", Answer::Done);
-        let events = run.answer("reserve-tea", refused());
+        run.answer("reserve-pot", done());
+        let events = run.answer("reserve-tea", short());
         assert!(matches!(
             events[1],
             CancellationStarted {
@@ -464,9 +484,9 @@ mod tests {
         ));
         assert_eq!(run.pending(), [cmd("cancel", "order.o1", "Cancel")]);
         assert!(Fulfilment::deadlines(&run.0).is_empty());
-        run.answer("cancel", Answer::Done);
+        run.answer("cancel", done());
         assert_eq!(run.pending(), [cmd("release-pot", "item.pot", "Release")]);
-        run.answer("release-pot", Answer::Done);
+        run.answer("release-pot", done());
         assert!(run.pending().is_empty());
         // The order's own cancellation event, seen later, changes nothing.
         assert!(run
@@ -478,9 +498,9 @@ mod tests {
     fn an_unpaid_order_expires_unless_a_payment_wins() {
         let mut run = Run::new();
         run.event(placed(), 0);
-        run.answer("reserve-pot", Answer::Done);
-        run.answer("reserve-tea", Answer::Done);
-        run.answer("confirm", Answer::Done);
+        run.answer("reserve-pot", done());
+        run.answer("reserve-tea", done());
+        run.answer("confirm", done());
         run.deadline();
         assert_eq!(run.pending(), [cmd("expire", "order.o1", "Expire")]);
         // Paid meanwhile: the order refuses to expire, nothing is released.
@@ -492,7 +512,7 @@ mod tests {
 
         let mut run = Run::new();
         run.event(placed(), 0);
-        run.answer("reserve-pot", Answer::Done);
+        run.answer("reserve-pot", done());
         run.deadline();
         // tea's reservation is still open: it is sent again before anything
         // is released.
@@ -503,8 +523,8 @@ mod tests {
                 cmd("expire", "order.o1", "Expire")
             ]
         );
-        run.answer("reserve-tea", Answer::Done);
-        run.answer("expire", Answer::Done);
+        run.answer("reserve-tea", done());
+        run.answer("expire", done());
         assert_eq!(
             run.pending(),
             [
@@ -519,8 +539,8 @@ mod tests {
     fn a_customer_cancellation_releases_at_once() {
         let mut run = Run::new();
         run.event(placed(), 0);
-        run.answer("reserve-pot", Answer::Done);
-        run.answer("reserve-tea", Answer::Done);
+        run.answer("reserve-pot", done());
+        run.answer("reserve-tea", done());
         run.event(
             OrderEvent::OrderCancelled {
                 reason: "no".into(),

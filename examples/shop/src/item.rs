@@ -2,6 +2,12 @@
 //! are either available or reserved for an order; a reservation is either
 //! released (the order was cancelled: the units are available again) or
 //! fulfilled (the order shipped: the units leave the warehouse).
+//!
+//! A reservation the stock cannot cover is recorded as
+//! `ReservationRefused`, not answered with an error: the fulfilment process
+//! acts on the refusal, so it must be a fact that a resend of the same
+//! command (same id) reads back, rather than a decision taken again on
+//! newer stock, which could go the other way.
 
 use std::collections::BTreeMap;
 
@@ -79,11 +85,30 @@ pub struct Fulfil {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum ItemEvent {
-    ItemAdded { name: String },
-    Restocked { quantity: u64 },
-    StockReserved { order: String, quantity: u64 },
-    ReservationReleased { order: String, quantity: u64 },
-    ReservationFulfilled { order: String, quantity: u64 },
+    ItemAdded {
+        name: String,
+    },
+    Restocked {
+        quantity: u64,
+    },
+    StockReserved {
+        order: String,
+        quantity: u64,
+    },
+    ReservationReleased {
+        order: String,
+        quantity: u64,
+    },
+    ReservationFulfilled {
+        order: String,
+        quantity: u64,
+    },
+    /// Not enough units were available for the order: nothing is held.
+    ReservationRefused {
+        order: String,
+        quantity: u64,
+        available: u64,
+    },
 }
 
 fn must_exist(state: &ItemState) -> Result<(), DomainError> {
@@ -145,10 +170,11 @@ impl Aggregate for Item {
                     None => {}
                 }
                 if q > state.available {
-                    return Err(DomainError::rejected(format!(
-                        "insufficient stock: {} available, {q} requested",
-                        state.available
-                    )));
+                    return Ok(vec![ReservationRefused {
+                        order,
+                        quantity: q,
+                        available: state.available,
+                    }]);
                 }
                 Ok(vec![StockReserved { order, quantity: q }])
             }
@@ -185,6 +211,7 @@ impl Aggregate for Item {
             ItemEvent::ReservationFulfilled { order, .. } => {
                 state.reservations.remove(order);
             }
+            ItemEvent::ReservationRefused { .. } => {}
         }
         state
     }
@@ -274,9 +301,15 @@ mod tests {
                 },
             ]
         };
-        given::<Item>(past())
-            .when(reserve("o2", 4))
-            .then_rejected("insufficient stock: 3 available, 4 requested");
+        let state =
+            given::<Item>(past())
+                .when(reserve("o2", 4))
+                .then_events([ReservationRefused {
+                    order: "o2".into(),
+                    quantity: 4,
+                    available: 3,
+                }]);
+        assert_eq!((state.available, state.reservations.len()), (3, 1));
         given::<Item>(past()).when(reserve("o1", 2)).then_events([]);
         given::<Item>(past())
             .when(reserve("o1", 3))

@@ -409,6 +409,7 @@ impl Projection for Stock {
                 let q = units(quantity)?;
                 (0, -q, q)
             }
+            ItemEvent::ReservationRefused { .. } => (0, 0, 0),
         };
         for (field, change) in [
             ("available", available),
