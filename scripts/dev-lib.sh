@@ -12,8 +12,8 @@ bin="target/debug"
 # aggregate types).
 app="${APP:-bank}"
 case "$app" in
-  bank) prefix="jetsource" cli="jetsource" ;;
-  shop) prefix="shop" cli="shop" ;;
+  bank) prefix="jetsource" cli="jetsource" workers=(command projector snapshotter gateway) ;;
+  shop) prefix="shop" cli="shop" workers=(command projector snapshotter gateway process) ;;
   *)
     echo "unknown APP=$app: use APP=bank (the default) or APP=shop" >&2
     exit 1
@@ -74,14 +74,14 @@ ports_free() {
 # - tls/: a development CA and a certificate for 127.0.0.1/localhost that
 #   nats-server (clients and routes) and redis-server serve;
 # - a random password per NATS role (client, command, projector,
-#   snapshotter, admin; nats/accounts.conf) and per Redis user (projector
+#   snapshotter, admin, gateway, process; nats/accounts.conf) and per Redis user (projector
 #   and admin write the read models, query only reads them).
 # On every start it renders .run/nats-accounts.conf (the passwords as
 # variables, then nats/accounts.conf), which nats/dev.conf and
 # nats/cluster/n*.conf include, and .run/<role>.env: everything a process of
 # that role needs (`source` it to act as that role). `rm -r .run/tls
 # .run/*.env .run/*.secret` makes new ones; `make clean-data` deletes all.
-roles=(client command projector snapshotter admin gateway)
+roles=(client command projector snapshotter admin gateway process)
 random_password() {
   local password
   password="$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 32 || true)"
@@ -219,16 +219,17 @@ start_redis() {
   return 1
 }
 
-# The app's three workers, each with its own role's settings.
+# The app's workers (the shop also has a process worker, for its
+# fulfilment process), each with its own role's settings.
 start_workers() {
   local role
-  for role in command projector snapshotter gateway; do
+  for role in "${workers[@]}"; do
     if [ ! -x "$bin/$prefix-$role" ]; then
       echo "$bin/$prefix-$role is not built: run \`cargo build --workspace --bins\`" >&2
       exit 1
     fi
   done
-  for role in command projector snapshotter gateway; do
+  for role in "${workers[@]}"; do
     # A subshell that execs the worker: $! is the worker's own PID.
     (
       source ".run/$role.env"
@@ -257,7 +258,6 @@ MSG
   $bin/$cli send item tea AddItem '{"name":"Green tea"}'
   $bin/$cli send item tea Restock '{"quantity":10}'
   $bin/$cli send order o-1 PlaceOrder '{"customer":"ada","lines":[{"sku":"tea","quantity":2,"price":150}]}'
-  $bin/$cli send item tea Reserve '{"order":"o-1","quantity":2}'
   $bin/$cli send order o-1 Pay '{"amount":300}'
   $bin/$cli query order o-1
   $bin/$cli query orders.by_customer ada
@@ -269,7 +269,10 @@ MSG
   echo "  source .run/admin.env     # role admin: history, state, stream, projection, dlq, snapshot"
   case "$app" in
     bank) echo "  $bin/$cli history account acc-1" ;;
-    shop) echo "  $bin/$cli history order o-1" ;;
+    shop)
+      echo "  $bin/$cli history order o-1"
+      echo "  $bin/$cli state fulfilment o-1   # the process that reserved the tea and confirmed the order"
+      ;;
   esac
   cat <<MSG
   $bin/$cli projection status

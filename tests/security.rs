@@ -752,3 +752,89 @@ async fn the_command_role_reads_long_histories_through_a_consumer() {
         "the command worker needed something its role may not do"
     );
 }
+
+/// The shop's process worker runs as the `process` role: it follows the
+/// orders, sends the items and orders its commands, appends the
+/// fulfilment's events, and schedules, receives and purges deadlines,
+/// with no permission violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_process_role_drives_a_process_with_deadlines() {
+    let secured = Secured::start();
+    let _command = secured.worker("shop-command", "command", &[]);
+    let _process = secured.worker("shop-process", "process", &[]);
+    let admin = secured.connect("admin").await;
+    wait_for_service(&admin, "jetsource-command", 1).await;
+    wait_for_service(&admin, "jetsource-process", 1).await;
+    let client = secured.connect("client").await;
+    let ok = |target: &'static str, body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let (t, id) = target.split_once('.').unwrap();
+            send(&client, t, id, body).await.unwrap()
+        }
+    };
+    ok(
+        "item.tea",
+        json!({"type": "AddItem", "data": {"name": "tea"}}),
+    )
+    .await;
+    ok(
+        "item.tea",
+        json!({"type": "Restock", "data": {"quantity": 5}}),
+    )
+    .await;
+    // One order is paid and stays; the other is never paid and expires
+    // after a second (a deadline scheduled, fired and purged).
+    for (order, pay) in [("o-paid", true), ("o-late", false)] {
+        let line = json!([{"sku": "tea", "quantity": 2, "price": 10}]);
+        let body = json!({"type": "PlaceOrder", "data": {"customer": "ada", "lines": line, "pay_within_secs": 1}});
+        let _ = send(&client, "order", order, body).await.unwrap();
+        if pay {
+            let _ = send(
+                &client,
+                "order",
+                order,
+                json!({"type": "Pay", "data": {"amount": 20}}),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let js = jetstream::new(admin.clone());
+    let store = jetsource_tests::open_store(&admin, &secured.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let types = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                let events = store.read_confirmed("order", id, 1).await.unwrap();
+                events.into_iter().map(|e| e.event_type).collect::<Vec<_>>()
+            }
+        };
+        let (paid, late) = (types("o-paid").await, types("o-late").await);
+        let confirmed = paid.contains(&"OrderConfirmed".to_owned());
+        if confirmed && late.contains(&"OrderCancelled".to_owned()) {
+            assert!(!paid.contains(&"OrderCancelled".to_owned()), "{paid:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "o-paid {paid:?}, o-late {late:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut deadlines = js.get_stream("DEADLINES").await.unwrap();
+    assert!(
+        deadlines
+            .info()
+            .await
+            .unwrap()
+            .config
+            .allow_message_schedules
+    );
+    assert_eq!(
+        secured.logged_violations(),
+        Vec::<String>::new(),
+        "the process worker needed something its role may not do"
+    );
+}

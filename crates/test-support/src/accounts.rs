@@ -8,13 +8,14 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
 /// The roles of `nats/accounts.conf`.
-pub const ROLES: [&str; 6] = [
+pub const ROLES: [&str; 7] = [
     "client",
     "command",
     "projector",
     "snapshotter",
     "admin",
     "gateway",
+    "process",
 ];
 
 /// A password per role and the server configuration made from them.
