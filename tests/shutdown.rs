@@ -53,15 +53,11 @@ async fn every_worker_stops_promptly_with_its_servers_up() {
     let client = nats.client().await;
     let url = redis.url();
     let env = [("JETSOURCE__REDIS__URL", url.as_str())];
-    let workers: Vec<(&str, Process)> = [
-        "jetsource-command",
-        "jetsource-projector",
-        "jetsource-snapshotter",
-    ]
-    .into_iter()
-    .map(|binary| (binary, Process::start(binary, &nats, &env)))
-    .collect();
-    for (service, _) in &workers {
+    let workers: Vec<(&str, Process)> = WORKERS
+        .into_iter()
+        .map(|(binary, _)| (binary, Process::start(binary, &nats, &env)))
+        .collect();
+    for (_, service) in WORKERS {
         wait_for_service(&client, service, 1).await;
     }
     for (binary, worker) in workers {
@@ -72,6 +68,15 @@ async fn every_worker_stops_promptly_with_its_servers_up() {
         );
     }
 }
+
+/// Every worker binary and its service name (the shop's process worker
+/// stands for the process worker: the bank has no process).
+const WORKERS: [(&str, &str); 4] = [
+    ("jetsource-command", "jetsource-command"),
+    ("jetsource-projector", "jetsource-projector"),
+    ("jetsource-snapshotter", "jetsource-snapshotter"),
+    ("shop-process", "jetsource-process"),
+];
 
 /// The server(s) killed before SIGTERM.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +102,11 @@ async fn snapshotter_stops_with_nats_gone() {
 }
 
 #[tokio::test]
+async fn process_worker_stops_with_nats_gone() {
+    single_node("shop-process", "jetsource-process", Fault::Nats).await;
+}
+
+#[tokio::test]
 async fn projector_stops_with_nats_gone() {
     single_node("jetsource-projector", "jetsource-projector", Fault::Nats).await;
 }
@@ -116,7 +126,7 @@ async fn projector_stops_with_nats_and_redis_gone() {
     .await;
 }
 
-/// All three workers on a 3-node cluster with replicas 3, connected to the
+/// Every worker on a 3-node cluster with replicas 3, connected to the
 /// two nodes that then die (the streams lose their quorum; the workers
 /// reconnect to the third node, if they learnt of it, where JetStream
 /// answers nothing); then each worker gets SIGTERM.
@@ -137,15 +147,11 @@ async fn every_worker_stops_on_a_cluster_that_lost_its_quorum() {
         ("JETSOURCE__STORE__REPLICAS", "3"),
         ("JETSOURCE__REDIS__URL", url.as_str()),
     ];
-    let workers: Vec<(&str, Process)> = [
-        "jetsource-command",
-        "jetsource-projector",
-        "jetsource-snapshotter",
-    ]
-    .into_iter()
-    .map(|binary| (binary, Process::start_at(binary, &urls, &env, None)))
-    .collect();
-    for (service, _) in &workers {
+    let workers: Vec<(&str, Process)> = WORKERS
+        .into_iter()
+        .map(|(binary, _)| (binary, Process::start_at(binary, &urls, &env, None)))
+        .collect();
+    for (_, service) in WORKERS {
         wait_for_service(&client, service, 1).await;
     }
     cluster.kill_node(1);
