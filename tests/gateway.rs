@@ -737,3 +737,87 @@ async fn another_applications_gateway_serves_its_own_types_and_queries() {
     assert!(queries.contains("orders.by_customer"), "{queries}");
     assert_eq!(http(&addr, "GET", "/console", &[], "").status, 200);
 }
+
+/// A process instance (the shop's fulfilment of an order) reads like any
+/// aggregate through the gateway, which the console uses: listed among the
+/// types, with its state and history; commands to it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_instance_reads_like_an_aggregate_over_http() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let client = nats.client().await;
+    let redis_url = redis.url();
+    let _command = Process::start("shop-command", &nats, &[]);
+    let _process = Process::start("shop-process", &nats, &[]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let keys = format!("write={}", sha256_hex(WRITE_KEY));
+    let _gateway = Process::start(
+        "shop-gateway",
+        &nats,
+        &[
+            ("JETSOURCE__GATEWAY__LISTEN", addr.as_str()),
+            ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
+            ("JETSOURCE__REDIS__URL", redis_url.as_str()),
+        ],
+    );
+    wait_for_service(&client, "jetsource-command", 1).await;
+    wait_for_service(&client, "jetsource-process", 1).await;
+    wait_until_ready(&addr);
+    let auth = bearer(WRITE_KEY);
+    let headers = [("Authorization", auth.as_str())];
+    let post = |path: &str, body: Value| http(&addr, "POST", path, &headers, &body.to_string());
+    let get = |path: &str| http(&addr, "GET", path, &headers, "");
+    for body in [
+        json!({"type": "AddItem", "data": {"name": "tea"}}),
+        json!({"type": "Restock", "data": {"quantity": 5}}),
+    ] {
+        assert_eq!(post("/v1/commands/item/tea", body).status, 200);
+    }
+    let line = json!([{"sku": "tea", "quantity": 2, "price": 10}]);
+    let place = json!({"type": "PlaceOrder", "data": {"customer": "ada", "lines": line}});
+    assert_eq!(post("/v1/commands/order/o-1", place).status, 200);
+
+    let types = get("/v1/types").json();
+    assert!(
+        types["aggregate_types"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("fulfilment")),
+        "{types}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = get("/v1/aggregates/fulfilment/o-1/state");
+        if state.status == 200 {
+            let body = state.json();
+            let instance = &body["state"]["state"];
+            if instance["confirm_answered"] == true {
+                assert_eq!(instance["lines"]["tea"]["stock"], "reserved", "{body}");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the order was not fulfilled: {}",
+            state.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let history = get("/v1/aggregates/fulfilment/o-1/events").json();
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types[0], "FulfilmentStarted", "{history}");
+    assert!(types.contains(&"StockReserved"), "{history}");
+    let refused = post("/v1/commands/fulfilment/o-1", json!({"type": "Anything"}));
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (400, "invalid"),
+        "{}",
+        refused.body
+    );
+    assert!(refused.body.contains("is a process"), "{}", refused.body);
+}
