@@ -687,6 +687,12 @@ impl Config {
             return invalid("snapshot.bucket must be 1..64 characters of [A-Za-z0-9_-]");
         }
         self.validate_security()?;
+        if !jetsource_aggregate::is_valid_token(&self.process.deadline_stream) {
+            return invalid("process.deadline_stream must be 1..64 characters of [A-Za-z0-9_-]");
+        }
+        if self.process.max_in_flight == 0 {
+            return invalid("process.max_in_flight must be at least 1");
+        }
         if !jetsource_aggregate::is_valid_token(&self.projector.dead_letter_stream) {
             return invalid(
                 "projector.dead_letter_stream must be 1..64 characters of [A-Za-z0-9_-]",
@@ -943,6 +949,10 @@ mod tests {
         assert_eq!(
             config.command.cache_capacity,
             CommandConfig::default().cache_capacity
+        );
+        assert_eq!(
+            config.process.deadline_stream,
+            ProcessConfig::default().deadline_stream
         );
     }
 }
