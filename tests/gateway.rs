@@ -729,7 +729,7 @@ async fn another_applications_gateway_serves_its_own_types_and_queries() {
     let types = http(&addr, "GET", "/v1/types", &headers, "").json();
     assert_eq!(
         types["aggregate_types"],
-        json!(["item", "order"]),
+        json!(["fulfilment", "item", "order"]),
         "{types}"
     );
     assert!(!types.to_string().contains("account"), "{types}");

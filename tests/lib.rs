@@ -120,7 +120,17 @@ pub fn cli_env(server: &NatsServer, env: &[(&str, &str)], args: &[&str]) -> (i32
 /// Runs the `jetsource` CLI against the server(s) at `nats_url`
 /// (comma-separated for a cluster), with extra environment.
 pub fn cli_at(nats_url: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut command = Command::new(workspace_binary("jetsource"));
+    cli_bin_at("jetsource", nats_url, env, args)
+}
+
+/// Like [`cli_at`], with another application's CLI binary (`shop`).
+pub fn cli_bin_at(
+    binary: &str,
+    nats_url: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut command = Command::new(workspace_binary(binary));
     command.args(["--url", nats_url]).args(args);
     for (k, v) in env {
         command.env(k, v);

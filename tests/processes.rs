@@ -320,3 +320,71 @@ async fn orders_settle_while_process_workers_and_a_node_are_killed_on_a_cluster(
     cluster.start_node(2);
     check(&client, &urls, &orders).await;
 }
+
+/// A deadline outlives everything that could forget it: the order is
+/// placed, the process worker schedules its payment deadline and dies;
+/// nats-server is killed and started again after the deadline has passed;
+/// a new process worker then expires the order and releases its stock.
+/// The CLI shows the instance like any aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_fires_after_the_worker_and_the_server_restarted() {
+    let mut server = NatsServer::start_with(Sync::Always);
+    let client = server.client().await;
+    let command = Process::start("shop-command", &server, &[]);
+    let process = Process::start("shop-process", &server, &[]);
+    wait_for_service(&client, "jetsource-command", 1).await;
+    wait_for_service(&client, "jetsource-process", 1).await;
+    stock_items(&client).await;
+    let line = json!([{"sku": "tea", "quantity": 3, "price": 10}]);
+    let place = json!({"type": "PlaceOrder", "command_id": "place", "data": {
+        "customer": "ada", "lines": line, "pay_within_secs": 2}});
+    send(&client, "order.late", place).await.unwrap();
+    // Wait until the stock is reserved (the deadline is scheduled in the
+    // same drive, before its wake-up is acknowledged).
+    let store = jetsource_tests::open_store(&client, &server.url()).await;
+    let registry = jetsource_shop::app().registry().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state(&store, &registry, "order", "late").await["confirmed"] != true {
+        assert!(Instant::now() < deadline, "the order was not confirmed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let placed_at = Instant::now();
+    process.signal("KILL");
+    drop(process);
+    drop(command);
+    server.kill();
+    // Down past the deadline.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(placed_at.elapsed())).await;
+    server.restart();
+    let client = server.client().await;
+    let _command = Process::start("shop-command", &server, &[]);
+    let _process = Process::start("shop-process", &server, &[]);
+    wait_for_service(&client, "jetsource-process", 1).await;
+    let store = jetsource_tests::open_store(&client, &server.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let order = state(&store, &registry, "order", "late").await;
+        let tea = state(&store, &registry, "item", "tea").await;
+        if order["status"] == "cancelled" && tea["reservations"].get("late").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not expired: {order} {tea}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = jetsource_tests::cli_bin_at(
+        "shop",
+        &server.url(),
+        &[],
+        &["--json", "state", "fulfilment", "late"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        shown["state"]["state"]["reason"], "payment not received in time",
+        "{out}"
+    );
+    assert_eq!(
+        shown["state"]["state"]["lines"]["tea"]["stock"], "released",
+        "{out}"
+    );
+}

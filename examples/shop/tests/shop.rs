@@ -690,7 +690,7 @@ async fn orders_stored_at_schema_1_are_read_as_schema_2_everywhere() {
     let state = order.state_to_json(&loaded.state);
     assert_eq!(
         state,
-        json!({"status": "placed", "customer": "old", "lines": v2_line, "total": 750})
+        json!({"status": "placed", "confirmed": false, "customer": "old", "lines": v2_line, "total": 750})
     );
     let typed: OrderState = serde_json::from_value(state).unwrap();
     assert_eq!(typed.lines[0].quantity, 3);
