@@ -138,15 +138,27 @@ pub struct Deadline {
 }
 
 /// The runtime's own record in an instance's history: the followed
-/// aggregate's event at `version` (stream sequence `sequence`) was
-/// handled. Appended after the events that input produced, in the same
-/// atomic append. Processes must not use this event type.
+/// aggregate's events up to `version` (stream sequence `sequence`) were
+/// handled. Appended after the events they produced, in the same atomic
+/// append; followed events that produce nothing are recorded only every
+/// so often (they are handled again, to the same nothing, until then).
+/// Processes must not use this event type.
 pub const OBSERVED: &str = "ProcessObserved";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
     pub version: u64,
     pub sequence: u64,
+}
+
+impl Observed {
+    /// The record as an event to append.
+    pub fn to_event(self) -> NewEvent {
+        NewEvent {
+            event_type: OBSERVED.to_owned(),
+            data: serde_json::to_vec(&self).expect("serializes"),
+        }
+    }
 }
 
 /// An instance's state with the runtime's bookkeeping.
@@ -163,14 +175,13 @@ pub trait DynProcess: Send + Sync + std::fmt::Debug {
     fn follows(&self) -> &'static str;
     /// The last followed event the instance handled (from its state).
     fn observed(&self, state: &State) -> Option<Observed>;
-    /// The events `input` produces, for a stored followed event (upcast
-    /// and decoded here). A followed event it cannot decode is an error.
+    /// The events a stored followed event produces (upcast and decoded
+    /// here). A followed event it cannot decode is an error.
     fn on_event(
         &self,
         state: &State,
         event: StoredEvent<'_>,
         at_ms: u64,
-        observed: Observed,
     ) -> Result<Vec<NewEvent>, DecodeError>;
     fn on_answer(&self, state: &State, key: &str, answer: &Answer) -> Vec<NewEvent>;
     fn on_deadline(&self, state: &State, name: &str) -> Vec<NewEvent>;
@@ -221,7 +232,6 @@ impl<P: Process> DynProcess for ErasedProcess<P> {
         state: &State,
         event: StoredEvent<'_>,
         at_ms: u64,
-        observed: Observed,
     ) -> Result<Vec<NewEvent>, DecodeError> {
         type F<P> = <P as Process>::Follows;
         let data: Cow<'_, [u8]> = crate::upcast::upcast(
@@ -241,12 +251,7 @@ impl<P: Process> DynProcess for ErasedProcess<P> {
             event: &decoded,
             at_ms,
         };
-        let mut events = serialize::<P>(&P::handle(&instance::<P>(state).state, input));
-        events.push(NewEvent {
-            event_type: OBSERVED.to_owned(),
-            data: serde_json::to_vec(&observed).expect("serializes"),
-        });
-        Ok(events)
+        Ok(serialize::<P>(&P::handle(&instance::<P>(state).state, input)))
     }
 
     fn on_answer(&self, state: &State, key: &str, answer: &Answer) -> Vec<NewEvent> {

@@ -35,6 +35,10 @@ use jetsource_core::store::{Append, EventStore, StoreError, StoreErrorKind};
 /// new pending commands is cut off here (and driven again on its next
 /// input) rather than spinning.
 const MAX_STEPS: usize = 64;
+/// Followed events that produced nothing, read again by every drive until
+/// this many pile up and are recorded as observed.
+const RECORD_OBSERVED_AFTER: usize = 64;
+
 /// Sends of one command within one drive before the drive gives up (the
 /// wake-up is delivered again later).
 const SEND_ATTEMPTS: u32 = 5;
@@ -193,25 +197,29 @@ impl Driver {
             .store
             .read_confirmed(follows, instance.id, from)
             .await?;
-        if !followed.is_empty() {
+        if let Some(last) = followed.last() {
             let mut state = instance.loaded.state.clone();
             let mut events = Vec::new();
             for event in &followed {
                 let at_ms = (event.timestamp.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-                let observed = Observed {
-                    version: event.aggregate_version,
-                    sequence: event.sequence,
-                };
                 let new = process
-                    .on_event(&state, event.stored(), at_ms, observed)
-                    .map_err(|e| {
-                        DriveError::Decode(format!("{follows}.{}", instance.id), e.to_string())
-                    })?;
+                    .on_event(&state, event.stored(), at_ms)
+                    .map_err(|e| DriveError::Decode(format!("{follows}.{}", instance.id), e.to_string()))?;
                 state = fold(instance.aggregate, &state, &new)?;
                 events.extend(new);
             }
             count(process, "event", followed.len());
-            return self.append(instance, events, "event").await;
+            // Events that change nothing are not worth an append each:
+            // they are recorded as observed with the next that does, or
+            // once enough of them piled up (each drive reads them again).
+            if !events.is_empty() || followed.len() >= RECORD_OBSERVED_AFTER {
+                let observed = Observed {
+                    version: last.aggregate_version,
+                    sequence: last.sequence,
+                };
+                events.push(observed.to_event());
+                return self.append(instance, events, "event").await;
+            }
         }
         if let Some(fired) = due.take() {
             let waiting = Deadline {
