@@ -12,7 +12,7 @@ bin="target/debug"
 # aggregate types).
 app="${APP:-bank}"
 case "$app" in
-  bank) prefix="jetsource" cli="jetsource" workers=(command projector snapshotter gateway) ;;
+  bank) prefix="jetsource" cli="jetsource" workers=(command projector snapshotter gateway process) ;;
   shop) prefix="shop" cli="shop" workers=(command projector snapshotter gateway process) ;;
   *)
     echo "unknown APP=$app: use APP=bank (the default) or APP=shop" >&2
@@ -219,8 +219,8 @@ start_redis() {
   return 1
 }
 
-# The app's workers (the shop also has a process worker, for its
-# fulfilment process), each with its own role's settings.
+# The app's workers (with the process worker: the bank's loyalty process,
+# the shop's fulfilment), each with its own role's settings.
 start_workers() {
   local role
   for role in "${workers[@]}"; do

@@ -34,7 +34,7 @@ start_workers
 
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running on a 3-node cluster: nats on 127.0.0.1:4222, 4223 and
 4224 (monitoring http://127.0.0.1:8222 and up), streams with 3 replicas,
-redis on rediss://127.0.0.1:6379, $prefix-command, -projector, -snapshotter, -gateway (HTTP API and console on 127.0.0.1:8080)$([ "$app" = shop ] && echo " and -process (the fulfilment process)").
+redis on rediss://127.0.0.1:6379, $prefix-command, -projector, -snapshotter, -gateway (HTTP API and console on 127.0.0.1:8080) and -process (process managers).
 TLS (clients and routes) and authorization are on: a development CA in
 .run/tls, one NATS user per role (client, command, projector, snapshotter,
 admin) with its settings, all three nodes' URLs among them, in

@@ -26,7 +26,7 @@ start_workers
   cat <<MSG
 
 $([ "$app" = bank ] && echo jetsource || echo "the $app") is running: nats on tls://127.0.0.1:4222 (monitoring http://127.0.0.1:8222),
-redis on rediss://127.0.0.1:6379, $prefix-command, -projector, -snapshotter, -gateway (HTTP API and console on 127.0.0.1:8080)$([ "$app" = shop ] && echo " and -process (the fulfilment process)").
+redis on rediss://127.0.0.1:6379, $prefix-command, -projector, -snapshotter, -gateway (HTTP API and console on 127.0.0.1:8080) and -process (process managers).
 TLS and authorization are on: a development CA in .run/tls, one NATS user per
 role (client, command, projector, snapshotter, admin, gateway, process) with its settings in
 .run/<role>.env (docs/SECURITY.md, docs/TLS.md).

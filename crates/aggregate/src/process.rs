@@ -66,9 +66,13 @@ pub trait Process: Send + Sync + 'static {
 /// One input to a process instance.
 #[derive(Debug)]
 pub enum Input<'a, A: Aggregate> {
-    /// The followed aggregate's next event, and when it was stored (Unix
-    /// milliseconds).
-    Event { event: &'a A::Event, at_ms: u64 },
+    /// The followed aggregate's next event, its version (1 for the
+    /// aggregate's first event) and when it was stored (Unix milliseconds).
+    Event {
+        event: &'a A::Event,
+        version: u64,
+        at_ms: u64,
+    },
     /// The answer to the pending command `key`.
     Answered { key: &'a str, answer: &'a Answer },
     /// Deadline `name` passed.
@@ -181,6 +185,7 @@ pub trait DynProcess: Send + Sync + std::fmt::Debug {
         &self,
         state: &State,
         event: StoredEvent<'_>,
+        version: u64,
         at_ms: u64,
     ) -> Result<Vec<NewEvent>, DecodeError>;
     fn on_answer(&self, state: &State, key: &str, answer: &Answer) -> Vec<NewEvent>;
@@ -231,6 +236,7 @@ impl<P: Process> DynProcess for ErasedProcess<P> {
         &self,
         state: &State,
         event: StoredEvent<'_>,
+        version: u64,
         at_ms: u64,
     ) -> Result<Vec<NewEvent>, DecodeError> {
         type F<P> = <P as Process>::Follows;
@@ -249,9 +255,13 @@ impl<P: Process> DynProcess for ErasedProcess<P> {
         let decoded: <F<P> as Aggregate>::Event = decode_event(&mut buf, event.event_type, &data)?;
         let input = Input::Event {
             event: &decoded,
+            version,
             at_ms,
         };
-        Ok(serialize::<P>(&P::handle(&instance::<P>(state).state, input)))
+        Ok(serialize::<P>(&P::handle(
+            &instance::<P>(state).state,
+            input,
+        )))
     }
 
     fn on_answer(&self, state: &State, key: &str, answer: &Answer) -> Vec<NewEvent> {

@@ -203,8 +203,10 @@ impl Driver {
             for event in &followed {
                 let at_ms = (event.timestamp.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
                 let new = process
-                    .on_event(&state, event.stored(), at_ms)
-                    .map_err(|e| DriveError::Decode(format!("{follows}.{}", instance.id), e.to_string()))?;
+                    .on_event(&state, event.stored(), event.aggregate_version, at_ms)
+                    .map_err(|e| {
+                        DriveError::Decode(format!("{follows}.{}", instance.id), e.to_string())
+                    })?;
                 state = fold(instance.aggregate, &state, &new)?;
                 events.extend(new);
             }

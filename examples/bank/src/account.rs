@@ -32,6 +32,7 @@ pub enum AccountCommand {
     Withdraw(Withdraw),
     CloseAccount(CloseAccount),
     Transfer(Transfer),
+    Reward(Reward),
 }
 
 /// Opens the account. A positive `initial_deposit` also deposits it, in the
@@ -59,6 +60,14 @@ pub struct Withdraw {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloseAccount {}
+
+/// Credits a loyalty reward (sent by the loyalty process,
+/// [`crate::loyalty`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reward {
+    pub amount: u64,
+}
 
 /// Moves `amount` from this account to account `to`, both sides in one
 /// atomic append: a multi-aggregate command (it `involves` `to`).
@@ -92,6 +101,10 @@ pub enum AccountEvent {
         from: String,
         amount: u64,
     },
+    /// A loyalty reward was credited.
+    Rewarded {
+        amount: u64,
+    },
 }
 
 /// A change of balance: its name in transaction lists, its size, and
@@ -111,6 +124,7 @@ impl AccountEvent {
             AccountEvent::Withdrawn { amount } => ("Withdrawn", *amount, false),
             AccountEvent::TransferSent { amount, .. } => ("TransferSent", *amount, false),
             AccountEvent::TransferReceived { amount, .. } => ("TransferReceived", *amount, true),
+            AccountEvent::Rewarded { amount } => ("Rewarded", *amount, true),
             AccountEvent::AccountOpened { .. } | AccountEvent::AccountClosed {} => return None,
         };
         Some(Movement {
@@ -198,6 +212,15 @@ impl Aggregate for Account {
                     )));
                 }
                 Ok(vec![AccountClosed {}])
+            }
+            AccountCommand::Reward(Reward { amount }) => {
+                let amount = positive(amount)?;
+                must_be_open(state)?;
+                state
+                    .balance
+                    .checked_add(amount)
+                    .ok_or_else(|| DomainError::rejected("reward would overflow the balance"))?;
+                Ok(vec![Rewarded { amount }])
             }
             AccountCommand::Transfer(_) => Err(DomainError::invalid(
                 "Transfer decides over two accounts and is decided by handle_with",

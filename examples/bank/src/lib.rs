@@ -1,9 +1,11 @@
 //! The bank: jetsource's example application, built only on its public
 //! API. Bank [`account`]s and [`user`]s (pure functions over plain data),
-//! their [`read_models`] and queries, all declared once in [`app`]; the
-//! binaries in src/bin each call one jetsource entry point with it.
+//! the [`loyalty`] process, their [`read_models`] and queries, all declared
+//! once in [`app`]; the binaries in src/bin each call one jetsource entry
+//! point with it.
 
 pub mod account;
+pub mod loyalty;
 pub mod read_models;
 pub mod user;
 
@@ -16,6 +18,7 @@ pub fn app() -> App {
     App::new("jetsource")
         .aggregate::<account::Account>()
         .aggregate::<user::User>()
+        .process::<loyalty::Loyalty>()
         .projection_with(|config| read_models::Accounts {
             recent_transactions: config.projector.recent_transactions,
         })

@@ -209,7 +209,7 @@ impl Process for Fulfilment {
 
     fn handle(state: &FulfilmentState, input: Input<'_, Order>) -> Vec<FulfilmentEvent> {
         match input {
-            Input::Event { event, at_ms } => Self::on_order(state, event, at_ms),
+            Input::Event { event, at_ms, .. } => Self::on_order(state, event, at_ms),
             Input::Answered { key, answer } => Self::on_answer(state, key, answer),
             Input::Deadline { name } if name == PAYMENT && !state.paid => {
                 vec![FulfilmentEvent::CancellationStarted {
@@ -360,6 +360,7 @@ mod tests {
         fn event(&mut self, event: OrderEvent, at_ms: u64) -> Vec<FulfilmentEvent> {
             let input = Input::Event {
                 event: &event,
+                version: 0,
                 at_ms,
             };
             let events = Fulfilment::handle(&self.0, input);
