@@ -241,6 +241,6 @@ mod tests {
         assert!(state.closed);
         assert_eq!(state.rewards[&25], Stage::Forfeited);
         assert!(Loyalty::deadlines(&state).is_empty());
-        assert!(deposit(state, 50).rewards.get(&50).is_none());
+        assert!(!deposit(state, 50).rewards.contains_key(&50));
     }
 }
