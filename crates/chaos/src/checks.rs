@@ -29,7 +29,7 @@ pub struct Check {
     pub detail: String,
 }
 
-fn check(name: &'static str, passed: bool, detail: String) -> Check {
+pub fn check(name: &'static str, passed: bool, detail: String) -> Check {
     Check {
         name,
         passed,
@@ -159,15 +159,18 @@ pub struct Evidence<'a> {
     pub stopped: &'a [Stopped],
     pub stats: &'a Stats,
     pub recovery_bound: Duration,
+    /// How long the loyalty process took to settle after the load.
+    pub settled: &'a Result<Duration, String>,
 }
 
-/// All ten checks, in report order.
+/// All eleven checks, in report order.
 pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
     let stored = stored_by_command(&e.stream.events);
     vec![
         acked_stored_once(e, &stored),
         refused_not_stored(e.records, &stored),
         transfers_whole(&e.stream.events),
+        crate::processes::rewards(&e.stream.events, e.settled),
         replicas_equal(e.replicas, e.stream.last_sequence),
         read_models(e),
         totals(e.expected, &e.read_models.totals),
@@ -183,10 +186,11 @@ type Key = (String, String);
 /// Stored events per (account the command was sent to, command id): a
 /// transfer's event on the receiving account belongs to the sender's
 /// command (`Jetsource-Command-Aggregate`). Events without a command id
-/// under an empty id (every command of ours has one).
+/// under an empty id (every command of ours has one). Accounts only: the
+/// loyalty process's instances are checked by `process-rewards`.
 fn stored_by_command(events: &[RecordedEvent]) -> HashMap<Key, Vec<&RecordedEvent>> {
     let mut map: HashMap<Key, Vec<&RecordedEvent>> = HashMap::new();
-    for event in events {
+    for event in events.iter().filter(|e| e.aggregate_type == "account") {
         let id = event.command_id.clone().unwrap_or_default();
         let owner = match event.command_aggregate.as_deref() {
             Some(owner) => owner.split_once('.').map_or(owner, |(_, id)| id),
@@ -340,7 +344,8 @@ fn acked_stored_once(e: &Evidence<'_>, stored: &HashMap<Key, Vec<&RecordedEvent>
         }
     }
     for (k, events) in stored {
-        if !sent.contains_key(k) {
+        // The loyalty process's commands: checked by `process-rewards`.
+        if !sent.contains_key(k) && !k.1.starts_with(crate::processes::COMMAND_PREFIX) {
             problems.add(
                 "stored but never sent",
                 format!("{}/{:?} seq {}", k.0, k.1, events[0].sequence),
@@ -682,6 +687,7 @@ mod tests {
             stopped: &[],
             stats: &stats,
             recovery_bound: Duration::from_secs(30),
+            settled: &Ok(Duration::ZERO),
         };
         let stored = stored_by_command(&stream.events);
         (

@@ -33,16 +33,18 @@ pub enum Fault {
     CommandWorker,
     ApplyingProjector,
     Snapshotter,
+    ProcessWorker,
     Redis,
     LeaderNode,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::FollowerNode,
         Fault::CommandWorker,
         Fault::ApplyingProjector,
         Fault::Snapshotter,
+        Fault::ProcessWorker,
         Fault::Redis,
         Fault::LeaderNode,
     ];
@@ -55,6 +57,7 @@ impl Fault {
                 "SIGKILL the applying projector (pin holder), start a replacement"
             }
             Fault::Snapshotter => "SIGKILL the snapshotter, start it again",
+            Fault::ProcessWorker => "SIGKILL a process worker, start a replacement",
             Fault::Redis => "SIGKILL Redis, start it again empty on the same port",
             Fault::LeaderNode => "SIGKILL the stream leader node, restart it later",
         }
@@ -225,6 +228,7 @@ async fn strike(
         }
         Fault::CommandWorker => kill_and_replace(env, Kind::Command, None).await,
         Fault::Snapshotter => kill_and_replace(env, Kind::Snapshotter, None).await,
+        Fault::ProcessWorker => kill_and_replace(env, Kind::Process, None).await,
         Fault::ApplyingProjector => {
             let pid = applying_projector(env.admin).await;
             if pid.is_none() {

@@ -32,10 +32,17 @@ pub enum Kind {
     Command,
     Projector,
     Snapshotter,
+    /// The bank's loyalty process.
+    Process,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Command, Kind::Projector, Kind::Snapshotter];
+    pub const ALL: [Kind; 4] = [
+        Kind::Command,
+        Kind::Projector,
+        Kind::Snapshotter,
+        Kind::Process,
+    ];
 
     /// Binary and micro-service name (they are the same).
     pub fn binary(self) -> &'static str {
@@ -43,6 +50,7 @@ impl Kind {
             Kind::Command => "jetsource-command",
             Kind::Projector => "jetsource-projector",
             Kind::Snapshotter => "jetsource-snapshotter",
+            Kind::Process => "jetsource-process",
         }
     }
 
@@ -51,6 +59,7 @@ impl Kind {
             Kind::Command => "command",
             Kind::Projector => "projector",
             Kind::Snapshotter => "snapshotter",
+            Kind::Process => "process",
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod faults;
 pub mod fleet;
 pub mod fold;
 pub mod load;
+pub mod processes;
 pub mod progress;
 pub mod report;
 pub mod stream;
@@ -196,7 +197,9 @@ async fn exercise(
     say(&format!("opening {} accounts", config.accounts));
     load::open_accounts(&admin, &stats, &ledger, config.accounts, parallel, seed).await;
     let (faults, load_time, load_end) = drive(config, seed, fleet, &admin, &stats, &ledger).await?;
-    say("load stopped; reading the stream, the replicas and the read models");
+    say("load stopped; waiting for the loyalty process to settle");
+    let settled = processes::settle(&admin, Duration::from_secs(60)).await;
+    say("reading the stream, the replicas and the read models");
     let stream = stream::read_all(&admin, Duration::from_secs(120)).await?;
     let replicas = replicas(fleet, stream.last_sequence).await;
     let expected = fold::fold(&stream.events);
@@ -230,6 +233,7 @@ async fn exercise(
         stopped: &stopped,
         stats: &stats,
         recovery_bound: Duration::from_secs(config.recovery_bound_secs),
+        settled: &settled,
     });
     Ok(Findings {
         config: config.clone(),
@@ -259,16 +263,18 @@ async fn replicas(fleet: &Fleet, last_sequence: u64) -> Result<Vec<Replica>, Str
     stream::replicas(&nodes, last_sequence, Duration::from_secs(30)).await
 }
 
-/// Two command workers, two projectors, one snapshotter, each answering
+/// Two command workers, two projectors, one snapshotter and two process
+/// workers (the loyalty process), each answering
 /// `$SRV.PING` before the load starts. Workers are started only once the
 /// cluster's JetStream answers (a meta leader is elected): before that a
 /// worker cannot create the stream and exits.
 async fn start_workers(fleet: &Fleet, admin: &async_nats::Client) -> anyhow::Result<()> {
     wait_for_jetstream(admin, Duration::from_secs(60)).await?;
-    const FLEET: [(Kind, usize); 3] = [
+    const FLEET: [(Kind, usize); 4] = [
         (Kind::Command, 2),
         (Kind::Projector, 2),
         (Kind::Snapshotter, 1),
+        (Kind::Process, 2),
     ];
     for (kind, n) in FLEET {
         for _ in 0..n {
