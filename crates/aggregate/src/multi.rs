@@ -191,3 +191,135 @@ impl<E> From<Vec<E>> for Decided<E> {
         Self::new(events)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DecideError, Registry};
+    use serde::{Deserialize, Serialize};
+
+    /// Two aggregate types: a wallet spends into a ledger of another type.
+    #[derive(Debug)]
+    struct Wallet;
+    #[derive(Debug)]
+    struct Ledger;
+
+    #[derive(Clone, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    enum WalletCommand {
+        Spend { ledger: String, amount: u64 },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    enum WalletEvent {
+        Spent { amount: u64 },
+    }
+
+    #[derive(Clone, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    enum LedgerCommand {}
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    enum LedgerEvent {
+        Booked { amount: u64, from: String },
+    }
+
+    impl Aggregate for Wallet {
+        const TYPE: &'static str = "wallet";
+        type State = u64;
+        type Command = WalletCommand;
+        type Event = WalletEvent;
+
+        fn handle(_: &u64, _: WalletCommand) -> Result<Vec<WalletEvent>, DomainError> {
+            Err(DomainError::invalid("decided by handle_with"))
+        }
+
+        fn apply(state: u64, event: &WalletEvent) -> u64 {
+            let WalletEvent::Spent { amount } = event;
+            state + amount
+        }
+
+        fn involves(command: &WalletCommand) -> Vec<AggregateRef> {
+            let WalletCommand::Spend { ledger, .. } = command;
+            vec![AggregateRef::of::<Ledger>(ledger)]
+        }
+
+        fn handle_with(
+            _: &u64,
+            others: &Others,
+            command: WalletCommand,
+        ) -> Result<Decided<WalletEvent>, DomainError> {
+            let WalletCommand::Spend { ledger, amount } = command;
+            let booked = others
+                .get::<Ledger>(&ledger)
+                .ok_or_else(|| DomainError::invalid("ledger not loaded"))?;
+            if *booked >= 10 {
+                return Err(DomainError::rejected("ledger full"));
+            }
+            let from = others.own_id().to_owned();
+            Ok(Decided::new(vec![WalletEvent::Spent { amount }])
+                .and::<Ledger>(ledger, [LedgerEvent::Booked { amount, from }]))
+        }
+    }
+
+    impl Aggregate for Ledger {
+        const TYPE: &'static str = "ledger";
+        const EVENT_SCHEMA_VERSION: u32 = 3;
+        type State = u64;
+        type Command = LedgerCommand;
+        type Event = LedgerEvent;
+
+        fn handle(_: &u64, command: LedgerCommand) -> Result<Vec<LedgerEvent>, DomainError> {
+            match command {}
+        }
+
+        fn apply(state: u64, _: &LedgerEvent) -> u64 {
+            state + 1
+        }
+    }
+
+    #[test]
+    fn a_command_decides_over_an_aggregate_of_another_type() {
+        let registry = Registry::new().register::<Wallet>().register::<Ledger>();
+        let wallet = registry.get("wallet").expect("registered");
+        let ledger = registry.get("ledger").expect("registered");
+        let spend = wallet
+            .parse("Spend", serde_json::json!({"ledger": "l1", "amount": 7}))
+            .expect("parses");
+        assert_eq!(wallet.involves(&spend), [AggregateRef::of::<Ledger>("l1")]);
+
+        let mut others = Others::sent_to("w1");
+        others.insert(AggregateRef::of::<Ledger>("l1"), ledger.initial());
+        let (decision, emitted) = wallet
+            .decide_with(&wallet.initial(), &others, &spend)
+            .expect("decides");
+        assert_eq!(decision.events[0].event_type, "Spent");
+        assert_eq!(emitted.len(), 1);
+        let booked = &emitted[0];
+        assert_eq!(booked.aggregate, AggregateRef::of::<Ledger>("l1"));
+        assert_eq!(
+            booked.schema_version, 3,
+            "stored under the ledger's own version"
+        );
+        let events = booked.events.as_ref().expect("serialized");
+        assert_eq!(events[0].data, br#"{"amount":7,"from":"w1"}"#);
+
+        // The runtime folds the other's events with its own `apply`.
+        let mut stored = events.iter().map(|e| crate::StoredEvent {
+            event_type: &e.event_type,
+            schema_version: 3,
+            data: &e.data,
+        });
+        let after = ledger.fold(&ledger.initial(), &mut stored).expect("folds");
+        assert_eq!(ledger.state_to_json(&after), serde_json::json!(1));
+
+        // Through `decide` (no others loaded) the command is never decided
+        // blind.
+        let blind = wallet
+            .decide(&wallet.initial(), &spend)
+            .expect_err("refused");
+        assert!(matches!(blind, DecideError::Domain(_)), "{blind:?}");
+    }
+}
