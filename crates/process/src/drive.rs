@@ -35,9 +35,10 @@ use jetsource_core::store::{Append, EventStore, StoreError, StoreErrorKind};
 /// new pending commands is cut off here (and driven again on its next
 /// input) rather than spinning.
 const MAX_STEPS: usize = 64;
-/// Followed events that produced nothing, read again by every drive until
-/// this many pile up and are recorded as observed.
-const RECORD_OBSERVED_AFTER: usize = 64;
+/// Followed events that produced nothing are recorded as observed once
+/// this many piled up (until then a copy remembers how far it read, and
+/// another reads them again).
+const RECORD_OBSERVED_AFTER: u64 = 64;
 
 /// Sends of one command within one drive before the drive gives up (the
 /// wake-up is delivered again later).
@@ -75,6 +76,21 @@ pub enum Wake {
 #[derive(Debug, Default)]
 struct Locks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
+/// Instances this copy drove recently, as it left them: the next drive
+/// only catches up (one round trip to the stream leader) instead of
+/// loading the whole history.
+const CACHED_INSTANCES: usize = 10_000;
+
+/// A cached instance.
+#[derive(Debug, Clone)]
+struct Cached {
+    loaded: Loaded,
+    /// Followed events up to this stream sequence produced nothing for the
+    /// instance at `loaded.version` and were not recorded: the next drive
+    /// at that version reads after them instead of handling them again.
+    skipped_to: Option<(u64, u64)>,
+}
+
 impl Locks {
     fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -93,6 +109,10 @@ pub struct Driver {
     pub registry: Registry,
     pub timeout: Duration,
     locks: Locks,
+    cache: Mutex<lru::LruCache<String, Cached>>,
+    /// Event wake-ups that arrived while a drive of their instance was
+    /// running, by instance (`<process>.<id>`): one more drive covers them.
+    waiting: Mutex<HashMap<String, Vec<async_nats::jetstream::Message>>>,
 }
 
 /// One instance being driven.
@@ -101,6 +121,8 @@ struct Instance<'a> {
     aggregate: &'a dyn DynAggregate,
     id: &'a str,
     loaded: Loaded,
+    /// See [`Cached::skipped_to`]: (version, sequence).
+    skipped_to: Option<(u64, u64)>,
 }
 
 impl Instance<'_> {
@@ -134,6 +156,10 @@ impl Driver {
             registry,
             timeout,
             locks: Locks::default(),
+            cache: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CACHED_INSTANCES).expect("not zero"),
+            )),
+            waiting: Mutex::default(),
         }
     }
 
@@ -151,9 +177,17 @@ impl Driver {
             .get(process_type)
             .expect("a registered process is an aggregate type")
             .as_ref();
-        let lock = self.locks.get(&format!("{process_type}.{id}"));
+        let key = format!("{process_type}.{id}");
+        let lock = self.locks.get(&key);
         let _held = lock.lock().await;
-        let mut loaded = Loaded::load(&self.store, aggregate, id, Until::End).await?;
+        let cached = self.cache().pop(&key);
+        let (mut loaded, skipped_to) = match cached {
+            Some(cached) => (cached.loaded, cached.skipped_to),
+            None => (
+                Loaded::load(&self.store, aggregate, id, Until::End).await?,
+                None,
+            ),
+        };
         loaded
             .catch_up_confirmed(&self.store, aggregate, id, Until::End)
             .await?;
@@ -162,6 +196,7 @@ impl Driver {
             aggregate,
             id,
             loaded,
+            skipped_to,
         };
         let waited = process.deadlines(&instance.loaded.state);
         let mut due = match wake {
@@ -180,7 +215,24 @@ impl Driver {
                 Stepped::Idle => break,
             }
         }
-        self.keep_deadlines(&instance, &waited).await
+        self.keep_deadlines(&instance, &waited).await?;
+        let cached = Cached {
+            loaded: instance.loaded,
+            skipped_to: instance.skipped_to,
+        };
+        self.cache().put(key, cached);
+        Ok(())
+    }
+
+    /// Event wake-ups waiting for a drive of their instance (see `wake`).
+    pub fn waiting(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<async_nats::jetstream::Message>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, lru::LruCache<String, Cached>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn step(
@@ -190,9 +242,13 @@ impl Driver {
     ) -> Result<Stepped, DriveError> {
         let process = instance.process;
         let follows = process.follows();
-        let from = process
-            .observed(&instance.loaded.state)
-            .map_or(1, |o| o.sequence + 1);
+        let recorded = process.observed(&instance.loaded.state);
+        let observed = recorded.map_or(0, |o| o.sequence);
+        let skipped = match instance.skipped_to {
+            Some((version, sequence)) if version == instance.loaded.version => sequence,
+            _ => 0,
+        };
+        let from = observed.max(skipped) + 1;
         let followed = self
             .store
             .read_confirmed(follows, instance.id, from)
@@ -214,7 +270,11 @@ impl Driver {
             // Events that change nothing are not worth an append each:
             // they are recorded as observed with the next that does, or
             // once enough of them piled up (each drive reads them again).
-            if !events.is_empty() || followed.len() >= RECORD_OBSERVED_AFTER {
+            // Counted in followed events since the last record, read now
+            // or skipped earlier: a copy without this one's memory reads
+            // them all again.
+            let unrecorded = last.aggregate_version - recorded.map_or(0, |o| o.version);
+            if !events.is_empty() || unrecorded >= RECORD_OBSERVED_AFTER {
                 let observed = Observed {
                     version: last.aggregate_version,
                     sequence: last.sequence,
@@ -222,6 +282,7 @@ impl Driver {
                 events.push(observed.to_event());
                 return self.append(instance, events, "event").await;
             }
+            instance.skipped_to = Some((instance.loaded.version, last.sequence));
         }
         if let Some(fired) = due.take() {
             let waiting = Deadline {

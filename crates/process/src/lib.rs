@@ -289,12 +289,58 @@ async fn wake(driver: &Driver, process: &dyn DynProcess, message: async_nats::je
         }
     };
     let instance = format!("{}.{id}", process.process_type());
-    match driver.drive(process, &id, &wake).await {
-        Ok(()) => {
-            if let Err(e) = message.ack().await {
-                tracing::debug!(%instance, error = %e, "ack failed; the wake-up will come again");
+    let mut batch = vec![message];
+    if let Wake::Event = wake {
+        // A drive of this instance is running or about to: it takes this
+        // wake-up along (a hot aggregate's events would otherwise each
+        // cost a drive that finds nothing new).
+        let mut waiting = driver.waiting();
+        match waiting.get_mut(&instance) {
+            Some(queued) => {
+                queued.extend(batch);
+                return;
             }
-            if let Wake::Deadline(due) = &wake {
+            None => {
+                waiting.insert(instance.clone(), Vec::new());
+            }
+        }
+    }
+    loop {
+        let driven = driver.drive(process, &id, &wake).await;
+        settle(driver, &instance, &wake, batch, driven).await;
+        if !matches!(wake, Wake::Event) {
+            return;
+        }
+        // Wake-ups that came during the drive: one more drive for them all.
+        let mut waiting = driver.waiting();
+        let queued = waiting
+            .get_mut(&instance)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        if queued.is_empty() {
+            waiting.remove(&instance);
+            return;
+        }
+        batch = queued;
+    }
+}
+
+/// Acknowledges the wake-ups a drive covered, or asks for them again.
+async fn settle(
+    driver: &Driver,
+    instance: &str,
+    wake: &Wake,
+    batch: Vec<async_nats::jetstream::Message>,
+    driven: Result<(), DriveError>,
+) {
+    match driven {
+        Ok(()) => {
+            for message in batch {
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(%instance, error = %e, "ack failed; the wake-up will come again");
+                }
+            }
+            if let Wake::Deadline(due) = wake {
                 if let Err(e) = driver.deadlines.handled(due).await {
                     tracing::debug!(%instance, error = %e, "cannot remove a handled deadline");
                 }
@@ -302,7 +348,9 @@ async fn wake(driver: &Driver, process: &dyn DynProcess, message: async_nats::je
         }
         Err(e) => {
             tracing::warn!(%instance, error = %e, "cannot drive the instance now; again in {RETRY_AFTER:?}");
-            let _ = message.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await;
+            for message in batch {
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await;
+            }
         }
     }
 }
