@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use jetsource_bank::loyalty::MILESTONE;
 use jetsource_core::envelope::RecordedEvent;
 use tokio::time::Instant;
@@ -54,10 +55,15 @@ async fn busy(js: &jetstream::Context) -> Option<String> {
             None => return Some(format!("cannot read the process's consumer on {stream}")),
         }
     }
-    let mut deadlines = js.get_stream("DEADLINES").await.ok()?;
-    match deadlines.info().await {
-        Ok(info) if info.state.messages == 0 => None,
-        Ok(info) => Some(format!("{} deadlines waiting", info.state.messages)),
+    let deadlines = js.get_stream("DEADLINES").await.ok()?;
+    match deadlines.info_with_subjects("deadline.>").await {
+        Ok(mut info) => {
+            let mut left = Vec::new();
+            while let Some(Ok((subject, n))) = info.next().await {
+                left.push(format!("{subject} ({n})"));
+            }
+            (!left.is_empty()).then(|| format!("deadline messages left: {}", left.join(", ")))
+        }
         Err(e) => Some(format!("cannot read DEADLINES: {e}")),
     }
 }

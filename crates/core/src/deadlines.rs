@@ -127,13 +127,20 @@ impl Deadlines {
         let publish = PublishMessage::build()
             .payload(body.into())
             .headers(headers);
-        self.js
-            .send_publish(format!("{SCHEDULE_PREFIX}.{tail}"), publish)
-            .await
-            .map_err(|e| StoreError::publish("schedule a deadline", &e))?
-            .await
-            .map_err(|e| StoreError::publish("schedule a deadline", &e))?;
-        Ok(())
+        let stored = async {
+            self.js
+                .send_publish(format!("{SCHEDULE_PREFIX}.{tail}"), publish)
+                .await
+                .map_err(|e| StoreError::publish("schedule a deadline", &e))?
+                .await
+                .map_err(|e| StoreError::publish("schedule a deadline", &e))
+        };
+        match stored.await {
+            Ok(_) => Ok(()),
+            // Another copy is storing this very schedule right now.
+            Err(e) if e.code() == Some(codes::DUPLICATE_MSG_ID_IN_PROCESS) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Cancels deadline `name` of an instance, if it has not fired.
@@ -142,13 +149,24 @@ impl Deadlines {
             .await
     }
 
-    /// Removes a due message that was handled.
+    /// Removes a due message that was handled, trying a few times over a
+    /// few seconds (a leader election): once acknowledged it is never
+    /// delivered again, so one left behind would only take room.
     pub async fn handled(&self, due: &Due) -> Result<(), StoreError> {
-        self.purge(&format!(
-            "{DUE_PREFIX}.{}.{}.{}",
-            due.process, due.id, due.name
-        ))
-        .await
+        let subject = format!("{DUE_PREFIX}.{}.{}.{}", due.process, due.id, due.name);
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.purge(&subject).await {
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(%subject, error = %e, "cannot remove a handled deadline yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn purge(&self, subject: &str) -> Result<(), StoreError> {

@@ -42,6 +42,10 @@ pub const BATCH_TOO_LARGE: u64 = 10199;
 /// Atomic batch refused: its first message carries an already stored
 /// `Nats-Msg-Id` (a resent multi-event command).
 pub const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+/// A message with the same `Nats-Msg-Id` is being stored right now (by
+/// another writer sending the same thing at the same moment): retry, and
+/// the duplicate check answers.
+pub const DUPLICATE_MSG_ID_IN_PROCESS: u64 = 10158;
 /// Atomic batch refused: the stream has too many batches open.
 pub const BATCH_TOO_MANY_INFLIGHT: u64 = 10210;
 /// Atomic publish is disabled on the stream.
@@ -73,6 +77,7 @@ pub fn kind_of(code: u64) -> Option<StoreErrorKind> {
         // a batch that was cut short, the open-batch limit, a full disk
         // being cleaned up.
         CLUSTER_NOT_AVAILABLE
+        | DUPLICATE_MSG_ID_IN_PROCESS
         | CLUSTER_NOT_LEADER
         | INSUFFICIENT_RESOURCES
         | STREAM_NOT_FOUND
