@@ -222,6 +222,10 @@ fn typos_are_told_locally_not_as_missing_workers() {
             "unknown aggregate type \"acount\"; known types: account, user",
         ),
         (
+            &["send", "loyalty", "a1", "Deposit", "{}"],
+            "loyalty is a process: its instances take no commands",
+        ),
+        (
             &[
                 "send",
                 "account",

@@ -94,6 +94,34 @@ impl Context {
         })
     }
 
+    /// A registered aggregate type that takes commands (a process's
+    /// instances take none), or invalid input naming those that do.
+    pub fn command_target(&self, aggregate_type: &str) -> Result<(), Failure> {
+        crate::check_token("aggregate type", aggregate_type)?;
+        let processes: Vec<&str> = self
+            .registry
+            .processes()
+            .map(|p| p.process_type())
+            .collect();
+        if processes.contains(&aggregate_type) {
+            return Err(Failure::invalid(format!(
+                "{aggregate_type} is a process: its instances take no commands (read them with `state` and `history`)"
+            )));
+        }
+        if self.registry.get(aggregate_type).is_none() {
+            let types: Vec<&str> = self
+                .registry
+                .types()
+                .filter(|t| !processes.contains(t))
+                .collect();
+            return Err(Failure::invalid(format!(
+                "unknown aggregate type {aggregate_type:?}; known types: {}",
+                types.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     pub fn projection_names(&self) -> Vec<&'static str> {
         self.projections.iter().map(|p| p.name()).collect()
     }

@@ -36,7 +36,7 @@ pub async fn run(ctx: &Context, args: SendArgs, out: &mut Out<'_>) -> anyhow::Re
 
 /// The request, or why it cannot be sent.
 fn checked_request(ctx: &Context, args: &SendArgs) -> Result<CommandRequest, Failure> {
-    ctx.aggregate(&args.aggregate_type)?;
+    ctx.command_target(&args.aggregate_type)?;
     crate::check_token("aggregate id", &args.aggregate_id)?;
     if let Some(id) = &args.command_id {
         check_client_id("--command-id", id).map_err(|e| Failure::invalid(e.message))?;
