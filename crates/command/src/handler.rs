@@ -306,28 +306,48 @@ impl Worker {
         command_id: &str,
         first_sequence: Option<u64>,
     ) -> Reply {
-        let aggregate_type = aggregate.aggregate_type();
-        let events = match first_sequence {
-            Some(seq) => self
-                .store
-                .read_command(aggregate_type, aggregate_id, seq, command_id)
-                .await
-                .map_err(store_failure)?,
+        let events = self
+            .recorded_events(
+                aggregate.aggregate_type(),
+                aggregate_id,
+                command_id,
+                first_sequence,
+            )
+            .await?;
+        Ok(CommandOutcome {
+            duplicate: true,
+            ..outcome_from_events(&events)
+        })
+    }
+
+    /// The events a command stored on the aggregate it was sent to, read
+    /// from its first event (at `first_sequence`, when known) or found in
+    /// the aggregate's history.
+    pub(crate) async fn recorded_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: &str,
+        first_sequence: Option<u64>,
+    ) -> Result<Vec<RecordedEvent>, ErrorBody> {
+        let found = match first_sequence {
+            Some(seq) => Some(
+                self.store
+                    .read_command(aggregate_type, aggregate_id, seq, command_id)
+                    .await
+                    .map_err(store_failure)?,
+            ),
             None => self
                 .store
                 .find_command(aggregate_type, aggregate_id, command_id)
                 .await
-                .map_err(store_failure)?
-                .ok_or_else(|| {
-                    ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("command {command_id} is stored but its events cannot be read yet; retry"),
-                    )
-                })?,
+                .map_err(store_failure)?,
         };
-        Ok(CommandOutcome {
-            duplicate: true,
-            ..outcome_from_events(&events)
+        found.ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("command {command_id} is stored but its events cannot be read yet; retry"),
+            )
         })
     }
 

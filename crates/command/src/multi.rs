@@ -273,24 +273,9 @@ impl Worker {
             .command_id()
             .expect("only commands with an id deduplicate");
         let (own_type, own_id) = (cmd.aggregate.aggregate_type(), cmd.aggregate_id);
-        let own = match first {
-            Some(seq) => self
-                .store
-                .read_command(own_type, own_id, seq, command_id)
-                .await
-                .map_err(store_failure)?,
-            None => self
-                .store
-                .find_command(own_type, own_id, command_id)
-                .await
-                .map_err(store_failure)?
-                .ok_or_else(|| {
-                    ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("command {command_id} is stored but its events cannot be read yet; retry"),
-                    )
-                })?,
-        };
+        let own = self
+            .recorded_events(own_type, own_id, command_id, first)
+            .await?;
         let mut outcome = outcome_from_events(&own);
         outcome.duplicate = true;
         let after = own.last().map_or(0, |e| e.sequence);
