@@ -320,6 +320,26 @@ impl Worker {
         })
     }
 
+    /// Counts a conflict (another writer appended first); `Err` once the
+    /// command has been decided again `command.max_retries` times.
+    pub(crate) fn conflicted(
+        &self,
+        cmd: &Command<'_>,
+        conflicts: &mut u32,
+    ) -> Result<(), ErrorBody> {
+        *conflicts += 1;
+        ::metrics::counter!(metrics::COMMAND_CONFLICTS, "aggregate_type" => cmd.aggregate.aggregate_type())
+            .increment(1);
+        if *conflicts > self.config.max_retries {
+            return Err(cmd.gave_up(*conflicts));
+        }
+        tracing::debug!(
+            attempt = *conflicts,
+            "conflict, deciding again on fresh state"
+        );
+        Ok(())
+    }
+
     /// The events a command stored on the aggregate it was sent to, read
     /// from its first event (at `first_sequence`, when known) or found in
     /// the aggregate's history.
@@ -417,16 +437,7 @@ impl Worker {
                     if let Some(reply) = self.append(cmd, slot, decision).await {
                         return reply;
                     }
-                    conflicts += 1;
-                    ::metrics::counter!(metrics::COMMAND_CONFLICTS, "aggregate_type" => cmd.aggregate.aggregate_type())
-                        .increment(1);
-                    if conflicts > self.config.max_retries {
-                        return Err(cmd.gave_up(conflicts));
-                    }
-                    tracing::debug!(
-                        attempt = conflicts,
-                        "conflict, deciding again on fresh state"
-                    );
+                    self.conflicted(cmd, &mut conflicts)?;
                 }
             }
         }

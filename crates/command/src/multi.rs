@@ -192,12 +192,7 @@ impl Worker {
                     if let Some(reply) = self.append_members(cmd, members, plan).await {
                         return reply;
                     }
-                    conflicts += 1;
-                    ::metrics::counter!(metrics::COMMAND_CONFLICTS, "aggregate_type" => cmd.aggregate.aggregate_type())
-                        .increment(1);
-                    if conflicts > self.config.max_retries {
-                        return Err(cmd.gave_up(conflicts));
-                    }
+                    self.conflicted(cmd, &mut conflicts)?;
                 }
             }
         }
