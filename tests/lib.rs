@@ -258,6 +258,7 @@ pub async fn append_behind(
             correlation_id: "test",
             causation_id: "test",
             command_aggregate: None,
+            previous_hash: store.hash_at(expected_last_sequence).await.unwrap(),
         })
         .await
         .unwrap()

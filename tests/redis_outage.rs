@@ -153,6 +153,7 @@ impl Fleet {
                                 correlation_id: "backlog",
                                 causation_id: "backlog",
                                 command_aggregate: None,
+                                previous_hash: store.hash_at(last).await.unwrap(),
                             })
                             .await
                             .unwrap();

@@ -499,6 +499,7 @@ pub async fn append_suite(
                             correlation_id: "bench",
                             causation_id: "bench",
                             command_aggregate: None,
+                            previous_hash: None,
                         })
                         .await?;
                     Ok(())
@@ -633,6 +634,9 @@ async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Re
                     causation_id: None,
                     command_aggregate: None,
                     traceparent: None,
+                    hash: None,
+                    signature: None,
+                    signing_key: None,
                     data: bytes::Bytes::from_static(data.as_bytes()),
                     aggregate_id: id,
                 };
@@ -1000,6 +1004,7 @@ pub async fn read_suite(
         })
         .collect();
     let mut expected = loaded.last_sequence;
+    let mut previous_hash = loaded.last_hash;
     for (i, event) in tail.iter().enumerate() {
         let appended = store
             .append(&Append {
@@ -1013,9 +1018,11 @@ pub async fn read_suite(
                 correlation_id: "bench",
                 causation_id: "bench",
                 command_aggregate: None,
+                previous_hash,
             })
             .await?;
         expected = appended.last_sequence;
+        previous_hash = appended.last_hash;
     }
     let mut with_tail = Vec::new();
     for _ in 0..7 {

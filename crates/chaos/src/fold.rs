@@ -235,6 +235,9 @@ pub(crate) mod tests {
             causation_id: None,
             command_aggregate: None,
             traceparent: None,
+            hash: None,
+            signature: None,
+            signing_key: None,
             data: serde_json::to_vec(&data).unwrap_or_default().into(),
         }
     }

@@ -24,6 +24,8 @@ Exit codes:
   5  not found: no such aggregate, read model entry or dead letter
   6  unavailable or timed out: NATS, Redis or a worker did not answer
      (in time); retrying may work
+  7  tampered: stored history failed its integrity check (`jetsource
+     verify` finds what broke)
 
 With --json, an error is printed on stdout as
 {\"ok\":false,\"error\":{\"code\":\"...\",\"message\":\"...\"}} (codes as in the wire
@@ -38,6 +40,7 @@ pub fn status(code: ErrorCode) -> u8 {
         ErrorCode::Conflict => 4,
         ErrorCode::NotFound => 5,
         ErrorCode::Unavailable | ErrorCode::Timeout => 6,
+        ErrorCode::Tampered => 7,
     }
 }
 
@@ -97,14 +100,14 @@ fn code_of(error: &(dyn Error + 'static)) -> Option<ErrorCode> {
     // Transparent wrappers hide their inner error from the chain.
     match error.downcast_ref::<LoadError>() {
         Some(LoadError::Store(e)) => return Some(store_code(e.kind())),
-        Some(LoadError::Decode { .. }) => return Some(ErrorCode::Internal),
+        Some(e) => return e.own_code(),
         None => {}
     }
     match error.downcast_ref::<SnapshotError>() {
         Some(SnapshotError::Store(e)) | Some(SnapshotError::Load(LoadError::Store(e))) => {
             return Some(store_code(e.kind()))
         }
-        Some(SnapshotError::Load(LoadError::Decode { .. })) => return Some(ErrorCode::Internal),
+        Some(SnapshotError::Load(e)) => return e.own_code(),
         None => {}
     }
     if let Some(e) = error.downcast_ref::<DlqError>() {
@@ -145,6 +148,7 @@ fn store_code(kind: StoreErrorKind) -> ErrorCode {
         StoreErrorKind::IncompatibleStream
         | StoreErrorKind::Corrupt
         | StoreErrorKind::DuplicateCommand
+        | StoreErrorKind::Misconfigured
         | StoreErrorKind::Rejected => ErrorCode::Internal,
     }
 }
@@ -185,10 +189,11 @@ mod tests {
             ErrorCode::Conflict,
             ErrorCode::NotFound,
             ErrorCode::Unavailable,
+            ErrorCode::Tampered,
         ]
         .into_iter()
         .map(status)
         .collect();
-        assert_eq!(distinct.len(), 6);
+        assert_eq!(distinct.len(), 7);
     }
 }

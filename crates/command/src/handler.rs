@@ -78,6 +78,10 @@ fn load_failure(e: LoadError) -> ErrorBody {
             tracing::error!(error = %e, "stored events cannot be decoded");
             ErrorBody::new(ErrorCode::Internal, e.to_string())
         }
+        LoadError::Tampered { .. } => {
+            tracing::error!(error = %e, "history failed its integrity check");
+            ErrorBody::new(ErrorCode::Tampered, e.to_string())
+        }
     }
 }
 
@@ -464,6 +468,7 @@ impl Worker {
             correlation_id: &cmd.correlation_id,
             causation_id: &cmd.causation_id,
             command_aggregate: None,
+            previous_hash: loaded.last_hash,
         };
         let started = std::time::Instant::now();
         let appended = self
@@ -526,9 +531,7 @@ fn applied(
         .iter()
         .map(|e| reply_event(&e.event_type, &e.data))
         .collect();
-    loaded.state = decision.state;
-    loaded.version = version;
-    loaded.last_sequence = appended.last_sequence;
+    loaded.appended(decision.state, decision.events.len(), &appended);
     if let Some(command_id) = cmd.command_id() {
         loaded.remember_command(command_id, appended.first_sequence);
     }

@@ -222,6 +222,7 @@ impl Worker {
                 correlation_id: &cmd.correlation_id,
                 causation_id: &cmd.causation_id,
                 command_aggregate: (i > 0).then_some(owner.as_str()),
+                previous_hash: m.loaded().last_hash,
             })
             .collect();
         let started = std::time::Instant::now();
@@ -443,9 +444,7 @@ fn take_in(
             .as_mut()
             .expect("decided on a loaded state");
         if let Some(appended) = appended {
-            loaded.state = state;
-            loaded.version += events.len() as u64;
-            loaded.last_sequence = appended.last_sequence;
+            loaded.appended(state, events.len(), appended);
             outcome.sequence = outcome.sequence.max(appended.last_sequence);
         }
         let replies = events

@@ -380,6 +380,22 @@ pub struct StoreConfig {
     /// groups whatever arrives while the previous write is in flight (tests
     /// use it to force groups).
     pub group_commit_after: Option<usize>,
+    /// Give every appended event a link in its aggregate's hash chain
+    /// (`Jetsource-Hash`, see docs/ARCHITECTURE.md, "Tamper evidence").
+    /// Off only to measure what it costs: events appended without it break
+    /// the chain of every aggregate that had one.
+    pub chain: bool,
+    /// Ed25519 private key (PKCS#8 PEM) that signs every event's hash,
+    /// named `<key id>.key`; the id goes into `Jetsource-Signing-Key`.
+    /// Unset: events are not signed. `jetsource keygen` makes one.
+    pub signing_key: Option<PathBuf>,
+    /// Directory of trusted public keys, `<key id>.pub` (PEM) each:
+    /// signatures are checked against them (the signing key's own public
+    /// key is trusted too). Keep the old keys' files after a rotation.
+    pub trusted_keys: Option<PathBuf>,
+    /// Check the chain (and signatures, when keys are trusted) of every
+    /// event folded into a loaded aggregate; a broken link fails the load.
+    pub verify_on_load: bool,
 }
 
 impl Default for StoreConfig {
@@ -391,6 +407,10 @@ impl Default for StoreConfig {
             read_batch: 1000,
             group_commit: true,
             group_commit_after: None,
+            chain: true,
+            signing_key: None,
+            trusted_keys: None,
+            verify_on_load: true,
         }
     }
 }

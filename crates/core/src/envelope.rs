@@ -17,6 +17,10 @@
 //! | correlation id | `Jetsource-Correlation-Id` |
 //! | causation id | `Jetsource-Causation-Id` |
 //! | the aggregate a multi-aggregate command was sent to, on the events it appended to the others | `Jetsource-Command-Aggregate` (`<type>.<id>`) |
+//! | link in the aggregate's hash chain (SHA-256, hex) | `Jetsource-Hash` |
+//! | Ed25519 signature of that hash (base64), and the key's id | `Jetsource-Signature`, `Jetsource-Signing-Key` |
+//!
+//! The hash chain and signatures are described in [`crate::integrity`].
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -69,6 +73,14 @@ pub struct RecordedEvent {
     /// `traceparent`), when tracing was on (docs/TRACING.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Link in the aggregate's hash chain (header `Jetsource-Hash`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Signature of the hash and the signing key's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
     #[serde(serialize_with = "raw_json")]
     pub data: Bytes,
 }
@@ -151,6 +163,9 @@ impl RecordedEvent {
             causation_id: get(CAUSATION_ID),
             command_aggregate: get(COMMAND_AGGREGATE),
             traceparent: get(crate::telemetry::TRACEPARENT),
+            hash: get(crate::integrity::HASH),
+            signature: get(crate::integrity::SIGNATURE),
+            signing_key: get(crate::integrity::SIGNING_KEY),
             data,
         })
     }

@@ -5,6 +5,7 @@
 //! - [`envelope`]: what a stored event looks like and which headers carry what.
 //! - [`store`]: the event store on JetStream. The only module that talks to
 //!   JetStream streams.
+//! - [`integrity`]: the per-aggregate hash chain and event signatures.
 //! - [`loader`]: rebuilding an aggregate's state from the store.
 //! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
 //! - [`health`]: the workers' `/healthz`, `/readyz` and `/metrics` listener.
@@ -15,6 +16,7 @@ pub mod deadlines;
 pub mod envelope;
 pub mod error;
 pub mod health;
+pub mod integrity;
 pub mod loader;
 pub mod metrics;
 pub mod micro;

@@ -9,6 +9,7 @@ use jetsource_aggregate::{DecodeError, DynAggregate, State};
 use time::OffsetDateTime;
 
 use crate::envelope::RecordedEvent;
+use crate::integrity::{Broken, ChainHash, Head, Integrity};
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{EventStore, StoreError};
 use crate::ErrorClass;
@@ -27,6 +28,10 @@ pub struct Loaded {
     /// Stream sequence of the last event folded in, 0 if none.
     pub last_sequence: u64,
     pub last_timestamp: Option<OffsetDateTime>,
+    /// Hash of the last event folded in: what the next append chains to.
+    pub last_hash: Option<ChainHash>,
+    /// Some event folded in was signed (every later one must be).
+    signed: bool,
     /// (command id, sequence of its first event), oldest first.
     recent_commands: VecDeque<(String, u64)>,
 }
@@ -51,13 +56,34 @@ pub enum LoadError {
         #[source]
         source: DecodeError,
     },
+    /// Its history fails the hash chain or signature check: served by no
+    /// one until an operator looks (`jetsource verify <type> <id>`).
+    #[error("aggregate {aggregate} failed its integrity check at event {sequence}: {broken}; run `jetsource verify {aggregate_type} {aggregate_id}` and restore the history from a backup")]
+    Tampered {
+        aggregate: String,
+        aggregate_type: String,
+        aggregate_id: String,
+        sequence: u64,
+        broken: Broken,
+    },
 }
 
 impl LoadError {
+    /// The wire code of a load that failed for a reason of its own (not
+    /// the store's): undecodable events are `internal`, a broken chain
+    /// `tampered`.
+    pub fn own_code(&self) -> Option<crate::protocol::ErrorCode> {
+        match self {
+            LoadError::Store(_) => None,
+            LoadError::Decode { .. } => Some(crate::protocol::ErrorCode::Internal),
+            LoadError::Tampered { .. } => Some(crate::protocol::ErrorCode::Tampered),
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             LoadError::Store(e) => e.class(),
-            LoadError::Decode { .. } => ErrorClass::Permanent,
+            LoadError::Decode { .. } | LoadError::Tampered { .. } => ErrorClass::Permanent,
         }
     }
 }
@@ -83,6 +109,8 @@ impl Loaded {
             version: 0,
             last_sequence: 0,
             last_timestamp: None,
+            last_hash: None,
+            signed: false,
             recent_commands: VecDeque::new(),
         }
     }
@@ -95,6 +123,16 @@ impl Loaded {
             .rev()
             .find(|(id, _)| id == command_id)
             .map(|(_, seq)| *seq)
+    }
+
+    /// Takes `events`, just appended as `appended`, into the state: `state`
+    /// is the state after them.
+    pub fn appended(&mut self, state: State, events: usize, appended: &crate::store::Appended) {
+        self.state = state;
+        self.version += events as u64;
+        self.last_sequence = appended.last_sequence;
+        self.last_hash = appended.last_hash;
+        self.signed |= appended.signed;
     }
 
     /// Records that `command_id` appended events starting at `first_sequence`.
@@ -132,7 +170,13 @@ impl Loaded {
                 aggregate_type,
                 aggregate_id,
                 self.last_sequence + 1,
-                |chunk| match self.fold_chunk(aggregate, aggregate_id, &chunk, until) {
+                |chunk| match self.fold_chunk(
+                    store.integrity(),
+                    aggregate,
+                    aggregate_id,
+                    &chunk,
+                    until,
+                ) {
                     Ok((n, flow)) => {
                         applied += n;
                         flow
@@ -179,7 +223,9 @@ impl Loaded {
                 .map(|m| m.into_event())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(crate::store::StoreError::from)?;
-            applied += self.fold_chunk(aggregate, aggregate_id, &events, until)?.0;
+            applied += self
+                .fold_chunk(store.integrity(), aggregate, aggregate_id, &events, until)?
+                .0;
         }
         Ok(applied)
     }
@@ -188,6 +234,7 @@ impl Loaded {
     /// and whether to read on.
     fn fold_chunk(
         &mut self,
+        integrity: &Integrity,
         aggregate: &dyn DynAggregate,
         aggregate_id: &str,
         chunk: &[RecordedEvent],
@@ -201,6 +248,7 @@ impl Loaded {
                 Until::Time(t) => e.timestamp <= t,
             })
             .count();
+        self.check(integrity, &chunk[..within])?;
         let mut events = chunk[..within].iter().map(RecordedEvent::stored);
         self.state =
             aggregate
@@ -215,6 +263,7 @@ impl Loaded {
             }
             self.last_sequence = event.sequence;
             self.last_timestamp = Some(event.timestamp);
+            self.take_link(event);
         }
         self.version += within as u64;
         let flow = if within < chunk.len() {
@@ -225,14 +274,46 @@ impl Loaded {
         Ok((within as u64, flow))
     }
 
+    /// Checks that `events` continue the loaded history link by link
+    /// (versions, hashes, signatures), when `integrity` asks for it.
+    fn check(&self, integrity: &Integrity, events: &[RecordedEvent]) -> Result<(), LoadError> {
+        if !integrity.verify_on_load {
+            return Ok(());
+        }
+        let mut head = Head {
+            version: self.version,
+            hash: self.last_hash,
+            signed: self.signed,
+        };
+        for event in events {
+            head.advance(event, &integrity.trusted)
+                .map_err(|broken| LoadError::Tampered {
+                    aggregate: format!("{}.{}", event.aggregate_type, event.aggregate_id),
+                    aggregate_type: event.aggregate_type.clone(),
+                    aggregate_id: event.aggregate_id.clone(),
+                    sequence: event.sequence,
+                    broken,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Makes `event` (folded in) the chain head the next append links to.
+    fn take_link(&mut self, event: &RecordedEvent) {
+        self.last_hash = event.hash.as_deref().and_then(ChainHash::parse);
+        self.signed |= event.signature.is_some();
+    }
+
     /// Folds in one event that directly follows what is loaded (the caller
     /// checks the version). For consumers that see an aggregate's events go
     /// by in order and keep its state, instead of reading the store again.
     pub fn apply(
         &mut self,
+        integrity: &Integrity,
         aggregate: &dyn DynAggregate,
         event: &RecordedEvent,
     ) -> Result<(), LoadError> {
+        self.check(integrity, std::slice::from_ref(event))?;
         let mut events = std::iter::once(event.stored());
         self.state =
             aggregate
@@ -247,6 +328,7 @@ impl Loaded {
         self.version += 1;
         self.last_sequence = event.sequence;
         self.last_timestamp = Some(event.timestamp);
+        self.take_link(event);
         Ok(())
     }
 
@@ -268,6 +350,8 @@ impl Loaded {
                 timestamp,
                 taken_at: OffsetDateTime::now_utc(),
                 recent_commands: self.recent_commands.iter().cloned().collect(),
+                last_hash: self.last_hash.map(|h| h.to_string()),
+                signed: self.signed,
                 state: aggregate.state_to_json(&self.state),
                 checksum: String::new(),
             }
@@ -290,6 +374,12 @@ impl Loaded {
             version: snapshot.version,
             last_sequence: snapshot.sequence,
             last_timestamp: Some(snapshot.timestamp),
+            last_hash: match snapshot.last_hash.as_deref().map(ChainHash::parse) {
+                None => None,
+                Some(Some(hash)) => Some(hash),
+                Some(None) => return Err("last_hash is not a SHA-256 in hex".into()),
+            },
+            signed: snapshot.signed,
             recent_commands: snapshot.recent_commands.into_iter().collect(),
         })
     }

@@ -101,6 +101,11 @@ pub enum ErrorCode {
     /// The server failed in a way the client cannot fix (for example an
     /// event in the store that can no longer be decoded). Logged in detail.
     Internal,
+    /// The aggregate's stored history failed its integrity check (hash
+    /// chain or signature: an event was changed, removed or moved behind
+    /// the server's back). Nothing is served or decided on it until an
+    /// operator restores it (`jetsource verify`). Never retry.
+    Tampered,
 }
 
 impl ErrorCode {
@@ -110,7 +115,10 @@ impl ErrorCode {
     /// counts faults in `num_errors`, refusals apart in `num_rejections`.
     pub fn is_fault(self) -> bool {
         match self {
-            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal => true,
+            ErrorCode::Unavailable
+            | ErrorCode::Timeout
+            | ErrorCode::Internal
+            | ErrorCode::Tampered => true,
             ErrorCode::Invalid
             | ErrorCode::Rejected
             | ErrorCode::Conflict
@@ -127,6 +135,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::Tampered => "tampered",
         }
     }
 }

@@ -7,10 +7,11 @@
 //! the event stream), key `<aggregate_type>.<aggregate_id>`, value JSON:
 //!
 //! ```json
-//! {"format": 1, "aggregate_type": "account", "aggregate_id": "a1",
+//! {"format": 2, "aggregate_type": "account", "aggregate_id": "a1",
 //!  "state_schema": 1, "version": 200, "sequence": 5123,
 //!  "timestamp": "2026-11-22T05:00:00Z", "taken_at": "...",
-//!  "recent_commands": [["cmd-1", 5100]], "state": {...},
+//!  "recent_commands": [["cmd-1", 5100]],
+//!  "last_hash": "9f2c...", "signed": false, "state": {...},
 //!  "checksum": "crc32:1a2b3c4d"}
 //! ```
 //!
@@ -28,7 +29,8 @@ use crate::config::SnapshotConfig;
 use crate::store::{codes, StoreError, StoreErrorKind};
 
 /// The snapshot envelope this version writes and reads.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// 2 added the hash-chain head; format 1 snapshots are ignored (replay).
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -43,6 +45,11 @@ pub struct Snapshot {
     #[serde(with = "time::serde::rfc3339")]
     pub taken_at: OffsetDateTime,
     pub recent_commands: Vec<(String, u64)>,
+    /// Hash-chain head at `version` (hash of the event at `sequence`), so
+    /// appends after a snapshot load keep the chain.
+    pub last_hash: Option<String>,
+    /// Some event up to `version` was signed.
+    pub signed: bool,
     pub state: Value,
     pub checksum: String,
 }
@@ -61,6 +68,8 @@ impl Snapshot {
             self.timestamp.unix_timestamp_nanos()
         );
         hasher.update(head.as_bytes());
+        hasher.update(self.last_hash.as_deref().unwrap_or("-").as_bytes());
+        hasher.update(if self.signed { b"|s|" } else { b"|u|" });
         // serde_json maps are ordered, so this encoding is canonical.
         hasher.update(&serde_json::to_vec(&self.recent_commands).unwrap_or_default());
         hasher.update(&serde_json::to_vec(&self.state).unwrap_or_default());

@@ -65,7 +65,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal | ErrorCode::Tampered => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

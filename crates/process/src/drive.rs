@@ -339,14 +339,14 @@ impl Driver {
                 correlation_id: &key,
                 causation_id: cause,
                 command_aggregate: None,
+                previous_hash: instance.loaded.last_hash,
             })
             .await;
         match appended {
             Ok(appended) => {
                 let loaded = &mut instance.loaded;
-                loaded.state = fold(instance.aggregate, &loaded.state, &events)?;
-                loaded.version += events.len() as u64;
-                loaded.last_sequence = appended.last_sequence;
+                let state = fold(instance.aggregate, &loaded.state, &events)?;
+                loaded.appended(state, events.len(), &appended);
                 Ok(Stepped::Moved)
             }
             Err(e) if e.kind() == StoreErrorKind::WrongLastSequence => Ok(Stepped::Conflict),

@@ -24,6 +24,7 @@ use jetsource_core::aggregate::{DynAggregate, Registry};
 use jetsource_core::config::{Config, SnapshotConfig};
 use jetsource_core::envelope::{RecordedEvent, EVENT_SUBJECT_PREFIX};
 use jetsource_core::health::{self, Readiness};
+use jetsource_core::integrity::Integrity;
 use jetsource_core::loader::{LoadError, Loaded, Until};
 use jetsource_core::micro::{self, Endpoint, MicroService};
 use jetsource_core::protocol::{ErrorBody, ErrorCode};
@@ -288,7 +289,13 @@ impl Shared {
         };
         let aggregate = aggregate.as_ref();
         let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-        let folded = fold(&mut memory.states, &key, aggregate, event);
+        let folded = fold(
+            &mut memory.states,
+            self.store.integrity(),
+            &key,
+            aggregate,
+            event,
+        );
         if folded == Fold::Seen {
             return;
         }
@@ -424,7 +431,9 @@ fn taken(written: Option<Written>) -> serde_json::Value {
 
 fn reply_error(e: &SnapshotError) -> ErrorBody {
     let code = match e {
-        SnapshotError::Load(LoadError::Decode { .. }) => ErrorCode::Internal,
+        SnapshotError::Load(e) if e.own_code().is_some() => {
+            e.own_code().unwrap_or(ErrorCode::Internal)
+        }
         _ if e.class() == ErrorClass::Transient => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     };
@@ -446,6 +455,7 @@ enum Fold {
 /// (or is the aggregate's first event).
 fn fold(
     states: &mut States,
+    integrity: &Integrity,
     key: &(String, String),
     aggregate: &dyn DynAggregate,
     event: &RecordedEvent,
@@ -453,13 +463,15 @@ fn fold(
     let version = event.aggregate_version;
     match states.get_mut(key) {
         Some(loaded) if loaded.version >= version => Fold::Seen,
-        Some(loaded) if loaded.version + 1 == version => match loaded.apply(aggregate, event) {
-            Ok(_) => Fold::Applied,
-            Err(_) => Fold::Gap,
-        },
+        Some(loaded) if loaded.version + 1 == version => {
+            match loaded.apply(integrity, aggregate, event) {
+                Ok(_) => Fold::Applied,
+                Err(_) => Fold::Gap,
+            }
+        }
         _ if version == 1 => {
             let mut loaded = Loaded::empty(aggregate);
-            if loaded.apply(aggregate, event).is_err() {
+            if loaded.apply(integrity, aggregate, event).is_err() {
                 return Fold::Gap;
             }
             states.put(key.clone(), loaded);

@@ -545,6 +545,9 @@ mod tests {
             causation_id: None,
             command_aggregate: None,
             traceparent: None,
+            hash: None,
+            signature: None,
+            signing_key: None,
             data: data.to_string().into_bytes().into(),
         }
     }

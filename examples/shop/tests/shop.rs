@@ -239,6 +239,7 @@ impl Fleet {
                 correlation_id: "v1-build",
                 causation_id: "v1-build",
                 command_aggregate: None,
+                previous_hash: None,
             })
             .await
             .unwrap();

@@ -275,11 +275,7 @@ fn answer_stored(group: Vec<Pending>, last: u64) {
     let mut first = last + 1 - total;
     for pending in group {
         let count = pending.prepared.messages.len() as u64;
-        let _ = pending.answer.send(Ok(Appended {
-            first_sequence: first,
-            last_sequence: first + count - 1,
-            duplicate: false,
-        }));
+        let _ = pending.answer.send(Ok(pending.prepared.appended(first)));
         first += count;
     }
 }

@@ -42,6 +42,7 @@ pub use consumers::FollowFrom;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
+use crate::integrity::{self, ChainHash, Integrity, Linked};
 use crate::ErrorClass;
 
 /// Past this many messages still to read, a read goes on through a consumer
@@ -90,6 +91,8 @@ pub enum StoreErrorKind {
     NotFound,
     /// The server refused the request for another reason.
     Rejected,
+    /// jetsource's own configuration cannot be used (a key file).
+    Misconfigured,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -159,6 +162,7 @@ impl StoreError {
             | StoreErrorKind::IncompatibleStream
             | StoreErrorKind::Corrupt
             | StoreErrorKind::DuplicateCommand
+            | StoreErrorKind::Misconfigured
             | StoreErrorKind::Rejected => ErrorClass::Permanent,
         }
     }
@@ -197,6 +201,10 @@ pub struct Append<'a> {
     /// of the aggregate the command was sent to, which owns its command id
     /// (header `Jetsource-Command-Aggregate`; no `Nats-Msg-Id`).
     pub command_aggregate: Option<&'a str>,
+    /// Hash of the aggregate's last event (the one at
+    /// `expected_last_sequence`), `None` for a new aggregate or one whose
+    /// last event has none: the first link of this append's chain.
+    pub previous_hash: Option<ChainHash>,
 }
 
 /// Where an append landed.
@@ -208,6 +216,11 @@ pub struct Appended {
     /// the duplicate window) and stored nothing now. The sequences are those
     /// of the original append's first message.
     pub duplicate: bool,
+    /// Hash of the last event appended (the aggregate's new chain head);
+    /// `None` for a duplicate or with `store.chain` off.
+    pub last_hash: Option<ChainHash>,
+    /// The events were signed.
+    pub signed: bool,
 }
 
 /// One append made ready to write: its messages with every header but the
@@ -217,6 +230,22 @@ pub(crate) struct Prepared {
     subject: String,
     messages: Vec<(HeaderMap, Bytes)>,
     expected_last_sequence: u64,
+    /// Hash of its last message.
+    last_hash: Option<ChainHash>,
+    signed: bool,
+}
+
+impl Prepared {
+    /// Where it landed, given the sequence of its first message.
+    pub(crate) fn appended(&self, first_sequence: u64) -> Appended {
+        Appended {
+            first_sequence,
+            last_sequence: first_sequence + self.messages.len() as u64 - 1,
+            duplicate: false,
+            last_hash: self.last_hash,
+            signed: self.last_hash.is_some() && self.signed,
+        }
+    }
 }
 
 /// The `Nats-Msg-Id` of a command's first event. Scoped to the aggregate, so
@@ -245,6 +274,8 @@ pub struct EventStore {
     /// refusal without a reply costs a whole request timeout, which each
     /// read must not pay.
     streaming_paused_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Hash chain and signatures on appends, checks on loads.
+    integrity: Integrity,
 }
 
 /// How long [`EventStore::open`] keeps retrying a stream that is not
@@ -485,6 +516,12 @@ impl EventStore {
             batch_permits: Arc::new(Semaphore::new(MAX_OPEN_BATCHES)),
             streaming_paused_until: Arc::default(),
             group: None,
+            integrity: Integrity::from_config(config).map_err(|e| {
+                StoreError::new(
+                    StoreErrorKind::Misconfigured,
+                    format!("cannot use the configured signing or trusted keys: {e}"),
+                )
+            })?,
         };
         if config.group_commit {
             store.group = Some(group::Handle::start(
@@ -493,6 +530,11 @@ impl EventStore {
             ));
         }
         Ok(store)
+    }
+
+    /// What appends are sealed with and loads check.
+    pub fn integrity(&self) -> &Integrity {
+        &self.integrity
     }
 
     pub fn stream_name(&self) -> &str {
@@ -518,21 +560,25 @@ impl EventStore {
             .map_err(|e| StoreError::unavailable("cannot read the event stream", e))
     }
 
-    fn event_headers(&self, append: &Append<'_>, index: usize, event: &NewEvent) -> HeaderMap {
+    /// The headers of the `index`th event of `append`; `previous` is the
+    /// hash of the event before it, which this one's hash covers.
+    fn event_headers(
+        &self,
+        append: &Append<'_>,
+        index: usize,
+        event: &NewEvent,
+        previous: Option<&ChainHash>,
+    ) -> (HeaderMap, Option<ChainHash>) {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            envelope::EVENT_ID,
-            uuid::Uuid::now_v7().to_string().as_str(),
-        );
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let version = append.version + index as u64 + 1;
+        headers.insert(envelope::EVENT_ID, event_id.as_str());
         headers.insert(envelope::EVENT_TYPE, event.event_type.as_str());
         headers.insert(
             envelope::SCHEMA_VERSION,
             append.schema_version.to_string().as_str(),
         );
-        headers.insert(
-            envelope::AGGREGATE_VERSION,
-            (append.version + index as u64 + 1).to_string().as_str(),
-        );
+        headers.insert(envelope::AGGREGATE_VERSION, version.to_string().as_str());
         if let Some(command_id) = append.command_id {
             headers.insert(envelope::COMMAND_ID, command_id);
         }
@@ -559,7 +605,31 @@ impl EventStore {
                 );
             }
         }
-        headers
+        if !self.integrity.chain {
+            return (headers, None);
+        }
+        let hash = integrity::link(
+            previous,
+            &Linked {
+                aggregate_type: append.aggregate_type,
+                aggregate_id: append.aggregate_id,
+                aggregate_version: version,
+                event_id: &event_id,
+                event_type: &event.event_type,
+                schema_version: append.schema_version,
+                command_id: append.command_id,
+                command_aggregate: append.command_aggregate,
+                correlation_id: Some(append.correlation_id),
+                causation_id: Some(append.causation_id),
+                data: &event.data,
+            },
+        );
+        headers.insert(integrity::HASH, hash.to_string().as_str());
+        if let Some(signer) = &self.integrity.signer {
+            headers.insert(integrity::SIGNATURE, signer.sign(&hash).as_str());
+            headers.insert(integrity::SIGNING_KEY, signer.key_id());
+        }
+        (headers, Some(hash))
     }
 
     /// Appends the events of one command atomically, guarded by the expected
@@ -609,7 +679,7 @@ impl EventStore {
                 "an aggregate appears twice in one multi-aggregate append",
             ));
         }
-        let (mut next, duplicate) = match prepared.as_slice() {
+        let (first, duplicate) = match prepared.as_slice() {
             [] => {
                 return Err(StoreError::new(
                     StoreErrorKind::Rejected,
@@ -627,20 +697,18 @@ impl EventStore {
                 (self.write_batch(&refs).await? + 1 - total as u64, false)
             }
         };
+        let mut landed = prepared.iter().scan(first, |next, p| {
+            let appended = Appended {
+                duplicate,
+                last_hash: p.last_hash.filter(|_| !duplicate),
+                ..p.appended(*next)
+            };
+            *next += p.messages.len() as u64;
+            Some(appended)
+        });
         Ok(appends
             .iter()
-            .map(|a| {
-                let count = a.events.len() as u64;
-                (count > 0).then(|| {
-                    let appended = Appended {
-                        first_sequence: next,
-                        last_sequence: next + count - 1,
-                        duplicate,
-                    };
-                    next += count;
-                    appended
-                })
-            })
+            .map(|a| (!a.events.is_empty()).then(|| landed.next()).flatten())
             .collect())
     }
 
@@ -657,21 +725,27 @@ impl EventStore {
                     "a command may produce at most {MAX_EVENTS_PER_APPEND} events, this one produced {n}"
                 ),
             )),
-            _ => Ok(Prepared {
-                subject: event_subject(append.aggregate_type, append.aggregate_id),
-                messages: append
+            _ => {
+                let mut last_hash = append.previous_hash;
+                let messages = append
                     .events
                     .iter()
                     .enumerate()
                     .map(|(index, event)| {
-                        (
-                            self.event_headers(append, index, event),
-                            Bytes::copy_from_slice(&event.data),
-                        )
+                        let (headers, hash) =
+                            self.event_headers(append, index, event, last_hash.as_ref());
+                        last_hash = hash;
+                        (headers, Bytes::copy_from_slice(&event.data))
                     })
-                    .collect(),
-                expected_last_sequence: append.expected_last_sequence,
-            }),
+                    .collect();
+                Ok(Prepared {
+                    subject: event_subject(append.aggregate_type, append.aggregate_id),
+                    messages,
+                    expected_last_sequence: append.expected_last_sequence,
+                    last_hash: self.integrity.chain.then_some(last_hash).flatten(),
+                    signed: self.integrity.signer.is_some(),
+                })
+            }
         }
     }
 
@@ -690,18 +764,14 @@ impl EventStore {
                 .await
                 .map_err(publish_error)?;
             return Ok(Appended {
-                first_sequence: ack.sequence,
-                last_sequence: ack.sequence,
                 duplicate: ack.duplicate,
+                last_hash: prepared.last_hash.filter(|_| !ack.duplicate),
+                ..prepared.appended(ack.sequence)
             });
         }
         let last = self.write_batch(&[prepared]).await?;
         let count = prepared.messages.len() as u64;
-        Ok(Appended {
-            first_sequence: last + 1 - count,
-            last_sequence: last,
-            duplicate: false,
-        })
+        Ok(prepared.appended(last + 1 - count))
     }
 
     /// Writes the messages of `appends`, in order, as one JetStream atomic
@@ -1201,6 +1271,21 @@ impl EventStore {
             Some(message) => Ok(Some(message.into_event()?)),
             None => Ok(None),
         }
+    }
+
+    /// The chain hash of the event at `sequence` (as the stream leader has
+    /// it), `None` for 0, a missing event or one without a hash: what an
+    /// append guarded by `sequence` links to. For writers that do not keep
+    /// the aggregate loaded (tools, tests); workers take it from the state
+    /// they decided on.
+    pub async fn hash_at(&self, sequence: u64) -> Result<Option<ChainHash>, StoreError> {
+        if sequence == 0 {
+            return Ok(None);
+        }
+        Ok(self
+            .get(sequence)
+            .await?
+            .and_then(|e| e.hash.as_deref().and_then(ChainHash::parse)))
     }
 
     /// Scans an aggregate's history for the events of `command_id`. Slow on

@@ -11,11 +11,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::ControlFlow;
 
 use jetsource_aggregate::NewEvent;
 use jetsource_core::config::{NatsConfig, StoreConfig};
+use jetsource_core::integrity::{ChainHash, Head, TrustedKeys};
 use jetsource_core::store::{Append, Appended, EventStore, StoreError, StoreErrorKind};
 use jetsource_test_support::{NatsCluster, NatsServer};
 
@@ -54,6 +55,8 @@ struct Member {
     version: u64,
     events: Vec<NewEvent>,
     command_id: Option<String>,
+    /// Chain head at `expected`.
+    previous: Option<ChainHash>,
 }
 
 impl Member {
@@ -69,6 +72,7 @@ impl Member {
             correlation_id: "corr",
             causation_id: "cause",
             command_aggregate: None,
+            previous_hash: self.previous,
         }
     }
 }
@@ -107,8 +111,13 @@ async fn grouping_store(url: &str, replicas: usize) -> EventStore {
 
 /// Seeds the aggregate of a member: an opening event, then (for resent
 /// kinds) the command it resends. Returns (last sequence, version, the
-/// resent command's first sequence).
-async fn seed(store: &EventStore, id: &str, kind: Kind, command_id: &str) -> (u64, u64, u64) {
+/// resent command's first sequence, the chain head).
+async fn seed(
+    store: &EventStore,
+    id: &str,
+    kind: Kind,
+    command_id: &str,
+) -> (u64, u64, u64, Option<ChainHash>) {
     let opened = events("AccountOpened", 1);
     let mut first = Append {
         aggregate_type: "account",
@@ -121,6 +130,7 @@ async fn seed(store: &EventStore, id: &str, kind: Kind, command_id: &str) -> (u6
         correlation_id: "corr",
         causation_id: "cause",
         command_aggregate: None,
+        previous_hash: None,
     };
     let opened_at = store.append(&first).await.unwrap();
     let resent = match kind {
@@ -132,11 +142,13 @@ async fn seed(store: &EventStore, id: &str, kind: Kind, command_id: &str) -> (u6
     first.version = 1;
     first.events = &resent;
     first.command_id = Some(command_id);
+    first.previous_hash = opened_at.last_hash;
     let second = store.append(&first).await.unwrap();
     (
         second.last_sequence,
         1 + resent.len() as u64,
         second.first_sequence,
+        second.last_hash,
     )
 }
 
@@ -161,7 +173,7 @@ async fn round(store: &EventStore, round: u64) {
         let kind = kinds[(rng.next() % kinds.len() as u64) as usize];
         let id = format!("r{round}a{k}");
         let command = format!("cmd-{k}");
-        let (last, version, original) = seed(store, &id, kind, &command).await;
+        let (last, version, original, previous) = seed(store, &id, kind, &command).await;
         let n = 1 + (rng.next() % 3) as usize;
         let member = |kind, expected, events, command_id| Member {
             id: id.clone(),
@@ -170,6 +182,7 @@ async fn round(store: &EventStore, round: u64) {
             version,
             events,
             command_id,
+            previous,
         };
         match kind {
             Kind::Fine => members.push(member(
@@ -195,7 +208,7 @@ async fn round(store: &EventStore, round: u64) {
     }
     for k in 0..2 {
         let id = format!("r{round}big{k}");
-        let (last, version, _) = seed(store, &id, Kind::Big, "seed").await;
+        let (last, version, _, previous) = seed(store, &id, Kind::Big, "seed").await;
         members.push(Member {
             id,
             kind: Kind::Big,
@@ -203,6 +216,7 @@ async fn round(store: &EventStore, round: u64) {
             version,
             events: events("Deposited", 600),
             command_id: None,
+            previous,
         });
     }
     for i in (1..members.len()).rev() {
@@ -298,6 +312,17 @@ async fn round(store: &EventStore, round: u64) {
         batches.values().any(|subjects| subjects.len() >= 3),
         "round {round}: no batch held the appends of several aggregates: {batches:?}"
     );
+    // Every aggregate's hash chain holds across the groups it was
+    // written in, link by link.
+    let ids: BTreeSet<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    for id in ids {
+        let mut head = Head::default();
+        for event in store.read_confirmed("account", id, 1).await.unwrap() {
+            head.advance(&event, &TrustedKeys::default())
+                .unwrap_or_else(|e| panic!("round {round}: {id} at {}: {e}", event.sequence));
+        }
+        assert!(head.hash.is_some(), "round {round}: {id} unchained");
+    }
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use jetsource_aggregate::{DynAggregate, NewEvent};
 use jetsource_core::config::{NatsConfig, StoreConfig};
 use jetsource_core::loader::{Loaded, Until};
-use jetsource_core::store::{Append, EventStore, StoreErrorKind};
+use jetsource_core::store::{Append, Appended, EventStore, StoreError, StoreErrorKind};
 use jetsource_core::ErrorClass;
 use jetsource_test_support::NatsServer;
 
@@ -44,7 +44,15 @@ fn append<'a>(id: &'a str, expected: u64, version: u64, events: &'a [NewEvent]) 
         correlation_id: "corr",
         causation_id: "cause",
         command_aggregate: None,
+        previous_hash: None,
     }
+}
+
+/// Appends `a`, linked to the chain head at its expected sequence, as a
+/// worker that loaded the aggregate would.
+async fn put(store: &EventStore, mut a: Append<'_>) -> Result<Appended, StoreError> {
+    a.previous_hash = store.hash_at(a.expected_last_sequence).await?;
+    store.append(&a).await
 }
 
 fn account() -> std::sync::Arc<dyn DynAggregate> {
@@ -74,13 +82,13 @@ async fn append_then_load_with_envelope() {
     let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
     let mut first = append("a1", 0, 0, &opened);
     first.command_id = Some("c-1");
-    let appended = store.append(&first).await.unwrap();
+    let appended = put(&store, first).await.unwrap();
     assert_eq!(appended.first_sequence, 1);
     assert!(!appended.duplicate);
     let deposit = [ev("Deposited", r#"{"amount":40}"#)];
-    store.append(&append("a1", 1, 1, &deposit)).await.unwrap();
+    put(&store, append("a1", 1, 1, &deposit)).await.unwrap();
     // Another aggregate in between must not disturb a1's sequence checks.
-    store.append(&append("other", 0, 0, &opened)).await.unwrap();
+    put(&store, append("other", 0, 0, &opened)).await.unwrap();
 
     let (version, last, state) = balance(&store, "a1").await;
     assert_eq!((version, last), (2, 2));
@@ -116,11 +124,8 @@ async fn a_stale_expected_sequence_is_a_conflict() {
     let server = NatsServer::start();
     let store = store(&server).await;
     let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
-    store.append(&append("a1", 0, 0, &opened)).await.unwrap();
-    let err = store
-        .append(&append("a1", 0, 0, &opened))
-        .await
-        .unwrap_err();
+    put(&store, append("a1", 0, 0, &opened)).await.unwrap();
+    let err = put(&store, append("a1", 0, 0, &opened)).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence);
     assert_eq!(err.class(), ErrorClass::Conflict);
     assert_eq!(stream_messages(&store).await, 1, "the loser stored nothing");
@@ -135,7 +140,7 @@ async fn a_multi_event_append_is_atomic() {
         ev("Deposited", r#"{"amount":5}"#),
         ev("Deposited", r#"{"amount":6}"#),
     ];
-    let appended = store.append(&append("a1", 0, 0, &events)).await.unwrap();
+    let appended = put(&store, append("a1", 0, 0, &events)).await.unwrap();
     assert_eq!((appended.first_sequence, appended.last_sequence), (1, 3));
     let (version, last, state) = balance(&store, "a1").await;
     assert_eq!((version, last), (3, 3));
@@ -147,7 +152,7 @@ async fn a_multi_event_append_is_atomic() {
         ev("Deposited", r#"{"amount":1}"#),
         ev("Deposited", r#"{"amount":2}"#),
     ];
-    let err = store.append(&append("a1", 1, 1, &more)).await.unwrap_err();
+    let err = put(&store, append("a1", 1, 1, &more)).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::WrongLastSequence, "{err}");
     assert_eq!(stream_messages(&store).await, 3);
     let (version, _, state) = balance(&store, "a1").await;
@@ -155,7 +160,7 @@ async fn a_multi_event_append_is_atomic() {
     assert_eq!(state["balance"], 11);
 
     // The same batch with the right sequence goes through.
-    let appended = store.append(&append("a1", 3, 3, &more)).await.unwrap();
+    let appended = put(&store, append("a1", 3, 3, &more)).await.unwrap();
     assert_eq!((appended.first_sequence, appended.last_sequence), (4, 5));
 }
 
@@ -166,12 +171,12 @@ async fn a_resent_command_id_is_not_stored_twice() {
     let one = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
     let mut first = append("a1", 0, 0, &one);
     first.command_id = Some("open-1");
-    let original = store.append(&first).await.unwrap();
+    let original = put(&store, first).await.unwrap();
     // The resend is decided against newer state, but dedup comes first.
     let mut again = first;
     again.expected_last_sequence = 1;
     again.version = 1;
-    let resent = store.append(&again).await.unwrap();
+    let resent = put(&store, again).await.unwrap();
     assert!(resent.duplicate);
     assert_eq!(resent.first_sequence, original.first_sequence);
     assert_eq!(stream_messages(&store).await, 1);
@@ -183,12 +188,12 @@ async fn a_resent_command_id_is_not_stored_twice() {
     ];
     let mut batch = append("a1", 1, 1, &two);
     batch.command_id = Some("twice");
-    let original = store.append(&batch).await.unwrap();
+    let original = put(&store, batch).await.unwrap();
     assert!(!original.duplicate);
     let mut again = batch;
     again.expected_last_sequence = 3;
     again.version = 3;
-    let err = store.append(&again).await.unwrap_err();
+    let err = put(&store, again).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::DuplicateCommand, "{err}");
     assert_eq!(
         stream_messages(&store).await,
@@ -219,7 +224,7 @@ async fn a_resent_command_id_is_not_stored_twice() {
     // The same command id on another aggregate is another command.
     let mut elsewhere = append("a2", 0, 0, &one);
     elsewhere.command_id = Some("open-1");
-    assert!(!store.append(&elsewhere).await.unwrap().duplicate);
+    assert!(!put(&store, elsewhere).await.unwrap().duplicate);
 }
 
 #[tokio::test]
@@ -227,7 +232,7 @@ async fn the_server_refuses_to_delete_or_purge_history() {
     let server = NatsServer::start();
     let store = store(&server).await;
     let one = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
-    store.append(&append("a1", 0, 0, &one)).await.unwrap();
+    put(&store, append("a1", 0, 0, &one)).await.unwrap();
     let stream = store.jetstream().get_stream("EVENTS").await.unwrap();
     assert!(
         stream.delete_message(1).await.is_err(),
@@ -286,22 +291,23 @@ async fn long_histories_are_read_in_batches_and_up_to_a_point() {
     )
     .await;
     let opened = [ev("AccountOpened", r#"{"owner":"ada"}"#)];
-    store.append(&append("a1", 0, 0, &opened)).await.unwrap();
+    put(&store, append("a1", 0, 0, &opened)).await.unwrap();
     let deposit = [ev("Deposited", r#"{"amount":1}"#)];
     let mut last = 1;
     for version in 1..50 {
         // Interleave another aggregate so a1's sequences have gaps.
-        store
-            .append(&append(
+        put(
+            &store,
+            append(
                 "noise",
                 if version == 1 { 0 } else { last + 1 - 2 },
                 0,
                 &opened,
-            ))
-            .await
-            .ok();
-        last = store
-            .append(&append("a1", last, version, &deposit))
+            ),
+        )
+        .await
+        .ok();
+        last = put(&store, append("a1", last, version, &deposit))
             .await
             .unwrap()
             .last_sequence;
@@ -361,7 +367,7 @@ async fn many_concurrent_batches_stay_under_the_server_limit() {
                 ev("Deposited", r#"{"amount":1}"#),
             ];
             let id = format!("b{i}");
-            store.append(&append(&id, 0, 0, &events)).await
+            put(&store, append(&id, 0, 0, &events)).await
         }));
     }
     for t in tasks {

@@ -203,6 +203,7 @@ impl Env {
                             correlation_id: "backlog",
                             causation_id: "backlog",
                             command_aggregate: None,
+                            previous_hash: store.hash_at(last).await.unwrap(),
                         })
                         .await
                         .unwrap();
