@@ -122,12 +122,24 @@ ensure_certificates() {
   echo "generated a development CA and server certificate in .run/tls" >&2
 }
 
+# The development signing key (docs/ARCHITECTURE.md, "Tamper evidence"):
+# .run/keys/dev-1.key signs every event the command and process workers
+# append; every role trusts .run/keys/*.pub. Made once by `jetsource keygen`.
+ensure_signing_key() {
+  [ -s .run/keys/dev-1.key ] && [ -s .run/keys/dev-1.pub ] && return 0
+  rm -f .run/keys/dev-1.key .run/keys/dev-1.pub
+  (umask 077 && mkdir -p .run/keys)
+  "$bin/$cli" keygen dev-1 --dir .run/keys >/dev/null
+  echo "generated a development signing key in .run/keys" >&2
+}
+
 # ensure_credentials <nats urls> <replicas>: the secrets, the server's
 # accounts and each role's .run/<role>.env for servers at <nats urls>
 # (tls://...) keeping streams at <replicas>.
 ensure_credentials() {
   local urls="$1" replicas="$2" role variable ca
   ca="$(pwd)/.run/tls/ca.pem"
+  ensure_signing_key
   (
     umask 077
     {
@@ -149,7 +161,13 @@ export JETSOURCE__NATS__PASSWORD=$(secret "nats-$role")
 export JETSOURCE__NATS__URL=$urls
 export JETSOURCE__NATS__TLS_CA_FILE=$ca
 export JETSOURCE__STORE__REPLICAS=$replicas
+export JETSOURCE__STORE__TRUSTED_KEYS=$(pwd)/.run/keys
 ENV
+        case "$role" in
+          command | process)
+            echo "export JETSOURCE__STORE__SIGNING_KEY=$(pwd)/.run/keys/dev-1.key"
+            ;;
+        esac
         # Redis: the projector writes the read models and answers queries
         # as the read-only query user; admin (projection status, rebuilds)
         # has its own user with the projector's rights.

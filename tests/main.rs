@@ -14,6 +14,7 @@ mod fleet;
 mod gateway;
 mod guide;
 mod health;
+mod integrity;
 mod metrics;
 mod processes;
 mod read_side;

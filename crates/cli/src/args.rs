@@ -66,6 +66,14 @@ pub enum Command {
     /// otherwise, unless --force), then verify every stream against the
     /// manifest; exit 1 on a mismatch. See docs/RUNBOOK.md.
     Restore(RestoreArgs),
+    /// Check stored history for tampering: recompute every hash chain link
+    /// (and signature, with trusted keys) of one aggregate or of all, and
+    /// name the first broken link of each aggregate. Exit 7 if any.
+    Verify(VerifyArgs),
+    /// Make an Ed25519 signing key pair for `store.signing_key`:
+    /// `<dir>/<id>.key` (private, 0600) and `<dir>/<id>.pub` (for every
+    /// verifier's `store.trusted_keys`).
+    Keygen(KeygenArgs),
     /// Print a shell completion script: `jetsource completions bash >
     /// ~/.local/share/bash-completion/completions/jetsource`.
     Completions {
@@ -167,6 +175,29 @@ pub enum DlqCommand {
         #[arg(long)]
         seq: Option<u64>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Aggregate type and id; with --all, none.
+    #[arg(num_args = 2, value_names = ["TYPE", "ID"], required_unless_present = "all", conflicts_with = "all")]
+    pub aggregate: Vec<String>,
+    /// Every aggregate of the stream, and the stream's sequence for holes.
+    #[arg(long)]
+    pub all: bool,
+    /// Directory of trusted public keys (`<key id>.pub`) instead of
+    /// `store.trusted_keys`.
+    #[arg(long)]
+    pub trusted_keys: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Key id: letters, digits, '-' and '_' (e.g. the month it starts).
+    pub id: String,
+    /// Where to write the two files (created if missing).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

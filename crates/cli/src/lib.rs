@@ -15,6 +15,7 @@ mod read;
 mod send;
 mod snapshot;
 mod table;
+mod verify;
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -187,6 +188,8 @@ where
         Command::Snapshot { command } => snapshot::run(&ctx, command, out).await,
         Command::Backup(args) => backup::backup(&ctx, args, out).await,
         Command::Restore(args) => backup::restore(&ctx, args, out).await,
+        Command::Verify(args) => verify::verify(&ctx, args, out).await,
+        Command::Keygen(args) => verify::keygen(args, out),
         Command::Completions { .. } => Ok(()),
     }
 }

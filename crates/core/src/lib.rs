@@ -10,6 +10,7 @@
 //! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
 //! - [`health`]: the workers' `/healthz`, `/readyz` and `/metrics` listener.
 //! - [`metrics`]: Prometheus metric names and the recorder.
+//! - [`verify`]: recomputing stored history's hash chains and signatures.
 
 pub mod config;
 pub mod deadlines;
@@ -24,6 +25,7 @@ pub mod protocol;
 pub mod snapshot;
 pub mod store;
 pub mod telemetry;
+pub mod verify;
 
 pub use error::{error_chain, ErrorClass};
 pub use jetsource_aggregate as aggregate;

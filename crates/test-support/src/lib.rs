@@ -20,6 +20,7 @@
 pub mod accounts;
 pub mod certs;
 mod docker;
+pub mod filestore;
 pub mod requests;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -282,6 +283,12 @@ impl NatsServer {
                 }
             }
         }
+    }
+
+    /// The server's JetStream `store_dir` (for [`filestore::StoredStream`],
+    /// while the server is down).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
     }
 
     /// Kills the server abruptly (SIGKILL) and leaves it down: clients see
@@ -643,6 +650,7 @@ struct ClusterNode {
     http_port: u16,
     config: PathBuf,
     log: PathBuf,
+    store: PathBuf,
     child: Option<Child>,
 }
 
@@ -762,6 +770,11 @@ impl NatsCluster {
         &self.nodes[i].log
     }
 
+    /// Node `i`'s JetStream `store_dir`.
+    pub fn store_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].store.clone()
+    }
+
     /// Whether node `i` is running (not killed).
     pub fn is_up(&self, i: usize) -> bool {
         self.nodes[i].child.is_some()
@@ -846,6 +859,7 @@ fn configure_nodes(dir: &Path, sync: Sync, extra: &str) -> Vec<ClusterNode> {
             http_port: *http_port,
             config,
             log,
+            store,
             child: None,
         });
     }
