@@ -147,6 +147,8 @@ fn relink(event: &Value, previous: &Value, data: &[u8]) -> String {
             command_aggregate: None,
             correlation_id: correlation.as_deref(),
             causation_id: causation.as_deref(),
+            data_subject: None,
+            sealed: None,
             data,
         },
     )

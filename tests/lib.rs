@@ -245,6 +245,7 @@ pub async fn append_behind(
     let event = jetsource_core::aggregate::NewEvent {
         event_type: event_type.into(),
         data: data.to_vec(),
+        sealed: None,
     };
     store
         .append(&jetsource_core::store::Append {

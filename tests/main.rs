@@ -16,6 +16,7 @@ mod guide;
 mod health;
 mod integrity;
 mod metrics;
+mod privacy;
 mod processes;
 mod read_side;
 mod redis_outage;

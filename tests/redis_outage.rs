@@ -140,6 +140,7 @@ impl Fleet {
                         let event = jetsource_core::aggregate::NewEvent {
                             event_type: event_type.into(),
                             data: data.to_string().into_bytes(),
+                            sealed: None,
                         };
                         let appended = store
                             .append(&jetsource_core::store::Append {

@@ -18,10 +18,13 @@ pub type State = Arc<dyn Any + Send + Sync>;
 
 /// An event decided by the domain, ready to be stored: its type name and its
 /// data as JSON bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewEvent {
     pub event_type: String,
     pub data: Vec<u8>,
+    /// Set by the runtime once the personal fields in `data` are sealed:
+    /// whose they are and which (see [`crate::personal`]).
+    pub sealed: Option<crate::personal::Sealing>,
 }
 
 /// What [`DynAggregate::decide`] returns: the events to append and the state
@@ -119,6 +122,10 @@ pub trait DynAggregate: Send + Sync + std::fmt::Debug {
     fn state_from_json(&self, json: Value) -> Result<State, String>;
     /// `Aggregate::STATE_SCHEMA_VERSION`.
     fn state_schema_version(&self) -> u32;
+    /// `Aggregate::PERSONAL_DATA` of events of `event_type`.
+    fn personal_data(&self, _event_type: &str) -> Option<&'static crate::personal::PersonalData> {
+        None
+    }
 }
 
 struct Erased<A>(PhantomData<fn() -> A>);
@@ -157,6 +164,7 @@ pub(crate) fn split_event<E: serde::Serialize>(event: &E) -> Result<NewEvent, St
     Ok(NewEvent {
         event_type: tagged.event_type,
         data: data.as_bytes().to_vec(),
+        sealed: None,
     })
 }
 
@@ -285,6 +293,10 @@ impl<A: Aggregate> DynAggregate for Erased<A> {
 
     fn state_schema_version(&self) -> u32 {
         A::STATE_SCHEMA_VERSION
+    }
+
+    fn personal_data(&self, event_type: &str) -> Option<&'static crate::personal::PersonalData> {
+        A::PERSONAL_DATA.iter().find(|p| p.event_type == event_type)
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod dynamic;
 mod multi;
+pub mod personal;
 pub mod process;
 pub mod testing;
 mod upcast;
@@ -52,6 +53,11 @@ pub trait Aggregate: Send + Sync + 'static {
     /// state's shape changes: snapshots of another version are ignored (and
     /// the state is rebuilt from events) until the snapshotter replaces them.
     const STATE_SCHEMA_VERSION: u32 = 1;
+
+    /// Which fields of which events are personal data, and whose
+    /// ([`personal`]): the runtime stores them encrypted with the data
+    /// subject's key, and `jetsource forget` erases them everywhere.
+    const PERSONAL_DATA: &'static [personal::PersonalData] = &[];
 
     /// State before any event is `State::default()`. Serializable so it can
     /// be snapshotted.

@@ -161,6 +161,7 @@ impl Observed {
         NewEvent {
             event_type: OBSERVED.to_owned(),
             data: serde_json::to_vec(&self).expect("serializes"),
+            sealed: None,
         }
     }
 }

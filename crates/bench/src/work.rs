@@ -480,10 +480,12 @@ pub async fn append_suite(
                         NewEvent {
                             event_type: "AccountOpened".into(),
                             data: br#"{"owner":"bench"}"#.to_vec(),
+                            sealed: None,
                         },
                         NewEvent {
                             event_type: "Deposited".into(),
                             data: DEPOSIT.as_bytes().to_vec(),
+                            sealed: None,
                         },
                     ];
                     let id = format!("c{clients}r{run}n{c}x{k}");
@@ -637,6 +639,10 @@ async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Re
                     hash: None,
                     signature: None,
                     signing_key: None,
+                    data_subject: None,
+                    sealed: None,
+                    erased: Vec::new(),
+                    stored_data: None,
                     data: bytes::Bytes::from_static(data.as_bytes()),
                     aggregate_id: id,
                 };
@@ -1001,6 +1007,7 @@ pub async fn read_suite(
         .map(|_| NewEvent {
             event_type: "Deposited".into(),
             data: DEPOSIT.as_bytes().to_vec(),
+            sealed: None,
         })
         .collect();
     let mut expected = loaded.last_sequence;

@@ -238,6 +238,10 @@ pub(crate) mod tests {
             hash: None,
             signature: None,
             signing_key: None,
+            data_subject: None,
+            sealed: None,
+            erased: Vec::new(),
+            stored_data: None,
             data: serde_json::to_vec(&data).unwrap_or_default().into(),
         }
     }

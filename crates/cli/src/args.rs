@@ -74,6 +74,15 @@ pub enum Command {
     /// `<dir>/<id>.key` (private, 0600) and `<dir>/<id>.pub` (for every
     /// verifier's `store.trusted_keys`).
     Keygen(KeygenArgs),
+    /// Crypto-shredding: erase a data subject's personal data for good.
+    /// Destroys the subject's key (its fields then read as erased
+    /// everywhere, history intact and verifiable), records
+    /// `DataSubjectForgotten`, deletes the snapshots built from its data
+    /// and rebuilds the read models that hold it.
+    Forget {
+        /// The data subject, e.g. `user-u1` (as the application names it).
+        subject: String,
+    },
     /// Print a shell completion script: `jetsource completions bash >
     /// ~/.local/share/bash-completion/completions/jetsource`.
     Completions {

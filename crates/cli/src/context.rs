@@ -52,7 +52,11 @@ impl Context {
 
     pub async fn store(&self) -> anyhow::Result<EventStore> {
         let client = self.client().await?;
-        Ok(EventStore::open(client, &self.config.nats, &self.config.store).await?)
+        let store = EventStore::open(client.clone(), &self.config.nats, &self.config.store).await?;
+        // The admin reads the key bucket itself.
+        let privacy = jetsource_core::privacy::Privacy::from_bucket(&store, &self.config);
+        privacy.start_listening(client);
+        Ok(store.with_privacy(privacy))
     }
 
     pub async fn snapshots(&self, store: &EventStore) -> anyhow::Result<SnapshotStore> {

@@ -7,6 +7,7 @@ mod args;
 mod backup;
 mod context;
 mod exit;
+mod forget;
 mod nats;
 mod output;
 mod projection;
@@ -190,6 +191,7 @@ where
         Command::Restore(args) => backup::restore(&ctx, args, out).await,
         Command::Verify(args) => verify::verify(&ctx, args, out).await,
         Command::Keygen(args) => verify::keygen(args, out),
+        Command::Forget { subject } => forget::forget(&ctx, &subject, out).await,
         Command::Completions { .. } => Ok(()),
     }
 }

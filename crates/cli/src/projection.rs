@@ -146,6 +146,28 @@ async fn rebuild(ctx: &Context, name: &str, out: &mut Out<'_>) -> anyhow::Result
     out.line(format_args!("rebuilt {name}: generation {generation} is active, {done} events in {secs:.1}s ({rate:.0} events/s); old keys deleted"))
 }
 
+/// Rebuilds `name` (waiting until its new generation is active) if it has
+/// a read model; whether it had one.
+pub(crate) async fn rebuild_quietly(
+    ctx: &Context,
+    name: &str,
+    out: &mut Out<'_>,
+) -> anyhow::Result<bool> {
+    let redis = ctx.redis().await?;
+    if redis.meta(name).await?.is_none() {
+        return Ok(false);
+    }
+    let store = ctx.store().await?;
+    let generation = start_rebuild(ctx, &redis, name).await?;
+    let _ = store
+        .jetstream()
+        .client()
+        .publish(control_subject(name), "rebuild".into())
+        .await;
+    watch_rebuild(&redis, &store, name, generation, out).await?;
+    Ok(true)
+}
+
 /// Starts building a new generation; returns it.
 async fn start_rebuild(ctx: &Context, redis: &RedisStore, name: &str) -> anyhow::Result<u64> {
     let meta = redis.meta(name).await?.ok_or_else(|| {

@@ -28,6 +28,9 @@ pub type SharedSlot = Arc<tokio::sync::Mutex<Slot>>;
 #[derive(Debug)]
 pub struct Cache {
     slots: Mutex<LruCache<String, SharedSlot>>,
+    /// The privacy epoch the slots were loaded under (see
+    /// [`Cache::drop_all_before`]).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Cache {
@@ -35,6 +38,17 @@ impl Cache {
         let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         Self {
             slots: Mutex::new(LruCache::new(capacity)),
+            epoch: Default::default(),
+        }
+    }
+
+    /// Drops every slot when `epoch` moved on: a data subject was
+    /// forgotten, and cached states may hold its personal data in the
+    /// clear. Rare, so all go rather than tracking whose is where.
+    pub fn drop_all_before(&self, epoch: u64) {
+        use std::sync::atomic::Ordering;
+        if self.epoch.swap(epoch, Ordering::Relaxed) != epoch {
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
 

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use jetsource_core::aggregate::{
-    DecideError, Decision, DomainErrorKind, DynAggregate, ParsedCommand, Registry,
+    DecideError, Decision, DomainErrorKind, DynAggregate, NewEvent, ParsedCommand, Registry,
 };
 use jetsource_core::config::CommandConfig;
 use jetsource_core::envelope::RecordedEvent;
 use jetsource_core::loader::{LoadError, Loaded, SnapshotUse, Until};
 use jetsource_core::metrics;
+use jetsource_core::privacy::PrivacyError;
 use jetsource_core::protocol::{
     check_client_id, parse_command_subject, CommandOutcome, CommandRequest, ErrorBody, ErrorCode,
     ReplyEvent,
@@ -162,6 +163,7 @@ impl Worker {
         payload: &[u8],
         labels: &mut (&'static str, String),
     ) -> Reply {
+        self.cache.drop_all_before(self.store.privacy().epoch());
         let (aggregate_type, aggregate_id) = parse_command_subject(subject)?;
         let aggregate = self.registry.get(aggregate_type).ok_or_else(|| {
             ErrorBody::invalid(format!(
@@ -457,12 +459,19 @@ impl Worker {
         decision: Decision,
     ) -> Option<Reply> {
         let loaded = slot.loaded.as_ref().expect("decided on a loaded state");
+        let stored = match self
+            .sealed(cmd.aggregate, cmd.aggregate_id, &decision.events)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => return Some(Err(e)),
+        };
         let append = Append {
             aggregate_type: cmd.aggregate.aggregate_type(),
             aggregate_id: cmd.aggregate_id,
             expected_last_sequence: loaded.last_sequence,
             version: loaded.version,
-            events: &decision.events,
+            events: &stored,
             schema_version: cmd.aggregate.event_schema_version(),
             command_id: cmd.command_id(),
             correlation_id: &cmd.correlation_id,
@@ -500,6 +509,42 @@ impl Worker {
             }
             Err(e) => Err(store_failure(e)),
         })
+    }
+
+    /// `events` of `<aggregate>.<id>` as they are stored: the personal
+    /// fields the aggregate marks sealed with their subject's key
+    /// (docs/ARCHITECTURE.md, "Crypto-shredding"). The events as decided
+    /// stay for the reply and the cached state.
+    pub(crate) async fn sealed(
+        &self,
+        aggregate: &dyn DynAggregate,
+        aggregate_id: &str,
+        events: &[NewEvent],
+    ) -> Result<Vec<NewEvent>, ErrorBody> {
+        let mut stored = events.to_vec();
+        for event in &mut stored {
+            let Some(rule) = aggregate.personal_data(&event.event_type) else {
+                continue;
+            };
+            self.store
+                .privacy()
+                .seal(aggregate.aggregate_type(), aggregate_id, event, rule)
+                .await
+                .map_err(|e| match e {
+                    PrivacyError::Forgotten(_) => {
+                        ErrorBody::new(ErrorCode::Rejected, e.to_string())
+                    }
+                    PrivacyError::InvalidSubject(_) | PrivacyError::Data(_) => {
+                        tracing::error!(error = %e, "cannot seal personal data");
+                        ErrorBody::new(
+                            ErrorCode::Internal,
+                            format!("cannot seal the personal data of {}: {e}", event.event_type),
+                        )
+                    }
+                    PrivacyError::Store(e) => store_failure(e),
+                })?;
+        }
+        Ok(stored)
     }
 
     /// The outcome of a multi-event command the server refused as a resend

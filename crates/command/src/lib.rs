@@ -17,6 +17,7 @@ use jetsource_core::aggregate::Registry;
 use jetsource_core::config::Config;
 use jetsource_core::health::{self, Readiness};
 use jetsource_core::micro::{self, Endpoint, MicroService};
+use jetsource_core::privacy::Privacy;
 use jetsource_core::protocol::COMMAND_SUBJECT_PREFIX;
 use jetsource_core::snapshot::SnapshotStore;
 use jetsource_core::store::{EventStore, StoreError};
@@ -151,6 +152,10 @@ async fn start(
     let store_client = jetsource_core::connect(&config.nats, SERVICE_NAME).await?;
     let store =
         EventStore::open_when_available(store_client.clone(), &config.nats, &config.store).await?;
+    // Personal data: keys from the bucket, served to the other workers.
+    let privacy = Privacy::from_bucket(&store, config);
+    privacy.start_listening(client.clone());
+    let store = store.with_privacy(privacy.clone());
     // Read-only mode (docs/PROTOCOL.md): with the event stream leaderless
     // (quorum lost) commands answer `unavailable`, and so does `/readyz`.
     let probed = store.clone();
@@ -186,6 +191,14 @@ async fn start(
 
     let subject = format!("{COMMAND_SUBJECT_PREFIX}.>");
     let queue_group = config.command.queue_group.clone();
+    tokio::spawn({
+        let (client, group) = (client.clone(), queue_group.clone());
+        async move {
+            if let Err(e) = privacy.serve(client, group).await {
+                tracing::warn!(error = %e, "cannot serve data keys");
+            }
+        }
+    });
     let requests = client
         .queue_subscribe(subject.clone(), queue_group.clone())
         .await?;

@@ -207,11 +207,21 @@ impl Worker {
         plan: Vec<(Vec<NewEvent>, State)>,
     ) -> Option<Reply> {
         let owner = cmd.key();
+        let mut stored = Vec::with_capacity(plan.len());
+        for (member, (events, _)) in members.iter().zip(&plan) {
+            match self
+                .sealed(member.aggregate.as_ref(), &member.id, events)
+                .await
+            {
+                Ok(sealed) => stored.push(sealed),
+                Err(e) => return Some(Err(e)),
+            }
+        }
         let appends: Vec<Append<'_>> = members
             .iter()
-            .zip(&plan)
+            .zip(&stored)
             .enumerate()
-            .map(|(i, (m, (events, _)))| Append {
+            .map(|(i, (m, events))| Append {
                 aggregate_type: m.aggregate.aggregate_type(),
                 aggregate_id: &m.id,
                 expected_last_sequence: m.loaded().last_sequence,

@@ -27,6 +27,29 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub trace: TraceConfig,
     pub process: ProcessConfig,
+    pub privacy: PrivacyConfig,
+}
+
+/// Crypto-shredding of personal data (docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Key-value bucket of the data subjects' keys (replicated like the
+    /// event stream; only the command worker and admin may read it).
+    pub key_bucket: String,
+    /// How long a worker other than the command worker keeps a key it was
+    /// given. A forget reaches workers at once; this bounds how long one
+    /// that missed it (disconnected) could still open the subject's data.
+    pub key_cache_secs: u64,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            key_bucket: "JETSOURCE_KEYS".into(),
+            key_cache_secs: 60,
+        }
+    }
 }
 
 /// The process worker (`<app>-process`): process managers.

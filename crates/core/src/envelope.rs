@@ -19,6 +19,7 @@
 //! | the aggregate a multi-aggregate command was sent to, on the events it appended to the others | `Jetsource-Command-Aggregate` (`<type>.<id>`) |
 //! | link in the aggregate's hash chain (SHA-256, hex) | `Jetsource-Hash` |
 //! | Ed25519 signature of that hash (base64), and the key's id | `Jetsource-Signature`, `Jetsource-Signing-Key` |
+//! | whose personal data the event holds, and which fields are sealed | `Jetsource-Data-Subject`, `Jetsource-Sealed` |
 //!
 //! The hash chain and signatures are described in [`crate::integrity`].
 
@@ -81,6 +82,21 @@ pub struct RecordedEvent {
     pub signature: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// Whose personal data it holds (header `Jetsource-Data-Subject`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_subject: Option<String>,
+    /// Its sealed fields, JSON pointers separated by commas (header
+    /// `Jetsource-Sealed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+    /// Sealed fields whose subject was forgotten: `null` in `data`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub erased: Vec<String>,
+    /// The data as stored (sealed fields encrypted), once `data` holds
+    /// them opened; what the hash chain covers.
+    #[serde(skip)]
+    pub stored_data: Option<Bytes>,
+    /// The event's data, personal fields opened (see [`crate::privacy`]).
     #[serde(serialize_with = "raw_json")]
     pub data: Bytes,
 }
@@ -166,6 +182,10 @@ impl RecordedEvent {
             hash: get(crate::integrity::HASH),
             signature: get(crate::integrity::SIGNATURE),
             signing_key: get(crate::integrity::SIGNING_KEY),
+            data_subject: get(crate::privacy::DATA_SUBJECT),
+            sealed: get(crate::privacy::SEALED),
+            erased: Vec::new(),
+            stored_data: None,
             data,
         })
     }

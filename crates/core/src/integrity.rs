@@ -85,6 +85,9 @@ pub struct Linked<'a> {
     pub command_aggregate: Option<&'a str>,
     pub correlation_id: Option<&'a str>,
     pub causation_id: Option<&'a str>,
+    pub data_subject: Option<&'a str>,
+    pub sealed: Option<&'a str>,
+    /// As stored: personal fields sealed.
     pub data: &'a [u8],
 }
 
@@ -101,7 +104,9 @@ impl<'a> Linked<'a> {
             command_aggregate: event.command_aggregate.as_deref(),
             correlation_id: event.correlation_id.as_deref(),
             causation_id: event.causation_id.as_deref(),
-            data: &event.data,
+            data_subject: event.data_subject.as_deref(),
+            sealed: event.sealed.as_deref(),
+            data: event.stored_data.as_ref().unwrap_or(&event.data),
         }
     }
 }
@@ -126,6 +131,8 @@ pub fn link(previous: Option<&ChainHash>, event: &Linked<'_>) -> ChainHash {
     field(optional(event.command_aggregate));
     field(optional(event.correlation_id));
     field(optional(event.causation_id));
+    field(optional(event.data_subject));
+    field(optional(event.sealed));
     field(event.data);
     ChainHash(hasher.finalize().into())
 }
@@ -497,6 +504,10 @@ mod tests {
                     hash: None,
                     signature: None,
                     signing_key: None,
+                    data_subject: None,
+                    sealed: None,
+                    erased: Vec::new(),
+                    stored_data: None,
                     data: Bytes::from(format!(r#"{{"amount":{version}}}"#)),
                 };
                 let hash = link(previous.as_ref(), &Linked::of(&event));

@@ -10,6 +10,8 @@
 //! - [`protocol`]: the JSON request/reply shapes and error codes on the wire.
 //! - [`health`]: the workers' `/healthz`, `/readyz` and `/metrics` listener.
 //! - [`metrics`]: Prometheus metric names and the recorder.
+//! - [`privacy`]: personal fields sealed per data subject, erased by
+//!   forgetting the subject's key (crypto-shredding).
 //! - [`verify`]: recomputing stored history's hash chains and signatures.
 
 pub mod config;
@@ -21,6 +23,7 @@ pub mod integrity;
 pub mod loader;
 pub mod metrics;
 pub mod micro;
+pub mod privacy;
 pub mod protocol;
 pub mod snapshot;
 pub mod store;

@@ -32,6 +32,9 @@ pub struct Loaded {
     pub last_hash: Option<ChainHash>,
     /// Some event folded in was signed (every later one must be).
     signed: bool,
+    /// Data subjects whose personal data the events folded in hold: a
+    /// state (or snapshot) built from them may hold it in the clear.
+    pub subjects: std::collections::BTreeSet<String>,
     /// (command id, sequence of its first event), oldest first.
     recent_commands: VecDeque<(String, u64)>,
 }
@@ -111,6 +114,7 @@ impl Loaded {
             last_timestamp: None,
             last_hash: None,
             signed: false,
+            subjects: Default::default(),
             recent_commands: VecDeque::new(),
         }
     }
@@ -218,11 +222,12 @@ impl Loaded {
             let missing = store
                 .read_through(&subject, self.last_sequence + 1, target)
                 .await?;
-            let events = missing
+            let mut events = missing
                 .into_iter()
                 .map(|m| m.into_event())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(crate::store::StoreError::from)?;
+            store.open_events(&mut events).await?;
             applied += self
                 .fold_chunk(store.integrity(), aggregate, aggregate_id, &events, until)?
                 .0;
@@ -302,6 +307,11 @@ impl Loaded {
     fn take_link(&mut self, event: &RecordedEvent) {
         self.last_hash = event.hash.as_deref().and_then(ChainHash::parse);
         self.signed |= event.signature.is_some();
+        if let Some(subject) = &event.data_subject {
+            if !self.subjects.contains(subject) {
+                self.subjects.insert(subject.clone());
+            }
+        }
     }
 
     /// Folds in one event that directly follows what is loaded (the caller
@@ -352,6 +362,7 @@ impl Loaded {
                 recent_commands: self.recent_commands.iter().cloned().collect(),
                 last_hash: self.last_hash.map(|h| h.to_string()),
                 signed: self.signed,
+                subjects: self.subjects.iter().cloned().collect(),
                 state: aggregate.state_to_json(&self.state),
                 checksum: String::new(),
             }
@@ -380,6 +391,7 @@ impl Loaded {
                 Some(None) => return Err("last_hash is not a SHA-256 in hex".into()),
             },
             signed: snapshot.signed,
+            subjects: snapshot.subjects.into_iter().collect(),
             recent_commands: snapshot.recent_commands.into_iter().collect(),
         })
     }
@@ -417,6 +429,14 @@ impl Loaded {
                     };
                     if !fits {
                         (None, SnapshotUse::TooNew)
+                    } else if let Some(subject) = forgotten_among(store, &snapshot.subjects).await?
+                    {
+                        (
+                            None,
+                            SnapshotUse::Ignored(format!(
+                                "it holds personal data of forgotten data subject {subject}"
+                            )),
+                        )
                     } else {
                         let version = snapshot.version;
                         match Self::from_snapshot(aggregate, snapshot) {
@@ -450,6 +470,28 @@ impl Loaded {
             .await?;
         Ok(loaded)
     }
+}
+
+/// The first of `subjects` that is forgotten, if any: a state built while
+/// it was not holds its personal data in the clear.
+pub async fn forgotten_among(
+    store: &EventStore,
+    subjects: &[String],
+) -> Result<Option<String>, StoreError> {
+    for subject in subjects {
+        let gone = store
+            .privacy()
+            .is_gone(subject)
+            .await
+            .map_err(|e| match e {
+                crate::privacy::PrivacyError::Store(e) => e,
+                other => StoreError::new(crate::store::StoreErrorKind::Rejected, other.to_string()),
+            })?;
+        if gone {
+            return Ok(Some(subject.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// An aggregate's state at `until` as an operator sees it: from the latest

@@ -11,7 +11,8 @@
 //!  "state_schema": 1, "version": 200, "sequence": 5123,
 //!  "timestamp": "2026-11-22T05:00:00Z", "taken_at": "...",
 //!  "recent_commands": [["cmd-1", 5100]],
-//!  "last_hash": "9f2c...", "signed": false, "state": {...},
+//!  "last_hash": "9f2c...", "signed": false, "subjects": ["user-u1"],
+//!  "state": {...},
 //!  "checksum": "crc32:1a2b3c4d"}
 //! ```
 //!
@@ -50,6 +51,10 @@ pub struct Snapshot {
     pub last_hash: Option<String>,
     /// Some event up to `version` was signed.
     pub signed: bool,
+    /// Data subjects whose personal data the state was built from: a
+    /// snapshot of a forgotten one is never used (and `jetsource forget`
+    /// deletes it).
+    pub subjects: Vec<String>,
     pub state: Value,
     pub checksum: String,
 }
@@ -70,6 +75,7 @@ impl Snapshot {
         hasher.update(head.as_bytes());
         hasher.update(self.last_hash.as_deref().unwrap_or("-").as_bytes());
         hasher.update(if self.signed { b"|s|" } else { b"|u|" });
+        hasher.update(self.subjects.join(",").as_bytes());
         // serde_json maps are ordered, so this encoding is canonical.
         hasher.update(&serde_json::to_vec(&self.recent_commands).unwrap_or_default());
         hasher.update(&serde_json::to_vec(&self.state).unwrap_or_default());
@@ -222,6 +228,15 @@ impl SnapshotStore {
         }
         let bytes = self.get_raw(aggregate_type, aggregate_id).await?;
         Ok(bytes.and_then(|b| serde_json::from_slice::<At>(&b).ok().map(|at| at.sequence)))
+    }
+
+    /// Deletes an aggregate's snapshot with its history (`jetsource
+    /// forget`: it may hold a forgotten subject's data in the clear).
+    pub async fn remove(&self, aggregate_type: &str, aggregate_id: &str) -> Result<(), StoreError> {
+        self.kv
+            .purge(Snapshot::key(aggregate_type, aggregate_id))
+            .await
+            .map_err(|e| unavailable("cannot delete a snapshot", e))
     }
 
     /// Stores raw bytes under a key: for tests and repairs.

@@ -268,6 +268,10 @@ async fn connect(
     readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
+    // Personal fields open with keys a command worker hands out.
+    let privacy = jetsource_core::privacy::Privacy::from_service(client.clone(), config);
+    privacy.start_listening(client.clone());
+    let store = store.with_privacy(privacy);
     let snapshots = SnapshotStore::open_when_available(
         store.jetstream(),
         &config.snapshot,

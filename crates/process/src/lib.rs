@@ -372,6 +372,10 @@ async fn start(
     readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
+    // Personal fields open with keys a command worker hands out.
+    let privacy = jetsource_core::privacy::Privacy::from_service(client.clone(), config);
+    privacy.start_listening(client.clone());
+    let store = store.with_privacy(privacy);
     // A cluster electing its leaders (a node just died) times these out:
     // wait for it rather than exit. The start-up races the stop signal.
     let transient = |e: &RunError| e.class() == ErrorClass::Transient;

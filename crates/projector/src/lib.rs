@@ -312,6 +312,10 @@ async fn start(
     readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
+    // Personal fields open with keys a command worker hands out.
+    let privacy = jetsource_core::privacy::Privacy::from_service(client.clone(), config);
+    privacy.start_listening(client.clone());
+    let store = store.with_privacy(privacy);
     let js = store.jetstream().clone();
     dlq::ensure_stream(
         &js,

@@ -102,12 +102,15 @@ pub enum BatchError {
     /// Storing an event the projection cannot apply as a dead letter failed.
     #[error(transparent)]
     DeadLetter(#[from] DlqError),
+    /// The key of an event's personal fields could not be had.
+    #[error("cannot open personal data: {0}")]
+    Keys(#[source] StoreError),
 }
 
 impl BatchError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            BatchError::Gap(e) => e.class(),
+            BatchError::Gap(e) | BatchError::Keys(e) => e.class(),
             BatchError::DeadLetter(e) => e.class(),
         }
     }
@@ -1144,7 +1147,26 @@ impl Run {
             if !self.projection.aggregate_types().contains(&aggregate_type) {
                 continue;
             }
-            match self.project_one(sequence, message) {
+            let event = match RecordedEvent::from_parts(
+                &message.subject,
+                sequence,
+                message.timestamp,
+                message.headers.as_ref(),
+                message.payload.clone(),
+            ) {
+                Ok(event) => {
+                    let mut event = [event];
+                    self.shared
+                        .store
+                        .open_events(&mut event)
+                        .await
+                        .map_err(BatchError::Keys)?;
+                    let [event] = event;
+                    Ok(event)
+                }
+                Err(e) => Err(Unapplicable::from(e)),
+            };
+            match event.and_then(|event| self.project_one(&event)) {
                 Ok((_, _, ops)) if ops.is_empty() => {}
                 Ok((partition, keys, ops)) => by_partition
                     .entry(partition)
@@ -1163,25 +1185,14 @@ impl Run {
 
     /// The writes of one event, trying the projection up to
     /// `projector.max_attempts` times; the reason when it cannot be applied.
-    fn project_one(
-        &self,
-        sequence: u64,
-        message: &StoredMessage,
-    ) -> Result<Projected, Unapplicable> {
-        let event = RecordedEvent::from_parts(
-            &message.subject,
-            sequence,
-            message.timestamp,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        )?;
+    fn project_one(&self, event: &RecordedEvent) -> Result<Projected, Unapplicable> {
         let partition = partition_of(&event.aggregate_type, &event.aggregate_id, self.partitions);
         let keys = KeySpace::new(self.name(), self.generation, partition);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut ops = Vec::new();
-            match self.projection.project(&event, &keys, &mut ops) {
+            match self.projection.project(event, &keys, &mut ops) {
                 Ok(()) => return Ok((partition, keys, ops)),
                 Err(source) if attempt >= self.shared.config.max_attempts => {
                     return Err(Unapplicable::Refused {

@@ -107,11 +107,25 @@ pub async fn take(
     let Some(snapshot) = loaded.to_snapshot(aggregate, aggregate_id) else {
         return Ok(None);
     };
+    if holds_forgotten(store, &snapshot).await? {
+        return Ok(None);
+    }
     let written = snapshots
         .put_if_newer(&snapshot, aggregate.state_schema_version())
         .await?;
     count_written(aggregate, written);
     Ok(Some(written))
+}
+
+/// Whether `snapshot` was built from personal data of a subject forgotten
+/// since: such a snapshot is never written (the state held the data in the
+/// clear before the forget).
+async fn holds_forgotten(store: &EventStore, snapshot: &Snapshot) -> Result<bool, StoreError> {
+    let forgotten = jetsource_core::loader::forgotten_among(store, &snapshot.subjects).await?;
+    if let Some(subject) = &forgotten {
+        tracing::info!(aggregate = %format_args!("{}.{}", snapshot.aggregate_type, snapshot.aggregate_id), %subject, "not snapshotted: it holds a forgotten subject's data");
+    }
+    Ok(forgotten.is_some())
 }
 
 /// Counts a stored snapshot (docs/METRICS.md).
@@ -176,6 +190,9 @@ async fn rebuild_one(
     let Some(snapshot) = loaded.to_snapshot(aggregate, aggregate_id) else {
         return Ok(None);
     };
+    if holds_forgotten(store, &snapshot).await? {
+        return Ok(None);
+    }
     let schema = aggregate.state_schema_version();
     Ok(Some(snapshots.put_unless_newer(&snapshot, schema).await?))
 }
@@ -246,6 +263,10 @@ struct Memory {
     /// took 105 s. Written concurrently they overlap; the compare-and-set
     /// keeps the newest whatever order they finish in.
     writes: tokio::task::JoinSet<()>,
+    /// The privacy epoch the states were folded under: when a subject is
+    /// forgotten they are all dropped (they may hold its data in the
+    /// clear).
+    epoch: u64,
 }
 
 /// Snapshot writes one copy keeps in flight.
@@ -258,6 +279,7 @@ impl Memory {
             states: LruCache::new(size),
             bases: LruCache::new(size),
             writes: tokio::task::JoinSet::new(),
+            epoch: 0,
         }
     }
 
@@ -378,6 +400,9 @@ impl Shared {
             return;
         };
         let name = format!("{}.{}", snapshot.aggregate_type, snapshot.aggregate_id);
+        if !matches!(holds_forgotten(&self.store, &snapshot).await, Ok(false)) {
+            return;
+        }
         let schema = aggregate.state_schema_version();
         let put = || self.snapshots.put_if_newer(&snapshot, schema);
         if let Ok(written) = retry(&name, stop, StoreError::class, put).await {
@@ -575,7 +600,24 @@ async fn follow_chunk(
                 message.payload.clone(),
             );
             if let Ok(event) = event {
-                shared.follow(memory, &event, stop).await;
+                let epoch = shared.store.privacy().epoch();
+                if memory.epoch != epoch {
+                    memory.states.clear();
+                    memory.epoch = epoch;
+                }
+                let mut event = [event];
+                match shared.store.open_events(&mut event).await {
+                    Ok(()) => shared.follow(memory, &event[0], stop).await,
+                    Err(e) => {
+                        // Its state is not followed: the next event finds a
+                        // gap and loads the aggregate again.
+                        tracing::warn!(error = %e, "cannot open an event's personal data");
+                        memory.states.pop(&(
+                            event[0].aggregate_type.clone(),
+                            event[0].aggregate_id.clone(),
+                        ));
+                    }
+                }
             }
         }
         if let Err(e) = message.ack().await {
@@ -758,6 +800,10 @@ async fn start(
     readiness.watch_nats(client.clone());
     let store =
         EventStore::open_when_available(client.clone(), &config.nats, &config.store).await?;
+    // Personal fields open with keys a command worker hands out.
+    let privacy = jetsource_core::privacy::Privacy::from_service(client.clone(), config);
+    privacy.start_listening(client.clone());
+    let store = store.with_privacy(privacy);
     let snapshots = SnapshotStore::open_when_available(
         store.jetstream(),
         &config.snapshot,

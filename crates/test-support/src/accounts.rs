@@ -86,7 +86,9 @@ impl RoleCredentials {
     }
 
     /// A client connected as `role`.
+    /// A client as `role` at `url` (comma-separated for a cluster).
     pub async fn connect(&self, url: &str, role: &str) -> async_nats::Client {
-        self.options(role).connect(url).await.unwrap()
+        let servers: Vec<&str> = url.split(',').collect();
+        self.options(role).connect(servers).await.unwrap()
     }
 }

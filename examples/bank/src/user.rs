@@ -1,6 +1,11 @@
 //! A user with a display name. A deleted user does not exist any more:
 //! renaming or deleting it is rejected, and its id may be created afresh.
+//!
+//! The name is personal data of data subject `user-<id>`: stored
+//! encrypted, and erased everywhere by `jetsource forget user-<id>`, after
+//! which it reads as `[erased]`.
 
+use jetsource::domain::personal::{erased_text, PersonalData, Subject};
 use jetsource::domain::{Aggregate, DomainError};
 use serde::{Deserialize, Serialize};
 
@@ -49,10 +54,19 @@ pub struct DeleteUser {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum UserEvent {
-    UserCreated { name: String },
-    UserNameUpdated { name: String },
+    UserCreated {
+        #[serde(deserialize_with = "erased_text")]
+        name: String,
+    },
+    UserNameUpdated {
+        #[serde(deserialize_with = "erased_text")]
+        name: String,
+    },
     UserDeleted {},
 }
+
+/// Whose the personal fields are: the user's own.
+const SUBJECT: Subject = Subject::AggregateId { prefix: "user-" };
 
 fn must_exist(state: &UserState) -> Result<(), DomainError> {
     if state.status == UserStatus::Active {
@@ -64,6 +78,18 @@ fn must_exist(state: &UserState) -> Result<(), DomainError> {
 
 impl Aggregate for User {
     const TYPE: &'static str = "user";
+    const PERSONAL_DATA: &'static [PersonalData] = &[
+        PersonalData {
+            event_type: "UserCreated",
+            subject: SUBJECT,
+            fields: &["/name"],
+        },
+        PersonalData {
+            event_type: "UserNameUpdated",
+            subject: SUBJECT,
+            fields: &["/name"],
+        },
+    ];
     type State = UserState;
     type Command = UserCommand;
     type Event = UserEvent;

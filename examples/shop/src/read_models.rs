@@ -548,6 +548,10 @@ mod tests {
             hash: None,
             signature: None,
             signing_key: None,
+            data_subject: None,
+            sealed: None,
+            erased: Vec::new(),
+            stored_data: None,
             data: data.to_string().into_bytes().into(),
         }
     }

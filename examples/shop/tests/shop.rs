@@ -225,6 +225,7 @@ impl Fleet {
         let events = [NewEvent {
             event_type: "OrderPlaced".into(),
             data: data.to_string().into_bytes(),
+            sealed: None,
         }];
         let store = self.store().await;
         let appended = store

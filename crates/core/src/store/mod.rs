@@ -38,11 +38,13 @@ pub mod backup;
 pub mod codes;
 mod consumers;
 pub mod group;
+pub mod keys;
 pub use consumers::FollowFrom;
 
 use crate::config::{NatsConfig, StoreConfig};
 use crate::envelope::{self, event_subject, RecordedEvent};
 use crate::integrity::{self, ChainHash, Integrity, Linked};
+use crate::privacy::Privacy;
 use crate::ErrorClass;
 
 /// Past this many messages still to read, a read goes on through a consumer
@@ -276,6 +278,8 @@ pub struct EventStore {
     streaming_paused_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// Hash chain and signatures on appends, checks on loads.
     integrity: Integrity,
+    /// Keys for opening personal fields on every read.
+    privacy: Arc<Privacy>,
 }
 
 /// How long [`EventStore::open`] keeps retrying a stream that is not
@@ -522,6 +526,7 @@ impl EventStore {
                     format!("cannot use the configured signing or trusted keys: {e}"),
                 )
             })?,
+            privacy: Privacy::none(),
         };
         if config.group_commit {
             store.group = Some(group::Handle::start(
@@ -530,6 +535,22 @@ impl EventStore {
             ));
         }
         Ok(store)
+    }
+
+    /// This handle with `privacy` opening personal fields on its reads
+    /// (every handle sharing the group committer).
+    pub fn with_privacy(mut self, privacy: Arc<Privacy>) -> Self {
+        self.privacy = privacy;
+        self
+    }
+
+    pub fn privacy(&self) -> &Arc<Privacy> {
+        &self.privacy
+    }
+
+    /// Opens the personal fields of `events` (see [`crate::privacy`]).
+    pub async fn open_events(&self, events: &mut [RecordedEvent]) -> Result<(), StoreError> {
+        self.privacy.open(events).await.map_err(privacy_error)
     }
 
     /// What appends are sealed with and loads check.
@@ -605,6 +626,14 @@ impl EventStore {
                 );
             }
         }
+        let sealed = event
+            .sealed
+            .as_ref()
+            .map(|s| (s.subject.as_str(), s.fields.join(",")));
+        if let Some((subject, fields)) = &sealed {
+            headers.insert(crate::privacy::DATA_SUBJECT, *subject);
+            headers.insert(crate::privacy::SEALED, fields.as_str());
+        }
         if !self.integrity.chain {
             return (headers, None);
         }
@@ -621,6 +650,8 @@ impl EventStore {
                 command_aggregate: append.command_aggregate,
                 correlation_id: Some(append.correlation_id),
                 causation_id: Some(append.causation_id),
+                data_subject: sealed.as_ref().map(|s| s.0),
+                sealed: sealed.as_ref().map(|s| s.1.as_str()),
                 data: &event.data,
             },
         );
@@ -871,22 +902,52 @@ impl EventStore {
         mut visit: impl FnMut(Vec<RecordedEvent>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         let subject = event_subject(aggregate_type, aggregate_id);
-        let mut failure = None;
-        self.read_stored(&subject, from, |chunk| {
-            let mut events = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                match message.into_event() {
-                    Ok(event) => events.push(event),
-                    Err(e) => {
-                        failure = Some(StoreError::from(e));
-                        return ControlFlow::Break(());
+        let mut from = from;
+        loop {
+            let mut failure = None;
+            // A personal field whose key this process does not hold stops
+            // the read there: the key is fetched, and the read goes on.
+            let mut needs_key = None;
+            let mut stopped = false;
+            self.read_stored(&subject, from, |chunk| {
+                let mut events = Vec::with_capacity(chunk.len());
+                for message in chunk {
+                    let sequence = message.sequence;
+                    match message.into_event() {
+                        Ok(mut event) => match self.privacy.open_cached(&mut event) {
+                            Ok(()) => events.push(event),
+                            Err(key) => {
+                                needs_key = Some((key, sequence));
+                                break;
+                            }
+                        },
+                        Err(e) => {
+                            failure = Some(StoreError::from(e));
+                            return ControlFlow::Break(());
+                        }
                     }
                 }
+                if !events.is_empty() && visit(events).is_break() {
+                    stopped = true;
+                    return ControlFlow::Break(());
+                }
+                match needs_key {
+                    Some(_) => ControlFlow::Break(()),
+                    None => ControlFlow::Continue(()),
+                }
+            })
+            .await?;
+            if let Some(e) = failure {
+                return Err(e);
             }
-            visit(events)
-        })
-        .await?;
-        failure.map_or(Ok(()), Err)
+            match needs_key {
+                Some((key, sequence)) if !stopped => {
+                    self.privacy.fetch(&key).await.map_err(privacy_error)?;
+                    from = sequence;
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Reads every stored message from stream sequence `from` on, in stream
@@ -1115,10 +1176,11 @@ impl EventStore {
         let subject = event_subject(aggregate_type, aggregate_id);
         let last = self.leader_last_sequence(&subject).await?;
         let messages = self.read_through(&subject, from, last).await?;
-        let events = messages
+        let mut events = messages
             .into_iter()
             .map(StoredMessage::into_event)
             .collect::<Result<Vec<_>, _>>()?;
+        self.open_events(&mut events).await?;
         Ok(events)
     }
 
@@ -1268,7 +1330,12 @@ impl EventStore {
         let stream = self.stream().await?;
         let got = stream.raw_message_builder().sequence(sequence).send().await;
         match leader_found(got, &format!("reading event {sequence}"))? {
-            Some(message) => Ok(Some(message.into_event()?)),
+            Some(message) => {
+                let mut event = [message.into_event()?];
+                self.open_events(&mut event).await?;
+                let [event] = event;
+                Ok(Some(event))
+            }
             None => Ok(None),
         }
     }
@@ -1338,7 +1405,9 @@ impl EventStore {
             let subject = event_subject(aggregate_type, aggregate_id);
             let mut next = first_sequence;
             while let Some(message) = self.leader_next(&subject, next).await? {
-                let event = message.into_event()?;
+                let mut event = [message.into_event()?];
+                self.open_events(&mut event).await?;
+                let [event] = event;
                 if event.command_id.as_deref() != Some(command_id) {
                     break;
                 }
@@ -1355,6 +1424,13 @@ impl EventStore {
             ));
         }
         Ok(events)
+    }
+}
+
+fn privacy_error(e: crate::privacy::PrivacyError) -> StoreError {
+    match e {
+        crate::privacy::PrivacyError::Store(e) => e,
+        other => StoreError::new(StoreErrorKind::Rejected, other.to_string()),
     }
 }
 

@@ -25,6 +25,7 @@ fn events(event_type: &str, n: usize) -> Vec<NewEvent> {
         .map(|i| NewEvent {
             event_type: event_type.into(),
             data: format!(r#"{{"amount":{}}}"#, i + 1).into_bytes(),
+            sealed: None,
         })
         .collect()
 }

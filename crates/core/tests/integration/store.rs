@@ -29,6 +29,7 @@ fn ev(event_type: &str, data: &str) -> NewEvent {
     NewEvent {
         event_type: event_type.into(),
         data: data.as_bytes().to_vec(),
+        sealed: None,
     }
 }
 

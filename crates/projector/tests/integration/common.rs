@@ -190,6 +190,7 @@ impl Env {
                     let event = jetsource_core::aggregate::NewEvent {
                         event_type: event_type.into(),
                         data: data.to_string().into_bytes(),
+                        sealed: None,
                     };
                     let appended = store
                         .append(&jetsource_core::store::Append {
