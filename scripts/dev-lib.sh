@@ -124,12 +124,16 @@ ensure_certificates() {
 
 # The development signing key (docs/ARCHITECTURE.md, "Tamper evidence"):
 # .run/keys/dev-1.key signs every event the command and process workers
-# append; every role trusts .run/keys/*.pub. Made once by `jetsource keygen`.
+# append; every role trusts .run/keys/*.pub. Made once, with openssl (the
+# same PKCS#8 and SubjectPublicKeyInfo PEM files `jetsource keygen` writes).
 ensure_signing_key() {
   [ -s .run/keys/dev-1.key ] && [ -s .run/keys/dev-1.pub ] && return 0
-  rm -f .run/keys/dev-1.key .run/keys/dev-1.pub
-  (umask 077 && mkdir -p .run/keys)
-  "$bin/$cli" keygen dev-1 --dir .run/keys >/dev/null
+  (
+    umask 077
+    mkdir -p .run/keys
+    openssl genpkey -algorithm ed25519 -out .run/keys/dev-1.key 2>/dev/null
+    openssl pkey -in .run/keys/dev-1.key -pubout -out .run/keys/dev-1.pub 2>/dev/null
+  )
   echo "generated a development signing key in .run/keys" >&2
 }
 

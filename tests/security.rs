@@ -599,8 +599,25 @@ async fn make_run_generates_credentials_the_server_accepts() {
             }
             _ => assert!(redis.is_none(), "{file} names Redis"),
         }
+        // Only the writers sign; everyone verifies against the dev key.
+        let signs = env.contains("export JETSOURCE__STORE__SIGNING_KEY=");
+        assert_eq!(
+            signs,
+            matches!(role, "command" | "process"),
+            "{file}: {env}"
+        );
+        assert!(
+            env.contains("export JETSOURCE__STORE__TRUSTED_KEYS="),
+            "{env}"
+        );
         passwords.push((role, password));
     }
+    // The development signing key is private, and loads.
+    let key = run.join("keys/dev-1.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "dev-1.key: {mode:o}");
+    jetsource_core::integrity::Signer::load(&key).unwrap();
+    jetsource_core::integrity::TrustedKeys::load(&run.join("keys")).unwrap();
     // The development certificates are private, and signed by the CA.
     for key in ["ca-key.pem", "server-key.pem"] {
         let mode = std::fs::metadata(run.join("tls").join(key))

@@ -623,6 +623,26 @@ mod tests {
         assert_eq!(first_break(&forged, &TrustedKeys::default()), None);
     }
 
+    /// A throwaway pair made by `openssl genpkey -algorithm ed25519` and
+    /// `openssl pkey -pubout`, as `make run` makes its development key.
+    #[test]
+    fn keys_made_by_openssl_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("dev-1.key"),
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJi5Xc9W/lj4ZdpYJ0F2h9o16sqIJt0X3uHpEitYa9pD\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("dev-1.pub"),
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAF/jjQ4r5JDROlUrV7WJMxSWdIFkUjarnPkbzjJbOPZs=\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let signer = Signer::load(&dir.path().join("dev-1.key")).unwrap();
+        let trusted = TrustedKeys::load(dir.path()).unwrap();
+        assert_eq!(first_break(&chain(3, Some(&signer)), &trusted), None);
+    }
+
     #[test]
     fn keys_round_trip_through_their_files() {
         let dir = tempfile::tempdir().unwrap();

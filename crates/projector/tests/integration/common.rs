@@ -143,14 +143,14 @@ impl Env {
         jetsource_test_support::requests::query(&self.client, subject, body).await
     }
 
+    /// The event store, reading personal fields as an admin would.
     pub async fn store(&self) -> EventStore {
-        EventStore::open(
-            self.client.clone(),
-            &self.config().nats,
-            &self.config().store,
-        )
-        .await
-        .unwrap()
+        let config = self.config();
+        let store = EventStore::open(self.client.clone(), &config.nats, &config.store)
+            .await
+            .unwrap();
+        let privacy = jetsource_core::privacy::Privacy::from_bucket(&store, &config);
+        store.with_privacy(privacy)
     }
 
     pub async fn last_sequence(&self) -> u64 {
