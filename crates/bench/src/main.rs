@@ -8,6 +8,7 @@
 //! plots under docs/bench/. `--quick` runs tiny sizes (the test suite uses it
 //! with `--no-peer` so the benchmark cannot rot).
 
+mod integrity;
 mod peer;
 mod plot;
 mod report;
@@ -119,6 +120,9 @@ struct ModeResults {
     /// layer -> concurrency -> stats
     append: BTreeMap<String, BTreeMap<usize, Stats>>,
     multi_event: BTreeMap<String, BTreeMap<usize, Stats>>,
+    /// One-event appends through the store: variant -> clients -> stats
+    /// (`integrity::VARIANTS`).
+    integrity: BTreeMap<String, BTreeMap<usize, Stats>>,
     command_worker_peak_rss_kb: u64,
     /// Whether the worker ran with `store.group_commit`.
     worker_group_commit: bool,

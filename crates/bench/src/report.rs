@@ -163,6 +163,7 @@ fn append_section(plots: &Path, section: &AppendSection, sizes: &Sizes) -> anyho
     md.push_str(&append_table(section, r, sizes));
     md.push_str(&append_plots(plots, section, r, sizes)?);
     md.push_str(&multi_event_table(r, sizes));
+    md.push_str(&integrity_table(r, sizes));
     md.push_str(&format!(
         "\nWorker: `store.group_commit = {}`. Peak RSS of `jetsource-command`: {:.1} MB\n",
         r.worker_group_commit,
@@ -303,6 +304,36 @@ fn multi_event_table(r: &ModeResults, sizes: &Sizes) -> String {
                 latency(raw),
                 latency(worker),
             ]
+        })
+        .collect();
+    md.push_str(&table(&head, &rows));
+    md
+}
+
+fn integrity_table(r: &ModeResults, sizes: &Sizes) -> String {
+    let mut md = String::from(
+        "\nTamper evidence and crypto-shredding: one-event appends through the event store \
+         (no group commit) with the hash chain off, on, signed (Ed25519), and signed with one \
+         personal field sealed (AES-256-GCM):\n\n",
+    );
+    let mut head = vec!["clients".to_owned()];
+    for (label, ..) in crate::integrity::VARIANTS {
+        head.push(format!("{label} ops/s"));
+    }
+    head.push("sealed/plain".into());
+    let rows: Vec<Vec<String>> = sizes
+        .batch_concurrency
+        .iter()
+        .map(|&c| {
+            let mut row = vec![c.to_string()];
+            for (label, ..) in crate::integrity::VARIANTS {
+                row.push(ops(stats(&r.integrity, label, c)));
+            }
+            row.push(ratio(
+                rate(stats(&r.integrity, "chain+sign+seal", c)),
+                rate(stats(&r.integrity, "plain", c)),
+            ));
+            row
         })
         .collect();
     md.push_str(&table(&head, &rows));

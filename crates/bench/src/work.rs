@@ -310,7 +310,7 @@ fn start_ideal_responder(
     })
 }
 
-async fn measure<F, Fut>(phase: &str, clients: usize, ops: usize, op: F) -> anyhow::Result<Stats>
+pub(crate) async fn measure<F, Fut>(phase: &str, clients: usize, ops: usize, op: F) -> anyhow::Result<Stats>
 where
     F: Fn(usize, usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -541,6 +541,14 @@ pub async fn append_suite(
     }
     results.command_worker_peak_rss_kb = worker.peak_rss_kb();
     results.worker_group_commit = group_commit;
+    drop(worker);
+    results.integrity = crate::integrity::costs(
+        nats_url,
+        replicas,
+        &sizes.batch_concurrency,
+        sizes.batch_ops,
+    )
+    .await?;
     ideal.abort();
     Ok(results)
 }
