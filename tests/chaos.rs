@@ -41,5 +41,5 @@ fn a_short_chaos_run_passes_every_check() {
         output.status,
         run_dir.keep().display()
     );
-    assert!(summary.contains("faults=7 checks=11/11"), "{summary}");
+    assert!(summary.contains("faults=7 checks=12/12"), "{summary}");
 }

@@ -16,6 +16,9 @@ use jetsource_core::store::{Append, EventStore};
 
 use crate::work::{connect, measure, Stats};
 
+/// An aggregate's last sequence, version and chain hash.
+type Tail = (u64, u64, Option<ChainHash>);
+
 /// The variants measured, in order: label, chain, signed, sealed.
 pub const VARIANTS: [(&str, bool, bool, bool); 4] = [
     ("plain", false, false, false),
@@ -58,9 +61,11 @@ pub async fn costs(
         };
         let client = connect(nats_url).await?;
         let store = EventStore::open(client, &config.nats, &config.store).await?;
-        let store = store.clone().with_privacy(Privacy::from_bucket(&store, &config));
+        let store = store
+            .clone()
+            .with_privacy(Privacy::from_bucket(&store, &config));
         for &clients in concurrency {
-            let heads: Arc<Vec<Mutex<(u64, u64, Option<ChainHash>)>>> =
+            let heads: Arc<Vec<Mutex<Tail>>> =
                 Arc::new((0..clients * 2).map(|_| Mutex::default()).collect());
             let store = store.clone();
             let stats = measure(
@@ -69,20 +74,115 @@ pub async fn costs(
                 ops,
                 move |c, _, run| {
                     let (store, heads) = (store.clone(), heads.clone());
-                    async move { append(&store, &heads[c + run as usize * clients], c, clients, run, label, sealed).await }
+                    async move {
+                        append(
+                            &store,
+                            &heads[c + run as usize * clients],
+                            c,
+                            clients,
+                            run,
+                            label,
+                            sealed,
+                        )
+                        .await
+                    }
                 },
             )
             .await?;
-            out.entry(label.to_owned()).or_default().insert(clients, stats);
+            out.entry(label.to_owned())
+                .or_default()
+                .insert(clients, stats);
         }
     }
     Ok(out)
 }
 
+/// CPU time per event, in µs, of what the variants add, without I/O:
+/// `link` (SHA-256 of one event), `sign` (Ed25519), `verify` (a load's
+/// check of one signed link: the hash again and the signature).
+pub fn cpu_costs(events: u32) -> anyhow::Result<BTreeMap<String, f64>> {
+    use jetsource_core::integrity::{link, Head, Linked, TrustedKeys};
+    use std::time::Instant;
+    let signer = Signer::generate("cpu")?;
+    let data = br#"{"name":"Ada Lovelace","plan":"basic"}"#;
+    let linked = |version: u64, id: &'static str| Linked {
+        aggregate_type: "integritybench",
+        aggregate_id: "cpu",
+        aggregate_version: version,
+        event_id: id,
+        event_type: "UserCreated",
+        schema_version: 1,
+        command_id: None,
+        command_aggregate: None,
+        correlation_id: Some("bench"),
+        causation_id: Some("bench"),
+        data_subject: None,
+        sealed: None,
+        data,
+    };
+    let per = |started: Instant| started.elapsed().as_secs_f64() * 1e6 / f64::from(events);
+    let started = Instant::now();
+    let mut previous = None;
+    for version in 1..=u64::from(events) {
+        previous = Some(link(previous.as_ref(), &linked(version, "e")));
+    }
+    let link_us = per(started);
+    let hash = previous.ok_or_else(|| anyhow!("no events"))?;
+    let started = Instant::now();
+    for _ in 0..events {
+        std::hint::black_box(signer.sign(&hash));
+    }
+    let sign_us = per(started);
+    // A signed chain, then one load's check of every link.
+    let mut chain = Vec::new();
+    let mut previous = None;
+    for version in 1..=u64::from(events) {
+        let h = link(previous.as_ref(), &linked(version, "e"));
+        chain.push(jetsource_core::envelope::RecordedEvent {
+            sequence: version,
+            timestamp: time::OffsetDateTime::UNIX_EPOCH,
+            aggregate_type: "integritybench".into(),
+            aggregate_id: "cpu".into(),
+            aggregate_version: version,
+            event_id: "e".into(),
+            event_type: "UserCreated".into(),
+            schema_version: 1,
+            command_id: None,
+            correlation_id: Some("bench".into()),
+            causation_id: Some("bench".into()),
+            command_aggregate: None,
+            traceparent: None,
+            hash: Some(h.to_string()),
+            signature: Some(signer.sign(&h)),
+            signing_key: Some("cpu".into()),
+            data_subject: None,
+            sealed: None,
+            erased: Vec::new(),
+            stored_data: None,
+            data: bytes::Bytes::from_static(data),
+        });
+        previous = Some(h);
+    }
+    let mut trusted = TrustedKeys::default();
+    trusted.add(&signer);
+    let started = Instant::now();
+    let mut head = Head::default();
+    for event in &chain {
+        head.advance(event, &trusted)
+            .map_err(|e| anyhow!("benchmark chain broken: {e}"))?;
+    }
+    let verify_us = per(started);
+    Ok(BTreeMap::from([
+        ("link".to_owned(), link_us),
+        ("sign".to_owned(), sign_us),
+        ("verify".to_owned(), verify_us),
+    ]))
+}
+
 /// One event for client `c`'s own aggregate, after its `head`.
 async fn append(
     store: &EventStore,
-    head: &Mutex<(u64, u64, Option<ChainHash>)>,
+    head: &Mutex<Tail>,
     c: usize,
     clients: usize,
     run: u64,

@@ -123,6 +123,8 @@ struct ModeResults {
     /// One-event appends through the store: variant -> clients -> stats
     /// (`integrity::VARIANTS`).
     integrity: BTreeMap<String, BTreeMap<usize, Stats>>,
+    /// CPU µs per event: `link`, `sign`, `verify` (`integrity::cpu_costs`).
+    integrity_cpu_us: BTreeMap<String, f64>,
     command_worker_peak_rss_kb: u64,
     /// Whether the worker ran with `store.group_commit`.
     worker_group_commit: bool,

@@ -310,7 +310,12 @@ fn start_ideal_responder(
     })
 }
 
-pub(crate) async fn measure<F, Fut>(phase: &str, clients: usize, ops: usize, op: F) -> anyhow::Result<Stats>
+pub(crate) async fn measure<F, Fut>(
+    phase: &str,
+    clients: usize,
+    ops: usize,
+    op: F,
+) -> anyhow::Result<Stats>
 where
     F: Fn(usize, usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -549,6 +554,7 @@ pub async fn append_suite(
         sizes.batch_ops,
     )
     .await?;
+    results.integrity_cpu_us = crate::integrity::cpu_costs(20_000)?;
     ideal.abort();
     Ok(results)
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use jetsource_core::envelope::RecordedEvent;
+use jetsource_core::integrity::TrustedKeys;
 use jetsource_core::protocol::ErrorCode;
+use jetsource_core::verify::Verifier;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -161,15 +163,18 @@ pub struct Evidence<'a> {
     pub recovery_bound: Duration,
     /// How long the loyalty process took to settle after the load.
     pub settled: &'a Result<Duration, String>,
+    /// The writers' public key.
+    pub trusted: &'a TrustedKeys,
 }
 
-/// All eleven checks, in report order.
+/// All twelve checks, in report order.
 pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
     let stored = stored_by_command(&e.stream.events);
     vec![
         acked_stored_once(e, &stored),
         refused_not_stored(e.records, &stored),
         transfers_whole(&e.stream.events),
+        chains_intact(&e.stream.events, e.trusted),
         crate::processes::rewards(&e.stream.events, e.settled),
         replicas_equal(e.replicas, e.stream.last_sequence),
         read_models(e),
@@ -179,6 +184,50 @@ pub fn judge(e: &Evidence<'_>) -> Vec<Check> {
         recovered(e.faults, e.recovery_bound, &QUERIES),
         shutdown(e.stopped),
     ]
+}
+
+/// Every aggregate's hash chain holds link by link and every event is
+/// signed by the writers' key (`jetsource verify`'s checks), whatever the
+/// faults did to the writers and the nodes in between; and the stream has
+/// no hole.
+fn chains_intact(events: &[RecordedEvent], trusted: &TrustedKeys) -> Check {
+    let mut verifier = Verifier::new(trusted);
+    for event in events {
+        verifier.event(event);
+    }
+    let report = verifier.finish();
+    let holes = events
+        .iter()
+        .zip(1..)
+        .filter(|(e, seq)| e.sequence != *seq)
+        .count();
+    let findings: Vec<String> = report
+        .findings
+        .iter()
+        .take(3)
+        .map(|f| format!("{} at {}: {}", f.aggregate, f.sequence, f.detail))
+        .collect();
+    check(
+        "chains-intact",
+        report.findings.is_empty() && report.signatures_checked == report.events && holes == 0,
+        format!(
+            "{} events of {} aggregates, {} signatures checked, {} broken{}{}",
+            report.events,
+            report.aggregates,
+            report.signatures_checked,
+            report.findings.len(),
+            if findings.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", findings.join("; "))
+            },
+            if holes > 0 {
+                format!(", {holes} events out of place in the stream")
+            } else {
+                String::new()
+            },
+        ),
+    )
 }
 
 type Key = (String, String);
@@ -688,12 +737,32 @@ mod tests {
             stats: &stats,
             recovery_bound: Duration::from_secs(30),
             settled: &Ok(Duration::ZERO),
+            trusted: &TrustedKeys::default(),
         };
         let stored = stored_by_command(&stream.events);
         (
             acked_stored_once(&evidence, &stored),
             refused_not_stored(records, &stored),
         )
+    }
+
+    #[test]
+    fn chains_intact_needs_every_event_linked_and_signed() {
+        let events = vec![
+            event(1, "a", 1, "open", "AccountOpened", json!({"owner": "o"})),
+            event(2, "a", 2, "d1", "Deposited", json!({"amount": 5})),
+        ];
+        // Written without hashes or signatures: not what the run's writers do.
+        let check = chains_intact(&events, &TrustedKeys::default());
+        assert!(!check.passed, "{}", check.detail);
+        let mut gap = events.clone();
+        gap.remove(0);
+        let check = chains_intact(&gap, &TrustedKeys::default());
+        assert!(
+            !check.passed && check.detail.contains("broken"),
+            "{}",
+            check.detail
+        );
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// The servers and workers of one run.
+/// The id of the run's signing key.
+const SIGNING_KEY_ID: &str = "chaos";
+
 #[derive(Debug)]
 pub struct Fleet {
     cluster: Arc<Mutex<NatsCluster>>,
@@ -131,6 +134,9 @@ pub struct Fleet {
     pub credentials: RoleCredentials,
     /// The run's certificates: NATS and Redis serve TLS only.
     pub pki: Pki,
+    /// The signing key of the command and process workers
+    /// (`<id>.key`) and its public half (`<id>.pub`).
+    pub keys: PathBuf,
 }
 
 impl Fleet {
@@ -163,7 +169,12 @@ impl Fleet {
         .await?;
         let redis_url = format!("rediss://127.0.0.1:{}/", redis.port());
         say(&format!("redis-server up: {redis_url}"));
+        // The writers sign every event, as production should.
+        let keys = run_dir.join("keys");
+        std::fs::create_dir_all(&keys)?;
+        jetsource_core::integrity::Signer::generate(SIGNING_KEY_ID)?.write(&keys)?;
         Ok(Self {
+            keys,
             cluster: Arc::new(Mutex::new(cluster)),
             redis: Arc::new(Mutex::new(redis)),
             workers: Mutex::new(Vec::new()),
@@ -218,9 +229,14 @@ impl Fleet {
                 RECENT_TRANSACTIONS.to_string(),
             )
             .envs(self.credentials.env(kind.label()))
+            .env("JETSOURCE__STORE__TRUSTED_KEYS", &self.keys)
             .env("RUST_LOG", "info,async_nats=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if matches!(kind, Kind::Command | Kind::Process) {
+            let key = self.keys.join(format!("{SIGNING_KEY_ID}.key"));
+            command.env("JETSOURCE__STORE__SIGNING_KEY", key);
+        }
         command
     }
 

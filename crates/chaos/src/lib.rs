@@ -222,6 +222,7 @@ async fn exercise(
             .collect::<String>()
     ));
     let records = std::mem::take(&mut *lock(&ledger));
+    let trusted = jetsource_core::integrity::TrustedKeys::load(&fleet.keys)?;
     let checks = checks::judge(&checks::Evidence {
         records: &records,
         stream: &stream,
@@ -234,6 +235,7 @@ async fn exercise(
         stats: &stats,
         recovery_bound: Duration::from_secs(config.recovery_bound_secs),
         settled: &settled,
+        trusted: &trusted,
     });
     Ok(Findings {
         config: config.clone(),

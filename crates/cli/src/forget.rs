@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use jetsource_core::aggregate::NewEvent;
 use jetsource_core::privacy::{self, PrivacyError};
-use jetsource_core::store::Append;
+use jetsource_core::store::{Append, StoredMessage};
 use serde_json::json;
 
 use crate::context::Context;
@@ -122,29 +122,43 @@ async fn holders(
     let bar = out.progress(last, "events");
     bar.set_message(format!("finding {subject}'s data"));
     let mut found = BTreeSet::new();
+    let mut seen = 0;
     let read = store
         .read_all(1, |chunk| {
-            for message in chunk {
+            for message in &chunk {
                 if message.sequence > last {
                     return ControlFlow::Break(());
                 }
                 bar.set_position(message.sequence);
-                let holds = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(privacy::DATA_SUBJECT))
-                    .is_some_and(|v| v.as_str() == subject);
-                if holds {
-                    let mut tokens = message.subject.splitn(3, '.').skip(1);
-                    if let (Some(t), Some(id)) = (tokens.next(), tokens.next()) {
-                        found.insert((t.to_owned(), id.to_owned()));
-                    }
-                }
+                seen = message.sequence;
+                found.extend(holder(message, subject));
             }
             ControlFlow::Continue(())
         })
         .await;
     out.finish(&bar);
     read?;
+    if seen < last {
+        // The replica that answered lags: the leader has the rest, and a
+        // holder missed here would keep its data in a read model.
+        let filter = format!("{}.>", jetsource_core::envelope::EVENT_SUBJECT_PREFIX);
+        for message in store.read_through(&filter, seen + 1, last).await? {
+            found.extend(holder(&message, subject));
+        }
+    }
     Ok(found)
+}
+
+/// The aggregate of `message` if it holds `subject`'s personal data.
+fn holder(message: &StoredMessage, subject: &str) -> Option<(String, String)> {
+    let holds = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(privacy::DATA_SUBJECT))
+        .is_some_and(|v| v.as_str() == subject);
+    let mut tokens = message.subject.splitn(3, '.').skip(1);
+    match (holds, tokens.next(), tokens.next()) {
+        (true, Some(t), Some(id)) => Some((t.to_owned(), id.to_owned())),
+        _ => None,
+    }
 }

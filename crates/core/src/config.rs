@@ -997,5 +997,10 @@ mod tests {
             config.process.deadline_stream,
             ProcessConfig::default().deadline_stream
         );
+        assert_eq!(config.store.chain, StoreConfig::default().chain);
+        assert_eq!(
+            config.privacy.key_bucket,
+            PrivacyConfig::default().key_bucket
+        );
     }
 }

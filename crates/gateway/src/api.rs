@@ -346,7 +346,9 @@ pub async fn state(
     .map_err(|e| match e {
         jetsource_core::loader::LoadError::Store(e) => store_error(e),
         other => ApiError::Protocol(ErrorBody::new(
-            jetsource_core::protocol::ErrorCode::Internal,
+            other
+                .own_code()
+                .unwrap_or(jetsource_core::protocol::ErrorCode::Internal),
             other.to_string(),
         )),
     })?;

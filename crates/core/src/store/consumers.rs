@@ -90,23 +90,32 @@ impl EventStore {
             .messages()
             .await
             .map_err(|e| StoreError::unavailable("cannot follow the event stream", e))?;
-        Ok(messages.map(|message| {
-            let message =
-                message.map_err(|e| StoreError::unavailable("following the event stream", e))?;
-            let info = message.info().map_err(|e| {
-                StoreError::new(
-                    StoreErrorKind::Corrupt,
-                    format!("event without metadata: {e}"),
+        let store = self.clone();
+        Ok(messages.then(move |message| {
+            let store = store.clone();
+            async move {
+                let message = message
+                    .map_err(|e| StoreError::unavailable("following the event stream", e))?;
+                let info = message.info().map_err(|e| {
+                    StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!("event without metadata: {e}"),
+                    )
+                })?;
+                let event = crate::envelope::RecordedEvent::from_parts(
+                    message.subject.as_str(),
+                    info.stream_sequence,
+                    info.published,
+                    message.headers.as_ref(),
+                    message.payload.clone(),
                 )
-            })?;
-            crate::envelope::RecordedEvent::from_parts(
-                message.subject.as_str(),
-                info.stream_sequence,
-                info.published,
-                message.headers.as_ref(),
-                message.payload.clone(),
-            )
-            .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e.to_string()))
+                .map_err(|e| StoreError::new(StoreErrorKind::Corrupt, e.to_string()))?;
+                // Personal fields opened (or erased), as on every read.
+                let mut event = [event];
+                store.open_events(&mut event).await?;
+                let [event] = event;
+                Ok(event)
+            }
         }))
     }
 }
