@@ -200,6 +200,8 @@ async fn tampering_behind_the_servers_back_is_named_at_its_aggregate_and_event()
     assert_eq!(code, 0, "untouched history verifies: {clean}");
     assert_eq!(clean["events"], 6 * 5 + 2);
     assert_eq!(clean["signatures_checked"], 6 * 5 + 2);
+    let (code, strict) = verify(&url, &keys, &["--all", "--require-signatures"]);
+    assert_eq!(code, 0, "every event is signed: {strict}");
     // Rotation: the old key's events need the old public key.
     let only_new = trusting(&keys, &["2026-12"], &dir.path().join("new-only"));
     let (code, report) = verify(&url, &only_new, &["account", "t4"]);

@@ -56,8 +56,15 @@ pub struct Sealing {
 
 impl PersonalData {
     /// The subject and fields of an event of this type with `data`, for an
-    /// aggregate `aggregate_id`; `None` when no marked field is there.
-    pub fn sealing(&self, aggregate_id: &str, data: &serde_json::Value) -> Option<Sealing> {
+    /// aggregate `aggregate_id`; `None` when no marked field is there. An
+    /// event with personal fields but no subject is an error (its data
+    /// would otherwise be stored in the clear): the subject's field as
+    /// the error.
+    pub fn sealing(
+        &self,
+        aggregate_id: &str,
+        data: &serde_json::Value,
+    ) -> Result<Option<Sealing>, String> {
         let fields: Vec<String> = self
             .fields
             .iter()
@@ -65,12 +72,51 @@ impl PersonalData {
             .map(|p| (*p).to_owned())
             .collect();
         if fields.is_empty() {
-            return None;
+            return Ok(None);
         }
         let subject = match self.subject {
             Subject::AggregateId { prefix } => format!("{prefix}{aggregate_id}"),
-            Subject::Field(pointer) => data.pointer(pointer)?.as_str()?.to_owned(),
+            Subject::Field(pointer) => match data.pointer(pointer).and_then(|v| v.as_str()) {
+                Some(subject) => subject.to_owned(),
+                None => return Err(format!("{} at {pointer} (no string)", self.event_type)),
+            },
         };
-        Some(Sealing { subject, fields })
+        Ok(Some(Sealing { subject, fields }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BY_FIELD: PersonalData = PersonalData {
+        event_type: "Signed",
+        subject: Subject::Field("/user"),
+        fields: &["/name", "/address/street"],
+    };
+
+    #[test]
+    fn present_fields_are_sealed_for_their_subject() {
+        let data = json!({"user": "u-7", "name": "Ann", "address": {"street": null}});
+        let sealing = BY_FIELD.sealing("x", &data).unwrap().unwrap();
+        assert_eq!(sealing.subject, "u-7");
+        assert_eq!(
+            sealing.fields,
+            ["/name"],
+            "null and missing fields are skipped"
+        );
+        assert_eq!(
+            BY_FIELD.sealing("x", &json!({"user": "u-7"})).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn personal_data_without_a_subject_is_an_error_not_plaintext() {
+        for data in [json!({"name": "Ann"}), json!({"user": 42, "name": "Ann"})] {
+            assert!(BY_FIELD.sealing("x", &data).is_err(), "{data}");
+        }
     }
 }

@@ -198,6 +198,11 @@ pub struct VerifyArgs {
     /// `store.trusted_keys`.
     #[arg(long)]
     pub trusted_keys: Option<PathBuf>,
+    /// Every event must carry a hash and a trusted signature (as
+    /// `store.require_signatures`): a history rewritten whole without
+    /// signatures fails too.
+    #[arg(long)]
+    pub require_signatures: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,7 +18,7 @@ pub async fn verify(ctx: &Context, args: VerifyArgs, out: &mut Out<'_>) -> anyho
     {
         check_token(what, value)?;
     }
-    let trusted = match &args.trusted_keys {
+    let mut trusted = match &args.trusted_keys {
         Some(dir) => TrustedKeys::load(dir).map_err(|e| Failure::invalid(e.to_string()))?,
         None => {
             let integrity = Integrity::from_config(&ctx.config.store)
@@ -26,6 +26,13 @@ pub async fn verify(ctx: &Context, args: VerifyArgs, out: &mut Out<'_>) -> anyho
             (*integrity.trusted).clone()
         }
     };
+    trusted.required |= args.require_signatures || ctx.config.store.require_signatures;
+    if trusted.required && trusted.is_empty() {
+        return Err(Failure::invalid(
+            "signatures are required but no key is trusted: pass --trusted-keys or set store.trusted_keys",
+        )
+        .into());
+    }
     let store = ctx.store().await?;
     let report = match args.aggregate.as_slice() {
         [t, id] => verify::aggregate(&store, &trusted, t, id).await?,

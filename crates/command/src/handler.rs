@@ -534,7 +534,9 @@ impl Worker {
                     PrivacyError::Forgotten(_) => {
                         ErrorBody::new(ErrorCode::Rejected, e.to_string())
                     }
-                    PrivacyError::InvalidSubject(_) | PrivacyError::Data(_) => {
+                    // The subject comes from the command's data.
+                    PrivacyError::InvalidSubject(_) => ErrorBody::invalid(e.to_string()),
+                    PrivacyError::Data(_) => {
                         tracing::error!(error = %e, "cannot seal personal data");
                         ErrorBody::new(
                             ErrorCode::Internal,

@@ -324,7 +324,13 @@ impl Worker {
             .await
             .map_err(store_failure)?
         {
-            let event = message.into_event().map_err(|e| store_failure(e.into()))?;
+            let mut event = [message.into_event().map_err(|e| store_failure(e.into()))?];
+            // What the client gets back: personal fields opened.
+            self.store
+                .open_events(&mut event)
+                .await
+                .map_err(store_failure)?;
+            let [event] = event;
             let ours = event.command_id.as_deref() == Some(command_id)
                 && event.command_aggregate.as_deref() == Some(owner.as_str());
             if !ours {

@@ -419,6 +419,11 @@ pub struct StoreConfig {
     /// Check the chain (and signatures, when keys are trusted) of every
     /// event folded into a loaded aggregate; a broken link fails the load.
     pub verify_on_load: bool,
+    /// Every event must be signed by a trusted key. Without it, only events
+    /// after a signed one must be, so history from before signing verifies,
+    /// and so would one rewritten whole without signatures. Turn it on
+    /// once every event is signed.
+    pub require_signatures: bool,
 }
 
 impl Default for StoreConfig {
@@ -434,6 +439,7 @@ impl Default for StoreConfig {
             signing_key: None,
             trusted_keys: None,
             verify_on_load: true,
+            require_signatures: false,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! headers, any event removed from or moved within an aggregate's history
 //! (before its newest event), shows as a broken link. Without signatures a
 //! writer who can rewrite storage can also recompute the hashes; with them
-//! he also needs a private key. Neither can show that an aggregate's newest
+//! (required by the verifier: [`TrustedKeys::required`]) he also needs a
+//! private key. Neither can show that an aggregate's newest
 //! events, or a whole aggregate, were removed: nothing after them refers to
 //! them (`jetsource verify --all` also reports gaps in the stream's
 //! sequence, which an append-only stream never has).
@@ -278,6 +279,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {
     keys: BTreeMap<String, VerifyingKey>,
+    /// Every event must be signed by one of them (`store.require_signatures`,
+    /// `verify --require-signatures`). Otherwise only events after a signed
+    /// one must be: history written before signing was on still verifies,
+    /// but so would a history rewritten whole without signatures.
+    pub required: bool,
 }
 
 impl TrustedKeys {
@@ -300,7 +306,10 @@ impl TrustedKeys {
                 .map_err(|e| fail(&path, format!("not a PEM Ed25519 public key: {e}")))?;
             keys.insert(key_id(&path)?, key);
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            required: false,
+        })
     }
 
     pub fn add(&mut self, signer: &Signer) {
@@ -349,6 +358,7 @@ impl Integrity {
             Some(dir) => TrustedKeys::load(dir)?,
             None => TrustedKeys::default(),
         };
+        trusted.required = config.require_signatures;
         let signer = match &config.signing_key {
             Some(path) => {
                 let signer = Signer::load(path)?;
@@ -392,7 +402,7 @@ pub enum Broken {
     Unhashed,
     #[error("hash header is not a SHA-256 in hex")]
     BadHash,
-    #[error("signature missing on an event after signed ones")]
+    #[error("signature missing (after signed events, or required)")]
     Unsigned,
     #[error("signed with unknown key {0} (not among the trusted keys)")]
     UnknownKey(String),
@@ -445,7 +455,9 @@ impl Head {
             });
         }
         let hash = match event.hash.as_deref() {
-            None if self.hash.is_some() => return Err(Broken::Unhashed),
+            None if self.hash.is_some() || (trusted.required && !trusted.is_empty()) => {
+                return Err(Broken::Unhashed)
+            }
             None => None,
             Some(text) => {
                 let stored = ChainHash::parse(text).ok_or(Broken::BadHash)?;
@@ -462,7 +474,9 @@ impl Head {
                 }
                 true
             }
-            _ if self.signed && !trusted.is_empty() => return Err(Broken::Unsigned),
+            _ if (self.signed || trusted.required) && !trusted.is_empty() => {
+                return Err(Broken::Unsigned)
+            }
             _ => false,
         };
         *self = Head {
@@ -621,6 +635,16 @@ mod tests {
         );
         // Without trusted keys only the chain is checked.
         assert_eq!(first_break(&forged, &TrustedKeys::default()), None);
+        // A history rewritten whole without signatures passes unless
+        // signatures are required.
+        let bare = chain(3, None);
+        let mut both = trusting(&[&old, &new]);
+        assert_eq!(first_break(&bare, &both), None);
+        both.required = true;
+        assert_eq!(first_break(&bare, &both), Some((1, Broken::Unsigned)));
+        let mut stripped = bare.clone();
+        stripped[0].hash = None;
+        assert_eq!(first_break(&stripped, &both), Some((1, Broken::Unhashed)));
     }
 
     /// A throwaway pair made by `openssl genpkey -algorithm ed25519` and

@@ -307,7 +307,9 @@ impl Loaded {
     fn take_link(&mut self, event: &RecordedEvent) {
         self.last_hash = event.hash.as_deref().and_then(ChainHash::parse);
         self.signed |= event.signature.is_some();
-        if let Some(subject) = &event.data_subject {
+        // Only subjects whose fields were opened: a state built from
+        // erased fields holds nothing of a forgotten subject.
+        if let (Some(subject), true) = (&event.data_subject, event.erased.is_empty()) {
             if !self.subjects.contains(subject) {
                 self.subjects.insert(subject.clone());
             }

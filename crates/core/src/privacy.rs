@@ -51,6 +51,9 @@ pub const KEY_SUBJECT: &str = "jetsource.privacy.key";
 pub const FORGOTTEN_SUBJECT: &str = "jetsource.privacy.forgotten";
 
 const SEALED_PREFIX: &str = "jetsource-sealed:v1:";
+/// The shortest a fetched key is kept (`privacy.key_cache_secs` below it is
+/// raised to it).
+const MIN_KEY_CACHE: Duration = Duration::from_secs(1);
 const NONCE_LEN: usize = 12;
 const KEY_LEN: usize = 32;
 
@@ -81,8 +84,11 @@ impl PrivacyError {
 #[derive(Clone, PartialEq, Eq)]
 enum Known {
     Key([u8; KEY_LEN]),
-    /// Forgotten, or never made: nothing sealed for it can be opened.
+    /// Forgotten: nothing sealed for it can be opened, ever.
     Gone,
+    /// No key (yet): nothing sealed for it can be opened now. Kept only
+    /// as long as a key would be: it may be made later.
+    Absent,
 }
 
 impl std::fmt::Debug for Known {
@@ -90,6 +96,7 @@ impl std::fmt::Debug for Known {
         match self {
             Known::Key(_) => f.write_str("Key(..)"),
             Known::Gone => f.write_str("Gone"),
+            Known::Absent => f.write_str("Absent"),
         }
     }
 }
@@ -153,7 +160,8 @@ impl Privacy {
     pub fn new(source: KeySource, ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
             source,
-            ttl,
+            // A key must outlive the read that fetched it.
+            ttl: ttl.max(MIN_KEY_CACHE),
             cache: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         })
@@ -230,10 +238,18 @@ impl Privacy {
         (*known == Known::Gone || at.elapsed() < self.ttl).then(|| known.clone())
     }
 
-    fn remember(&self, subject: &str, known: Known) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(subject.to_owned(), (known, Instant::now()));
+    /// Caches what a source said, unless the subject is known forgotten
+    /// already (an answer that left the source before a forget must not
+    /// bring its key back); returns what is cached now.
+    fn remember(&self, subject: &str, known: Known) -> Known {
+        let Ok(mut cache) = self.cache.lock() else {
+            return known;
+        };
+        if let Some((Known::Gone, _)) = cache.get(subject) {
+            return Known::Gone;
         }
+        cache.insert(subject.to_owned(), (known.clone(), Instant::now()));
+        known
     }
 
     /// The key of `subject` for reading, from the cache or the source.
@@ -252,8 +268,7 @@ impl Privacy {
                 .into())
             }
         };
-        self.remember(subject, known.clone());
-        Ok(known)
+        Ok(self.remember(subject, known))
     }
 
     async fn key_uncached(&self, subject: &str) -> Result<Known, PrivacyError> {
@@ -291,8 +306,7 @@ impl Privacy {
         Ok(())
     }
 
-    /// Whether `subject` is forgotten (or never had a key), as the source
-    /// says now.
+    /// Whether `subject` is forgotten, as the source says now.
     pub async fn is_gone(&self, subject: &str) -> Result<bool, PrivacyError> {
         Ok(self.key(subject).await? == Known::Gone)
     }
@@ -319,15 +333,14 @@ impl Privacy {
             }
             other => other,
         };
-        match known(stored) {
-            Known::Key(key) => {
-                self.remember(subject, Known::Key(key));
-                Ok(key)
-            }
-            Known::Gone => {
-                self.remember(subject, Known::Gone);
-                Err(PrivacyError::Forgotten(subject.to_owned()))
-            }
+        match self.remember(subject, known(stored)) {
+            Known::Key(key) => Ok(key),
+            Known::Gone => Err(PrivacyError::Forgotten(subject.to_owned())),
+            Known::Absent => Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("the key of data subject {subject} was made but cannot be read yet; retry"),
+            )
+            .into()),
         }
     }
 
@@ -342,7 +355,11 @@ impl Privacy {
     ) -> Result<(), PrivacyError> {
         let mut data: Value = serde_json::from_slice(&event.data)
             .map_err(|e| PrivacyError::Data(format!("event data is not JSON: {e}")))?;
-        let Some(Sealing { subject, fields }) = rule.sealing(aggregate_id, &data) else {
+        let Some(Sealing { subject, fields }) =
+            rule.sealing(aggregate_id, &data).map_err(|at| {
+                PrivacyError::Data(format!("personal data without a data subject: {at}"))
+            })?
+        else {
             return Ok(());
         };
         let key = self.key_for_writing(&subject).await?;
@@ -379,6 +396,11 @@ impl Privacy {
             return Ok(());
         };
         if event.stored_data.is_some() {
+            return Ok(());
+        }
+        if check_subject(&subject).is_err() {
+            // No key can exist for it: nothing to ask anyone.
+            open_with(event, &subject, &Known::Absent);
             return Ok(());
         }
         match self.cached(&subject) {
@@ -456,6 +478,11 @@ impl Privacy {
                         key: None,
                         error: None,
                     },
+                    Ok(Known::Absent) => KeyReply {
+                        state: "absent".into(),
+                        key: None,
+                        error: None,
+                    },
                     Err(e) => KeyReply {
                         state: "unavailable".into(),
                         key: None,
@@ -477,7 +504,9 @@ fn known(stored: Stored) -> Known {
             key.copy_from_slice(&bytes);
             Known::Key(key)
         }
-        _ => Known::Gone,
+        Stored::Absent => Known::Absent,
+        // Forgotten, or a value that is no key.
+        Stored::Key(_) | Stored::Forgotten => Known::Gone,
     }
 }
 
@@ -507,6 +536,7 @@ async fn ask(
             Ok(known(Stored::Key(bytes.into())))
         }
         ("gone", _) => Ok(Known::Gone),
+        ("absent", _) => Ok(Known::Absent),
         _ => Err(unavailable(answer.error.unwrap_or_default())),
     }
 }
@@ -533,7 +563,7 @@ fn open_with(event: &mut RecordedEvent, subject: &str, known: &Known) {
         };
         let opened = match known {
             Known::Key(key) => open_value(key, &aggregate, subject, &pointer, value),
-            Known::Gone => None,
+            Known::Gone | Known::Absent => None,
         };
         match opened {
             Some(plain) => *value = plain,
@@ -574,4 +604,51 @@ fn open_value(
         )
         .ok()?;
     serde_json::from_slice(&plain).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_subject_stays_forgotten_whatever_answers_arrive_late() {
+        let privacy = Privacy::none();
+        assert_eq!(
+            privacy.remember("s", Known::Key([7; KEY_LEN])),
+            Known::Key([7; KEY_LEN])
+        );
+        privacy.forgotten("s");
+        // A key fetched before the forget, answered after it.
+        assert_eq!(privacy.remember("s", Known::Key([7; KEY_LEN])), Known::Gone);
+        assert_eq!(privacy.cached("s"), Some(Known::Gone));
+    }
+
+    #[test]
+    fn an_invalid_subject_header_reads_as_erased_without_asking() {
+        let privacy = Privacy::none();
+        let mut event = crate::store::StoredMessage {
+            subject: "events.user.u1".into(),
+            sequence: 1,
+            timestamp: time::OffsetDateTime::UNIX_EPOCH,
+            headers: None,
+            payload: Bytes::from_static(br#"{"name":"jetsource-sealed:v1:AAAA"}"#),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        for (k, v) in [
+            ("Jetsource-Event-Id", "e"),
+            ("Jetsource-Event-Type", "UserCreated"),
+            ("Jetsource-Schema-Version", "1"),
+            ("Jetsource-Aggregate-Version", "1"),
+            (DATA_SUBJECT, "no.such/subject"),
+            (SEALED, "/name"),
+        ] {
+            headers.insert(k, v);
+        }
+        event.headers = Some(headers);
+        let mut event = event.into_event().unwrap();
+        privacy.open_cached(&mut event).unwrap();
+        assert_eq!(&event.data[..], br#"{"name":null}"#);
+        assert_eq!(event.erased, ["/name"]);
+    }
 }
