@@ -7,108 +7,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use jetsource_test_support::{free_port, NatsServer, RedisServer};
+use jetsource_tests::http::{bearer, http, sha256_hex, wait_until_ready, Response};
 use jetsource_tests::{wait_for_service, Process};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const READ_KEY: &str = "read-key-0123456789";
 const WRITE_KEY: &str = "write-key-0123456789";
-
-fn sha256_hex(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A response: status, headers (lower-case names), body.
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The error code of an error body.
-    fn code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-}
-
-/// One HTTP/1.0 request (the server closes the connection after it).
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
-    let mut socket = TcpStream::connect(addr).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
-    for (name, value) in headers {
-        request += &format!("{name}: {value}\r\n");
-    }
-    if !body.is_empty() {
-        request += &format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-    }
-    request += "\r\n";
-    socket.write_all(request.as_bytes()).unwrap();
-    socket.write_all(body.as_bytes()).unwrap();
-    let mut raw = String::new();
-    socket.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_owned()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
-
-/// Waits until the gateway at `addr` answers `/readyz` with 200.
-fn wait_until_ready(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() || http(addr, "GET", "/readyz", &[], "").status != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway at {addr} did not get ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
 
 /// The gateway under test, with the workers it talks to.
 struct Fleet {

@@ -264,3 +264,113 @@ pub async fn append_behind(
         .await
         .unwrap()
 }
+
+/// Plain HTTP/1.0 against the gateway (tests/gateway.rs, tracing,
+/// privacy): no client library between the test and the bytes.
+pub mod http {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+    use sha2::{Digest, Sha256};
+
+    pub fn sha256_hex(key: &str) -> String {
+        Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A response: status, headers (lower-case names), body.
+    #[derive(Debug)]
+    pub struct Response {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl Response {
+        pub fn json(&self) -> Value {
+            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+        }
+
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        /// The error code of an error body.
+        pub fn code(&self) -> String {
+            self.json()["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    }
+
+    /// One HTTP/1.0 request (the server closes the connection after it).
+    pub fn http(
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Response {
+        let mut socket = TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+        for (name, value) in headers {
+            request += &format!("{name}: {value}\r\n");
+        }
+        if !body.is_empty() {
+            request += &format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+        }
+        request += "\r\n";
+        socket.write_all(request.as_bytes()).unwrap();
+        socket.write_all(body.as_bytes()).unwrap();
+        let mut raw = String::new();
+        socket.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_owned()))
+            .collect();
+        Response {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    /// Waits until the gateway at `addr` answers `/readyz` with 200.
+    pub fn wait_until_ready(addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err()
+            || http(addr, "GET", "/readyz", &[], "").status != 200
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway at {addr} did not get ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn bearer(key: &str) -> String {
+        format!("Bearer {key}")
+    }
+}

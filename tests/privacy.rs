@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use jetsource_core::protocol::ErrorCode;
 use jetsource_test_support::requests::{query, send};
-use jetsource_test_support::{NatsCluster, NatsServer, RedisServer, Sync};
+use jetsource_test_support::{free_port, NatsCluster, NatsServer, RedisServer, Sync};
+use jetsource_tests::http::{bearer, http, sha256_hex, wait_until_ready};
 use jetsource_tests::{cli_at, wait_for_service, Process, RoleCredentials};
 use serde_json::{json, Value};
 
@@ -26,7 +27,12 @@ struct Fleet {
 
 impl Fleet {
     fn worker(&self, binary: &str, role: &str) -> Process {
+        self.worker_with(binary, role, &[])
+    }
+
+    fn worker_with(&self, binary: &str, role: &str, extra: &[(&str, &str)]) -> Process {
         let mut env = self.credentials.env(role).to_vec();
+        env.extend_from_slice(extra);
         env.extend([
             ("JETSOURCE__STORE__REPLICAS", self.replicas.as_str()),
             ("JETSOURCE__SNAPSHOT__EVERY", "2"),
@@ -77,6 +83,23 @@ async fn read_model(client: &async_nats::Client, name: &str, sequence: u64) -> V
         .clone()
 }
 
+const API_KEY: &str = "privacy-read-key-0123456789";
+
+/// `user.u1`'s events through the gateway's HTTP API.
+fn gateway_history(addr: &str) -> Value {
+    let auth = bearer(API_KEY);
+    let response = http(
+        addr,
+        "GET",
+        "/v1/aggregates/user/u1/events",
+        &[("Authorization", auth.as_str())],
+        "",
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    body.get("events").cloned().unwrap_or(body)
+}
+
 /// The snapshot of `user.u1` as the bucket holds it, once it exists.
 async fn snapshot_text(admin: &async_nats::Client) -> Option<String> {
     let js = jetstream::new(admin.clone());
@@ -92,6 +115,18 @@ async fn scenario(fleet: &Fleet) {
     ];
     let _projector = fleet.worker("jetsource-projector", "projector");
     let _snapshotter = fleet.worker("jetsource-snapshotter", "snapshotter");
+    let gateway = format!("127.0.0.1:{}", free_port());
+    let probes = format!("127.0.0.1:{}", free_port());
+    let keys = format!("read={}", sha256_hex(API_KEY));
+    let _gateway = fleet.worker_with(
+        "jetsource-gateway",
+        "gateway",
+        &[
+            ("JETSOURCE__GATEWAY__LISTEN", gateway.as_str()),
+            ("JETSOURCE__GATEWAY__API_KEYS", keys.as_str()),
+            ("JETSOURCE__HTTP__LISTEN", probes.as_str()),
+        ],
+    );
     let admin = fleet.credentials.connect(&fleet.url, "admin").await;
     wait_for_service(&admin, "jetsource-command", 2).await;
     wait_for_service(&admin, "jetsource-projector", 1).await;
@@ -176,6 +211,9 @@ async fn scenario(fleet: &Fleet) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let balance_before = read_model(&client, "query.account.a1", last).await["balance"].clone();
+    wait_until_ready(&gateway);
+    let over_http = gateway_history(&gateway);
+    assert_eq!(over_http[1]["data"]["name"], NAME, "{over_http}");
 
     // Forget.
     let (code, forgot) = fleet.admin(&["forget", "user-u1"]);
@@ -193,6 +231,10 @@ async fn scenario(fleet: &Fleet) {
     let (code, state) = fleet.admin(&["state", "user", "u1"]);
     assert_eq!(code, 0, "{state}");
     assert_eq!(state["state"]["name"], "[erased]", "{state}");
+    let over_http = gateway_history(&gateway);
+    for event in over_http.as_array().unwrap() {
+        assert_eq!(event["data"]["name"], Value::Null, "gateway: {event}");
+    }
     assert_eq!(
         state["state"]["status"], "active",
         "other fields stay: {state}"

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use jetsource_core::protocol::{decode_reply, CommandOutcome};
 use jetsource_test_support::requests::query;
 use jetsource_test_support::{free_port, NatsServer, RedisServer};
+use jetsource_tests::http::sha256_hex;
 use jetsource_tests::{wait_for_service, Process};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -188,14 +189,6 @@ async fn one_trace_shows_request_decision_append_and_projection() {
     let received = find(&spans, "receive command", HTTP_TRACE);
     assert_eq!(received.parent_span_id, http.span_id);
     find(&spans, "append", HTTP_TRACE);
-}
-
-fn sha256_hex(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A deposit through the gateway with the HTTP caller's trace context; its
