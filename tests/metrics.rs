@@ -56,13 +56,14 @@ fn value(samples: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -
         .sum()
 }
 
-/// Scrapes until `done` holds, for the slow parts (projection, snapshots).
+/// Scrapes until `done` holds, for the slow parts (projection, snapshots;
+/// a snapshot write retried on a loaded machine takes seconds).
 fn scrape_until(
     addr: &str,
     what: &str,
     done: impl Fn(&BTreeMap<String, f64>) -> bool,
 ) -> BTreeMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let samples = scrape(addr);
         if done(&samples) {

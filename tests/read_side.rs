@@ -108,7 +108,8 @@ impl Fleet {
             .unwrap()
     }
 
-    /// `accounts` accounts with `deposits` deposits each, sent concurrently.
+    /// `accounts` accounts with `deposits` deposits each, sent concurrently
+    /// (each acknowledged before the next).
     /// Returns each account's expected balance.
     async fn load(&self, accounts: usize, deposits: u64) -> Vec<(String, u64)> {
         let mut tasks = Vec::new();
@@ -116,22 +117,13 @@ impl Fleet {
             let client = self.client.clone();
             tasks.push(tokio::spawn(async move {
                 let id = format!("k{a}");
-                let open = json!({"type": "OpenAccount", "data": {"owner": "o"}});
-                client
-                    .request(format!("cmd.account.{id}"), open.to_string().into())
-                    .await
-                    .unwrap();
+                let open = json!({"type": "OpenAccount", "data": {"owner": "o"}, "command_id": "open"});
+                acknowledged(&client, &id, &open).await;
                 let mut balance = 0;
                 for d in 1..=deposits {
                     let amount = (a as u64 * 7 + d) % 50 + 1;
-                    let body = json!({"type": "Deposit", "data": {"amount": amount}});
-                    let reply = client
-                        .request(format!("cmd.account.{id}"), body.to_string().into())
-                        .await
-                        .unwrap();
-                    assert!(decode_reply::<CommandOutcome>(&reply.payload)
-                        .unwrap()
-                        .is_ok());
+                    let body = json!({"type": "Deposit", "data": {"amount": amount}, "command_id": format!("d{d}")});
+                    acknowledged(&client, &id, &body).await;
                     balance += amount;
                 }
                 (id, balance)
@@ -448,4 +440,24 @@ async fn standby_takes_over(topology: Topology) {
     more.await.unwrap();
     let expected: Vec<(String, u64)> = first.iter().map(|(id, b)| (id.clone(), b + 80)).collect();
     fleet.assert_exact(&expected, 100).await;
+}
+
+/// Sends `body` to `account.<id>` until it is acknowledged, as a client
+/// does: a command that got no answer or `unavailable` (a loaded cluster
+/// timing out an append) is sent again with its command id, which never
+/// applies it twice. Any other error fails the test.
+async fn acknowledged(client: &async_nats::Client, id: &str, body: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = client.request(format!("cmd.account.{id}"), body.to_string().into());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(10), request).await {
+            match decode_reply::<CommandOutcome>(&reply.payload).unwrap() {
+                Ok(_) => return,
+                Err(e) if e.code == jetsource_core::protocol::ErrorCode::Unavailable => {}
+                Err(e) => panic!("{id} {body}: {e:?}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "{id} {body}: never acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
