@@ -150,16 +150,11 @@ pub fn cpu_costs(events: u32) -> anyhow::Result<BTreeMap<String, f64>> {
             command_id: None,
             correlation_id: Some("bench".into()),
             causation_id: Some("bench".into()),
-            command_aggregate: None,
-            traceparent: None,
             hash: Some(h.to_string()),
             signature: Some(signer.sign(&h)),
             signing_key: Some("cpu".into()),
-            data_subject: None,
-            sealed: None,
-            erased: Vec::new(),
-            stored_data: None,
             data: bytes::Bytes::from_static(data),
+            ..Default::default()
         });
         previous = Some(h);
     }

@@ -648,17 +648,9 @@ async fn raw_redis_writes(url: &str, accounts: usize, events: u64) -> anyhow::Re
                     command_id: None,
                     correlation_id: None,
                     causation_id: None,
-                    command_aggregate: None,
-                    traceparent: None,
-                    hash: None,
-                    signature: None,
-                    signing_key: None,
-                    data_subject: None,
-                    sealed: None,
-                    erased: Vec::new(),
-                    stored_data: None,
                     data: bytes::Bytes::from_static(data.as_bytes()),
                     aggregate_id: id,
+                    ..Default::default()
                 };
                 let partition = partition_of("account", &event.aggregate_id, PARTITIONS);
                 let keys = KeySpace::new("rawbench", 1, partition);

@@ -233,16 +233,8 @@ pub(crate) mod tests {
             command_id: Some(command_id.into()),
             correlation_id: None,
             causation_id: None,
-            command_aggregate: None,
-            traceparent: None,
-            hash: None,
-            signature: None,
-            signing_key: None,
-            data_subject: None,
-            sealed: None,
-            erased: Vec::new(),
-            stored_data: None,
             data: serde_json::to_vec(&data).unwrap_or_default().into(),
+            ..Default::default()
         }
     }
 

@@ -101,6 +101,37 @@ pub struct RecordedEvent {
     pub data: Bytes,
 }
 
+/// An event of no aggregate at sequence 0, epoch time, every optional
+/// header absent: for events made by hand (fixtures, benchmarks), which
+/// set what they need and take the rest from here.
+impl Default for RecordedEvent {
+    fn default() -> Self {
+        Self {
+            sequence: 0,
+            timestamp: OffsetDateTime::UNIX_EPOCH,
+            aggregate_type: String::new(),
+            aggregate_id: String::new(),
+            aggregate_version: 0,
+            event_id: String::new(),
+            event_type: String::new(),
+            schema_version: 1,
+            command_id: None,
+            correlation_id: None,
+            causation_id: None,
+            command_aggregate: None,
+            traceparent: None,
+            hash: None,
+            signature: None,
+            signing_key: None,
+            data_subject: None,
+            sealed: None,
+            erased: Vec::new(),
+            stored_data: None,
+            data: Bytes::new(),
+        }
+    }
+}
+
 fn raw_json<S: serde::Serializer>(data: &Bytes, s: S) -> Result<S::Ok, S::Error> {
     match serde_json::from_slice::<&serde_json::value::RawValue>(data) {
         Ok(raw) => raw.serialize(s),

@@ -513,16 +513,8 @@ mod tests {
                     command_id: Some(format!("c{version}")),
                     correlation_id: Some("corr".into()),
                     causation_id: Some("cause".into()),
-                    command_aggregate: None,
-                    traceparent: None,
-                    hash: None,
-                    signature: None,
-                    signing_key: None,
-                    data_subject: None,
-                    sealed: None,
-                    erased: Vec::new(),
-                    stored_data: None,
                     data: Bytes::from(format!(r#"{{"amount":{version}}}"#)),
+                    ..Default::default()
                 };
                 let hash = link(previous.as_ref(), &Linked::of(&event));
                 event.hash = Some(hash.to_string());

@@ -540,19 +540,8 @@ mod tests {
             event_id: "e".into(),
             event_type: event_type.into(),
             schema_version: 2,
-            command_id: None,
-            correlation_id: None,
-            causation_id: None,
-            command_aggregate: None,
-            traceparent: None,
-            hash: None,
-            signature: None,
-            signing_key: None,
-            data_subject: None,
-            sealed: None,
-            erased: Vec::new(),
-            stored_data: None,
             data: data.to_string().into_bytes().into(),
+            ..Default::default()
         }
     }
 

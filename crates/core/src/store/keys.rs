@@ -9,8 +9,6 @@
 //! two writers cannot make two keys, and a forgotten subject (its key
 //! erased, a purge marker left in its place) can never get a new one.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -179,7 +177,6 @@ impl KeyBucket {
                 .map_err(|e| unavailable("cannot open the key bucket", e)),
             Err(create) => {
                 // Another process made it first.
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 self.js
                     .get_key_value(&self.bucket)
                     .await
